@@ -1,0 +1,94 @@
+"""The one error hierarchy of the shim, and its mapping to the agent's exit codes.
+
+Every handled failure is a :class:`ShimError`. The command-line boundary catches it once,
+prints its one-line message where the contract wants it, and exits with
+:attr:`ShimError.exit_code`: 1 for any handled error, 20 when cleanup itself failed (the
+Java agent then marks the backup Error and sets ``needsCleanup``). No other code is used.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_CLEANUP_FAILED = 20
+
+
+class ShimError(Exception):
+    """A handled failure: its message is one line meant for the operator."""
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class UsageError(ShimError):
+    """The caller's arguments are malformed: nothing was touched."""
+
+
+class InputError(ShimError):
+    """A value is well-formed but unacceptable (a path leaving the repository, say)."""
+
+
+class MountError(ShimError):
+    """The NAS could not be mounted."""
+
+
+class LockBusy(ShimError):
+    """Another operation holds the VM's lock."""
+
+
+class CommandFailed(ShimError):
+    """An external program exited non-zero or timed out."""
+
+    def __init__(
+        self, argv: Sequence[str], returncode: int | None, stderr: str, *, timed_out: bool = False
+    ) -> None:
+        # Only the program's name is kept: arguments can carry secrets (mount options).
+        self.program = argv[0]
+        self.returncode = returncode
+        self.stderr = stderr
+        self.timed_out = timed_out
+        detail = _last_line(stderr)
+        what = "timed out" if timed_out else f"failed with exit code {returncode}"
+        super().__init__(f"{argv[0]} {what}" + (f": {detail}" if detail else ""))
+
+
+class VirtError(ShimError):
+    """libvirt refused or failed an operation."""
+
+
+class BackupFailed(ShimError):
+    """The backup job failed, was aborted, or its result is unusable."""
+
+
+class Interrupted(ShimError):
+    """A termination signal arrived (the agent's timeout sends SIGTERM)."""
+
+
+class CleanupFailed(ShimError):
+    """Cleanup after the operation failed: something may be left behind."""
+
+    exit_code = EXIT_CLEANUP_FAILED
+
+
+class LabError(ShimError):
+    """The lab hypervisor could not do what a test or the demo asked."""
+
+
+def exit_code_for(error: BaseException) -> int:
+    """The process exit code for ``error``: the only place codes are chosen."""
+    if isinstance(error, ShimError):
+        return error.exit_code
+    return EXIT_ERROR
+
+
+def _last_line(text: str) -> str:
+    lines = [line.strip() for line in text.strip().splitlines() if line.strip()]
+    return lines[-1] if lines else ""

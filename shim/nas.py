@@ -1,0 +1,202 @@
+"""The NAS mount session: every operation reaches the repository through one of these.
+
+A session makes a fresh ``csbackup.XXXXX`` directory, runs ``mount -t TYPE ADDR DIR
+[-o OPTS]`` (an argv list, ``nobrl`` appended for cifs), and on every way out unmounts
+with a timeout and removes the directory. Paths that callers give are resolved with
+:meth:`MountSession.path`, which refuses anything that would leave the mount.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+
+from shim import proc
+from shim.errors import CleanupFailed, CommandFailed, InputError, MountError
+
+log = logging.getLogger(__name__)
+
+UNMOUNT_TIMEOUT_SECONDS = 60
+MOUNT_TIMEOUT_SECONDS = 120
+
+_FSTYPE = re.compile(r"^[a-z0-9][a-z0-9._+-]*$")
+# Option keys whose values are credentials or name them: never logged.
+_SECRET_KEYS = frozenset(
+    {
+        "password",
+        "password2",
+        "pass",
+        "passwd",
+        "username",
+        "user",
+        "credentials",
+        "cred",
+        "secret",
+        "secretfile",
+        "sec",
+        "domain",
+        "dom",
+        "workgroup",
+        "token",
+        "key",
+    }
+)
+
+
+def _reject_control(value: str, what: str) -> None:
+    if "\0" in value or "\n" in value or "\r" in value:
+        raise InputError(f"{what} contains a control character")
+
+
+@dataclass(frozen=True)
+class Repository:
+    """A backup repository as the agent names it: ``-t TYPE -s ADDRESS -m OPTIONS``."""
+
+    type: str
+    address: str
+    options: str = ""
+
+    def validate(self) -> None:
+        """Refuse values that mount would misread (an option in disguise, a bare newline)."""
+        if not _FSTYPE.match(self.type or ""):
+            raise InputError(f"invalid repository type: {self.type!r}")
+        if not self.address or self.address.startswith("-"):
+            raise InputError("invalid repository address")
+        _reject_control(self.address, "repository address")
+        if self.options.startswith("-"):
+            raise InputError("invalid mount options: they may not start with '-'")
+        _reject_control(self.options, "mount options")
+
+    @property
+    def mount_options(self) -> str:
+        """The options passed to mount: cifs gets ``nobrl`` (byte-range locks break QEMU)."""
+        if self.type == "cifs":
+            parts = [p for p in self.options.split(",") if p]
+            if "nobrl" not in parts:
+                parts.append("nobrl")
+            return ",".join(parts)
+        return self.options
+
+    @property
+    def redacted_options(self) -> str:
+        """The mount options with every credential value replaced by ``***``."""
+        return redact_options(self.mount_options)
+
+
+def redact_options(options: str) -> str:
+    """``options`` with the values of credential-like keys replaced by ``***``."""
+    out = []
+    for part in options.split(","):
+        key, sep, _value = part.partition("=")
+        out.append(f"{key}=***" if sep and key.strip().lower() in _SECRET_KEYS else part)
+    return ",".join(out)
+
+
+def _secret_values(options: str) -> list[str]:
+    values = []
+    for part in options.split(","):
+        key, sep, value = part.partition("=")
+        if sep and key.strip().lower() in _SECRET_KEYS and value:
+            values.append(value)
+    return values
+
+
+class MountSession:
+    """The repository mounted on a fresh ``csbackup.XXXXX`` directory for one operation."""
+
+    def __init__(self, repository: Repository, *, tmp_dir: str | None = None) -> None:
+        repository.validate()
+        self.repository = repository
+        self._tmp_dir = tmp_dir
+        self._root: Path | None = None
+        self._mounted = False
+
+    @property
+    def root(self) -> Path:
+        """The mount point (valid inside the ``with`` block)."""
+        if self._root is None:
+            raise RuntimeError("the repository is not mounted")
+        return self._root
+
+    def __enter__(self) -> MountSession:
+        repo = self.repository
+        self._root = Path(tempfile.mkdtemp(prefix="csbackup.", dir=self._tmp_dir))
+        argv = ["mount", "-t", repo.type, repo.address, str(self._root)]
+        if repo.mount_options:
+            argv += ["-o", repo.mount_options]
+        log.info(
+            "mounting %s %s on %s (options: %s)",
+            repo.type,
+            repo.address,
+            self._root,
+            repo.redacted_options or "none",
+        )
+        try:
+            proc.run(argv, timeout=MOUNT_TIMEOUT_SECONDS, secrets=_secret_values(repo.options))
+        except CommandFailed as exc:
+            log.error("mount failed: %s", exc)
+            self._remove_dir()
+            raise MountError(f"Failed to mount {repo.type} store") from None
+        self._mounted = True
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Unmount (lazily if a plain unmount fails or hangs) and remove the directory."""
+        if self._root is None:
+            return
+        root = self._root
+        if self._mounted:
+            try:
+                proc.run(["umount", str(root)], timeout=UNMOUNT_TIMEOUT_SECONDS)
+            except CommandFailed as exc:
+                log.warning("umount %s: %s; detaching lazily", root, exc)
+                try:
+                    proc.run(["umount", "-l", str(root)], timeout=UNMOUNT_TIMEOUT_SECONDS)
+                except CommandFailed as lazy_exc:
+                    raise CleanupFailed(f"cannot unmount {root}: {lazy_exc}") from None
+            self._mounted = False
+            log.info("unmounted %s", root)
+        self._remove_dir()
+
+    def _remove_dir(self) -> None:
+        if self._root is None:
+            return
+        try:
+            self._root.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise CleanupFailed(f"cannot remove {self._root}: {exc.strerror}") from None
+        self._root = None
+
+    def path(self, relative: str, *, what: str = "path") -> Path:
+        """Resolve a caller's mount-relative path, refusing anything outside the mount.
+
+        Refused: an empty path, an absolute one, any ``..`` component, control characters,
+        the mount root itself, and a path whose symlinks lead out of the mount.
+        """
+        if not relative or not relative.strip("/."):
+            raise InputError(f"{what} is empty")
+        _reject_control(relative, what)
+        if relative.startswith("/"):
+            raise InputError(f"{what} must be relative to the repository: {relative}")
+        if ".." in Path(relative).parts:
+            raise InputError(f"{what} may not contain '..': {relative}")
+        root = os.path.realpath(self.root)
+        resolved = os.path.realpath(os.path.join(root, relative))
+        if not resolved.startswith(root + os.sep):
+            raise InputError(f"{what} leads out of the repository: {relative}")
+        return Path(resolved)

@@ -1,0 +1,163 @@
+"""qemu-img, the tool that moves and inspects image data outside a running QEMU.
+
+Thin, typed wrappers over :func:`shim.proc.run`: every call names its formats explicitly
+(format probing of a raw image is a security hole) and parses JSON output, never text.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from shim import proc
+from shim.errors import CommandFailed
+
+QEMU_IMG = "qemu-img"
+QCOW2_V3 = "compat=1.1"
+
+StrPath = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """The parts of ``qemu-img info`` the engine uses."""
+
+    filename: str
+    format: str
+    virtual_size: int
+    actual_size: int
+    backing_filename: str | None
+    backing_format: str | None
+    bitmaps: tuple[str, ...]
+    raw: dict[str, Any]
+
+
+def _info_of(doc: dict[str, Any]) -> ImageInfo:
+    specific = doc.get("format-specific", {}).get("data", {})
+    return ImageInfo(
+        filename=doc["filename"],
+        format=doc["format"],
+        virtual_size=int(doc["virtual-size"]),
+        actual_size=int(doc.get("actual-size", 0)),
+        backing_filename=doc.get("backing-filename"),
+        backing_format=doc.get("backing-filename-format"),
+        bitmaps=tuple(b["name"] for b in specific.get("bitmaps", [])),
+        raw=doc,
+    )
+
+
+def info(path: StrPath, *, fmt: str | None = None, force_share: bool = False) -> ImageInfo:
+    """``qemu-img info`` of one image (``force_share`` reads an image QEMU has open)."""
+    argv = [QEMU_IMG, "info", "--output=json"]
+    argv += ["-f", fmt] if fmt else []
+    argv += ["-U"] if force_share else []
+    return _info_of(json.loads(proc.run([*argv, str(path)]).stdout))
+
+
+def chain(path: StrPath, *, fmt: str = "qcow2", force_share: bool = False) -> list[ImageInfo]:
+    """``qemu-img info --backing-chain``: the image first, its base last."""
+    argv = [QEMU_IMG, "info", "--output=json", "--backing-chain", "-f", fmt]
+    argv += ["-U"] if force_share else []
+    docs = json.loads(proc.run([*argv, str(path)]).stdout)
+    return [_info_of(d) for d in docs]
+
+
+def create(
+    path: StrPath,
+    size: int | None = None,
+    *,
+    fmt: str = "qcow2",
+    backing: str | None = None,
+    backing_fmt: str = "qcow2",
+) -> None:
+    """Create an image; qcow2 images are v3 (bitmaps need it).
+
+    ``backing`` is stored as given: pass a path relative to the new image's directory to
+    get a relocatable chain. Without ``size`` the backing image's size is used.
+    """
+    argv = [QEMU_IMG, "create", "-q", "-f", fmt]
+    if fmt == "qcow2":
+        argv += ["-o", QCOW2_V3]
+    if backing is not None:
+        argv += ["-b", backing, "-F", backing_fmt]
+    argv.append(str(path))
+    if size is not None:
+        argv.append(str(size))
+    proc.run(argv)
+
+
+def convert(
+    source: StrPath,
+    target: StrPath,
+    *,
+    source_fmt: str | None = "qcow2",
+    target_fmt: str = "qcow2",
+    force_share: bool = False,
+    bitmaps: bool = False,
+) -> None:
+    """Copy ``source`` (its whole backing chain flattened) into a new sparse ``target``."""
+    argv = [QEMU_IMG, "convert", "-O", target_fmt]
+    argv += ["-f", source_fmt] if source_fmt else []
+    if target_fmt == "qcow2":
+        argv += ["-o", QCOW2_V3]
+    argv += ["-U"] if force_share else []
+    argv += ["--bitmaps"] if bitmaps else []
+    proc.run([*argv, str(source), str(target)])
+
+
+def compare(
+    first: StrPath,
+    second: StrPath,
+    *,
+    first_fmt: str | None = "qcow2",
+    second_fmt: str | None = "qcow2",
+    force_share: bool = False,
+) -> bool:
+    """Whether the two images (each read through its backing chain) hold the same data.
+
+    Different virtual sizes count as different only where the larger image holds non-zero
+    data beyond the smaller one, as qemu-img defines it.
+    """
+    argv = [QEMU_IMG, "compare", "-q"]
+    argv += ["-f", first_fmt] if first_fmt else []
+    argv += ["-F", second_fmt] if second_fmt else []
+    argv += ["-U"] if force_share else []
+    result = proc.run([*argv, str(first), str(second)], check=False)
+    if result.returncode == 0:
+        return True
+    if result.returncode == 1:
+        return False
+    raise CommandFailed(argv, result.returncode, result.stderr)
+
+
+@dataclass(frozen=True)
+class CheckResult:
+    """``qemu-img check``: clean when no corruption and no leaked clusters."""
+
+    corruptions: int
+    leaks: int
+    check_errors: int
+    raw: dict[str, Any]
+
+    @property
+    def clean(self) -> bool:
+        """No corruption, no leak, no error while checking."""
+        return self.corruptions == 0 and self.leaks == 0 and self.check_errors == 0
+
+
+def check(path: StrPath, *, fmt: str = "qcow2") -> CheckResult:
+    """``qemu-img check`` of one image (not its backing files)."""
+    argv = [QEMU_IMG, "check", "--output=json", "-f", fmt, str(path)]
+    result = proc.run(argv, check=False)
+    # Exit 2 is corruption, 3 leaks: both still print the JSON report.
+    if result.returncode not in (0, 2, 3) or not result.stdout.strip():
+        raise CommandFailed(argv, result.returncode, result.stderr)
+    doc = json.loads(result.stdout)
+    return CheckResult(
+        corruptions=int(doc.get("corruptions", 0)),
+        leaks=int(doc.get("leaks", 0)),
+        check_errors=int(doc.get("check-errors", 0)),
+        raw=doc,
+    )

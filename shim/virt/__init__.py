@@ -1,0 +1,1 @@
+"""The libvirt side of the engine: connection, domain disks, backup jobs, checkpoints."""

@@ -1,0 +1,191 @@
+"""Push backup jobs: begin, await completion by event, read the completed statistics.
+
+Completion is signalled by libvirt's job-completed event; a domain that stops or crashes,
+or a connection that closes (libvirtd restarted), ends the wait too. Nothing polls. The
+job's files are touched only after :meth:`BackupJob.wait` returns: it waits for libvirt to
+finish with the targets before it reads the completed statistics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import threading
+from dataclasses import dataclass, field
+
+import libvirt
+
+from shim.errors import BackupFailed, VirtError
+
+log = logging.getLogger(__name__)
+
+_ABORT_GRACE_SECONDS = 60
+
+
+@dataclass(frozen=True)
+class JobStats:
+    """libvirt's typed job parameters (``time_elapsed``, ``disk_processed``, ...)."""
+
+    params: dict[str, object]
+
+    @property
+    def elapsed_ms(self) -> int:
+        """Wall time of the job in milliseconds, as libvirt measured it."""
+        return int(self.params.get("time_elapsed", 0))  # type: ignore[call-overload]
+
+    @property
+    def processed(self) -> int:
+        """Bytes copied so far."""
+        return int(self.params.get("disk_processed", 0))  # type: ignore[call-overload]
+
+    @property
+    def total(self) -> int:
+        """Bytes the job will copy in all."""
+        return int(self.params.get("disk_total", 0))  # type: ignore[call-overload]
+
+
+@dataclass
+class _Outcome:
+    finished: threading.Event = field(default_factory=threading.Event)
+    params: dict[str, object] | None = None
+    ended_by: str | None = None
+    io_error_pause: bool = False
+
+
+class BackupJob:
+    """One push backup of one domain, from :meth:`begin` to :meth:`wait`.
+
+    Use it as a context manager: leaving the block unregisters the event callbacks, and
+    leaving it with an exception while the job still runs aborts the job first.
+    """
+
+    def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain) -> None:
+        self.conn = conn
+        self.dom = dom
+        self._outcome = _Outcome()
+        self._callbacks: list[int] = []
+        self._close_registered = False
+        self._running = False
+
+    # -- events -----------------------------------------------------------------------------
+    def _on_job_completed(self, _c: object, _d: object, params: dict, _o: object) -> None:
+        if params.get("operation") not in (None, libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP):
+            return
+        self._outcome.params = dict(params)
+        self._finish("job-completed")
+
+    def _on_lifecycle(self, _c: object, _d: object, event: int, detail: int, _o: object) -> None:
+        if event in (libvirt.VIR_DOMAIN_EVENT_STOPPED, libvirt.VIR_DOMAIN_EVENT_CRASHED):
+            self._finish("domain-stopped")
+        elif (
+            event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED
+            and detail == libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR
+        ):
+            # Push mode copies before a guest write: a failing target can pause the guest.
+            self._outcome.io_error_pause = True
+
+    def _on_close(self, _conn: object, reason: int, _o: object) -> None:
+        self._finish(f"connection-closed:{reason}")
+
+    def _finish(self, why: str) -> None:
+        if self._outcome.ended_by is None:
+            self._outcome.ended_by = why
+        self._outcome.finished.set()
+
+    def __enter__(self) -> BackupJob:
+        self._callbacks.append(
+            self.conn.domainEventRegisterAny(
+                self.dom, libvirt.VIR_DOMAIN_EVENT_ID_JOB_COMPLETED, self._on_job_completed, None
+            )
+        )
+        self._callbacks.append(
+            self.conn.domainEventRegisterAny(
+                self.dom, libvirt.VIR_DOMAIN_EVENT_ID_LIFECYCLE, self._on_lifecycle, None
+            )
+        )
+        try:
+            self.conn.registerCloseCallback(self._on_close, None)
+            self._close_registered = True
+        except libvirt.libvirtError:
+            log.debug("close callback already registered on this connection")
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, _tb: object) -> None:
+        try:
+            if exc is not None and self._running:
+                self.abort()
+        finally:
+            for callback_id in self._callbacks:
+                with contextlib.suppress(libvirt.libvirtError):
+                    self.conn.domainEventDeregisterAny(callback_id)
+            if self._close_registered:
+                with contextlib.suppress(libvirt.libvirtError):
+                    self.conn.unregisterCloseCallback()
+
+    # -- the job ----------------------------------------------------------------------------
+    @property
+    def io_error_pause(self) -> bool:
+        """Whether the guest was paused by an I/O error while this job ran."""
+        return self._outcome.io_error_pause
+
+    def begin(self, backup_xml: str, checkpoint_xml: str | None = None, flags: int = 0) -> None:
+        """Start the push backup (and create the checkpoint with it, atomically)."""
+        log.debug("backupBegin flags=%d\n%s\n%s", flags, backup_xml, checkpoint_xml or "")
+        try:
+            self.dom.backupBegin(backup_xml, checkpoint_xml, flags)
+        except libvirt.libvirtError as exc:
+            raise BackupFailed(f"backup could not start: {exc.get_error_message()}") from None
+        self._running = True
+
+    def wait(self) -> JobStats:
+        """Block until the job ends; return the completed statistics or raise BackupFailed."""
+        self._outcome.finished.wait()
+        self._running = False
+        outcome = self._outcome
+        if outcome.params is None:
+            raise BackupFailed(_ended_reason(outcome.ended_by))
+        if not outcome.params.get("success", True):
+            message = str(outcome.params.get("errmsg") or "the backup job failed")
+            raise BackupFailed(f"backup job failed: {message}")
+        try:
+            # The barrier: the event is emitted while libvirt still holds the domain's job to
+            # detach the targets (measured: ~1 s for a 1 GiB target); asking for the current
+            # job waits for that job to end, i.e. until QEMU has released the files. The
+            # completed statistics alone are answered at once and are no barrier.
+            self.dom.jobStats()
+            params = self.dom.jobStats(
+                libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
+            )
+        except libvirt.libvirtError as exc:
+            raise BackupFailed(
+                f"cannot read the completed job: {exc.get_error_message()}"
+            ) from None
+        return JobStats({**outcome.params, **params})
+
+    def progress(self) -> JobStats:
+        """The running job's statistics (bytes processed and total), for progress reports."""
+        try:
+            return JobStats(self.dom.jobStats())
+        except libvirt.libvirtError as exc:
+            raise VirtError(f"cannot read job statistics: {exc.get_error_message()}") from None
+
+    def abort(self) -> None:
+        """Abort the job if it still runs and wait (bounded) for libvirt to confirm."""
+        if not self._running:
+            return
+        log.info("aborting the backup job of %s", self.dom.name())
+        try:
+            self.dom.abortJob()
+        except libvirt.libvirtError as exc:
+            log.warning("abortJob: %s", exc.get_error_message())
+        if not self._outcome.finished.wait(_ABORT_GRACE_SECONDS):
+            log.warning("no job-completed event %d s after the abort", _ABORT_GRACE_SECONDS)
+        self._running = False
+
+
+def _ended_reason(ended_by: str | None) -> str:
+    if ended_by == "domain-stopped":
+        return "the VM stopped during the backup"
+    if ended_by and ended_by.startswith("connection-closed"):
+        return "the connection to libvirt was lost during the backup"
+    return "the backup job ended without a result"

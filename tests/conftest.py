@@ -1,0 +1,36 @@
+"""Fixtures shared by the suite: the lab hypervisor, checked once, never skipped."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import libvirt
+import pytest
+
+from shim.errors import VirtError
+from shim.lab import Lab, sweep_stale_labs
+from shim.virt.connection import open_connection
+
+
+@pytest.fixture(scope="session")
+def hypervisor() -> Iterator[libvirt.virConnect]:
+    """A connection to the lab's libvirtd; the run fails (it never skips) without one."""
+    try:
+        conn = open_connection()
+    except VirtError as exc:
+        pytest.fail(
+            f"the lab hypervisor is not reachable ({exc}); run scripts/setup-host as root",
+            pytrace=False,
+        )
+    removed = sweep_stale_labs()
+    if removed:
+        print(f"removed leftovers of earlier runs: {', '.join(removed)}")
+    yield conn
+    conn.close()
+
+
+@pytest.fixture
+def lab(hypervisor: libvirt.virConnect) -> Iterator[Lab]:
+    """A fresh lab, closed (everything removed) after the test whatever its outcome."""
+    with Lab() as the_lab:
+        yield the_lab
