@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import libvirt
@@ -34,3 +35,15 @@ def lab(hypervisor: libvirt.virConnect) -> Iterator[Lab]:
     """A fresh lab, closed (everything removed) after the test whatever its outcome."""
     with Lab() as the_lab:
         yield the_lab
+
+
+@pytest.fixture(autouse=True)
+def _restore_shim_logger() -> Iterator[None]:
+    """Undo what an in-process ``cli.main`` does to the ``shim`` logger (caplog needs it)."""
+    logger = logging.getLogger("shim")
+    saved = (list(logger.handlers), logger.propagate, logger.level)
+    yield
+    for handler in logger.handlers:
+        if handler not in saved[0]:
+            handler.close()
+    logger.handlers[:], logger.propagate, logger.level = saved

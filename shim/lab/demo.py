@@ -1,50 +1,116 @@
-"""The demo: a throwaway lab VM, its data, and a backup proven identical.
+"""The demo: a throwaway VM backed up, changed, backed up incrementally, restored, verified.
 
-Run by ``scripts/demo``. Each step prints one line; the VM and its volumes are removed at
-the end, the backups stay in the repository for you to look at.
+Run by ``scripts/demo``. The backups are taken by the drop-in ``scripts/nasbackup.sh``
+exactly as a CloudStack agent runs it (an argv list, stdout read), into a local repository
+reached through ``mount -t none ADDR DIR -o bind``, the path an NFS one takes. The restore
+flattens each disk's chain with ``qemu-img convert`` as the Java agent does, and
+``qemu-img compare`` proves it identical to a reference taken at the same point. The VM is
+removed at the end; the backups stay in the repository.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
+import subprocess
 import sys
 import time
 from pathlib import Path
 
+from shim import qemu_img
 from shim.errors import ShimError
-from shim.lab import Lab, MiB, compare
-from shim.nas import MountSession, Repository
+from shim.lab import Lab, LabVM, MiB, compare, flatten
+from shim.nas import Repository
 
+ROOT = Path(__file__).resolve().parents[2]
+DROPIN = ROOT / "scripts" / "nasbackup.sh"
 DEFAULT_REPOSITORY = Path("/var/lib/cloudstack-nasbackup-shim/demo-repository")
+DEFAULT_LOG = Path("/var/log/cloudstack-nasbackup-shim-demo.log")
 
 
-def _step(started: float, text: str) -> None:
-    print(f"[{time.monotonic() - started:6.2f}s] {text}", flush=True)
+class Demo:
+    """The demo's steps, each printing one line."""
 
+    def __init__(self, repository_dir: Path, log: Path) -> None:
+        self.repository = Repository("none", str(repository_dir), "bind")
+        self.repository_dir = repository_dir
+        self.log = log
+        self.started = time.monotonic()
+        self.stamp = time.strftime("%Y.%m.%d.%H.%M.%S")
 
-def run(repository_dir: Path) -> None:
-    """The demo itself; raises on any failure."""
-    started = time.monotonic()
-    repository_dir.mkdir(parents=True, exist_ok=True)
-    repository = Repository(type="none", address=str(repository_dir), options="bind")
-    with Lab() as lab:
-        vm = lab.create_vm(disks=(64 * MiB, 32 * MiB))
-        _step(started, f"lab VM {vm.name} up: {len(vm.disks)} qcow2 disks, TCG, transient")
-        vm.write(0, 0, 4 * MiB, pattern=0xA1)
-        vm.write(1, 8 * MiB, 2 * MiB, pattern=0xB2)
-        _step(started, "data written through QEMU's block layer (6 MiB on 2 disks)")
-        with MountSession(repository) as session:
-            _step(started, f"repository {repository_dir} mounted on {session.root}")
-            dest = session.path(f"{vm.name}/reference", what="backup path")
-            files = vm.reference_backup(dest)
-            _step(started, f"reference backup written: {', '.join(f.name for f in files)}")
-            vm.stop()
-            for disk, file in zip(vm.disks, files, strict=True):
-                if not compare(disk.path, file):
-                    raise ShimError(f"backup of {disk.target} differs from the disk")
-            _step(started, "reference backup verified identical to the disks (qemu-img compare)")
-        kept = repository_dir / vm.name / "reference"
-    _step(started, f"lab VM removed; the backup stays in {kept}")
+    def step(self, text: str) -> None:
+        print(f"[{time.monotonic() - self.started:6.2f}s] {text}", flush=True)
+
+    def nasbackup(self, vm: LabVM, path: str, mode: str, **extra: str) -> str:
+        argv = [
+            str(DROPIN), "-o", "backup", "-v", vm.name, "-t", self.repository.type,
+            "-s", self.repository.address, "-m", self.repository.options, "-p", path,
+            "-q", "false", "-d", "", "-M", mode,
+        ]  # fmt: skip
+        for option, value in extra.items():
+            argv += [f"--{option.replace('_', '-')}", value]
+        env = {**os.environ, "NASBACKUP_SHIM_LOG": str(self.log)}
+        done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+        if done.returncode != 0:
+            raise ShimError(f"nasbackup.sh exited {done.returncode}: {done.stdout.strip()}")
+        return done.stdout
+
+    def run(self) -> None:
+        """The demo itself; raises on any failure."""
+        self.repository_dir.mkdir(parents=True, exist_ok=True)
+        with Lab() as lab:
+            vm = lab.create_vm(disks=(64 * MiB, 32 * MiB))
+            self.step(f"lab VM {vm.name} up: 2 qcow2 disks, TCG, transient like CloudStack's")
+            vm.write(0, 0, 8 * MiB, pattern=0xA1)
+            vm.write(1, 4 * MiB, 4 * MiB, pattern=0xB2)
+            self.step("data written through QEMU's block layer: 12 MiB on 2 disks")
+
+            full = f"{vm.name}/{self.stamp}.full"
+            bitmap_full = f"backup-{int(time.time())}"
+            out = self.nasbackup(vm, full, "full", bitmap_new=bitmap_full)
+            self.step(f"full backup: {full}, {self._summary(out)}")
+
+            vm.write(0, 16 * MiB, 2 * MiB, pattern=0xC3)
+            vm.write_zeroes(0, 0, 1 * MiB)
+            vm.discard(1, 4 * MiB, 1 * MiB)
+            self.step("changed: 2 MiB written, 1 MiB zeroed, 1 MiB discarded")
+
+            incremental = f"{vm.name}/{self.stamp}.incr"
+            parents = ",".join(
+                f"{full}/{'root' if i == 0 else 'datadisk'}.{d.volume_id}.qcow2"
+                for i, d in enumerate(vm.disks)
+            )
+            out = self.nasbackup(
+                vm,
+                incremental,
+                "incremental",
+                bitmap_new=f"backup-{int(time.time()) + 1}",
+                bitmap_parent=bitmap_full,
+                parent_paths=parents,
+            )
+            self.step(f"incremental backup: {incremental}, {self._summary(out)}")
+
+            truth = vm.reference_backup()
+            self.step("reference taken of the live disks (a plain full backup, no checkpoint)")
+            for i, (disk, ref) in enumerate(zip(vm.disks, truth, strict=True)):
+                role = "root" if i == 0 else "datadisk"
+                top = self.repository_dir / incremental / f"{role}.{disk.volume_id}.qcow2"
+                backing = qemu_img.info(top).backing_filename
+                restored = flatten(top, lab.dir / f"restored-{disk.target}.qcow2")
+                if not compare(restored, ref):
+                    raise ShimError(f"restored {disk.target} differs from the reference")
+                self.step(
+                    f"restored {disk.target} from its chain (backing {backing}): "
+                    "identical to the reference (qemu-img compare)"
+                )
+        self.step(f"lab VM removed; backups kept in {self.repository_dir / vm.name}")
+        self.step(f"shim log: {self.log}")
+
+    @staticmethod
+    def _summary(stdout: str) -> str:
+        lines = stdout.splitlines()
+        markers = [line for line in lines if "=" in line]
+        return f"{int(lines[-1]) / MiB:.1f} MiB stored ({', '.join(markers) or 'no markers'})"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -56,9 +122,10 @@ def main(argv: list[str] | None = None) -> int:
         default=DEFAULT_REPOSITORY,
         help=f"directory used as the local repository (default {DEFAULT_REPOSITORY})",
     )
+    parser.add_argument("--log", type=Path, default=DEFAULT_LOG, help="the shim's log file")
     args = parser.parse_args(argv)
     try:
-        run(args.repository)
+        Demo(args.repository, args.log).run()
     except ShimError as exc:
         print(f"demo failed: {exc}", file=sys.stderr)
         return 1

@@ -50,3 +50,18 @@ def emulator() -> str:
     if not found:
         raise FileNotFoundError("qemu-system-x86_64 is not installed (run scripts/setup-host)")
     return found
+
+
+def processes_running(needle: str) -> list[int]:
+    """Pids (other than this one) whose command line contains ``needle``."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        try:
+            cmdline = Path("/proc", entry, "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if needle.encode() in cmdline:
+            pids.append(int(entry))
+    return pids

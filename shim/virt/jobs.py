@@ -12,6 +12,7 @@ import contextlib
 import logging
 import threading
 from dataclasses import dataclass, field
+from typing import Any
 
 import libvirt
 
@@ -26,28 +27,28 @@ _ABORT_GRACE_SECONDS = 60
 class JobStats:
     """libvirt's typed job parameters (``time_elapsed``, ``disk_processed``, ...)."""
 
-    params: dict[str, object]
+    params: dict[str, Any]
 
     @property
     def elapsed_ms(self) -> int:
         """Wall time of the job in milliseconds, as libvirt measured it."""
-        return int(self.params.get("time_elapsed", 0))  # type: ignore[call-overload]
+        return int(self.params.get("time_elapsed", 0))
 
     @property
     def processed(self) -> int:
         """Bytes copied so far."""
-        return int(self.params.get("disk_processed", 0))  # type: ignore[call-overload]
+        return int(self.params.get("disk_processed", 0))
 
     @property
     def total(self) -> int:
         """Bytes the job will copy in all."""
-        return int(self.params.get("disk_total", 0))  # type: ignore[call-overload]
+        return int(self.params.get("disk_total", 0))
 
 
 @dataclass
 class _Outcome:
     finished: threading.Event = field(default_factory=threading.Event)
-    params: dict[str, object] | None = None
+    params: dict[str, Any] | None = None
     ended_by: str | None = None
     io_error_pause: bool = False
 
@@ -145,14 +146,13 @@ class BackupJob:
         if outcome.params is None:
             raise BackupFailed(_ended_reason(outcome.ended_by))
         if not outcome.params.get("success", True):
-            message = str(outcome.params.get("errmsg") or "the backup job failed")
-            raise BackupFailed(f"backup job failed: {message}")
+            if outcome.params.get("errmsg"):
+                raise BackupFailed(f"backup job failed: {outcome.params['errmsg']}")
+            if not is_active(self.dom):
+                raise BackupFailed(_ended_reason("domain-stopped"))
+            raise BackupFailed("the backup job failed")
         try:
-            # The barrier: the event is emitted while libvirt still holds the domain's job to
-            # detach the targets (measured: ~1 s for a 1 GiB target); asking for the current
-            # job waits for that job to end, i.e. until QEMU has released the files. The
-            # completed statistics alone are answered at once and are no barrier.
-            self.dom.jobStats()
+            self._barrier()
             params = self.dom.jobStats(
                 libvirt.VIR_DOMAIN_JOB_STATS_COMPLETED | libvirt.VIR_DOMAIN_JOB_STATS_KEEP_COMPLETED
             )
@@ -180,7 +180,25 @@ class BackupJob:
             log.warning("abortJob: %s", exc.get_error_message())
         if not self._outcome.finished.wait(_ABORT_GRACE_SECONDS):
             log.warning("no job-completed event %d s after the abort", _ABORT_GRACE_SECONDS)
+        else:
+            with contextlib.suppress(libvirt.libvirtError):
+                self._barrier()
         self._running = False
+
+    def _barrier(self) -> None:
+        # The job-completed event is emitted while libvirt still holds the domain's job to
+        # detach the targets (measured: ~1 s for a 1 GiB target). Asking for the current job
+        # waits for that job to end, i.e. until QEMU has released the files. The completed
+        # statistics alone are answered at once and are no barrier.
+        self.dom.jobStats()
+
+
+def is_active(dom: libvirt.virDomain) -> bool:
+    """Whether the domain still runs (False once a transient domain is gone)."""
+    try:
+        return bool(dom.isActive())
+    except libvirt.libvirtError:
+        return False
 
 
 def _ended_reason(ended_by: str | None) -> str:

@@ -1,0 +1,339 @@
+"""Taking a backup: the request, the plan, and the live (push) backup of a running VM.
+
+One function, :func:`take_backup`, serves every entry point (the drop-in script and the
+socket service). It takes the VM's lock, decides whether the VM runs, mounts the
+repository, and returns a :class:`~shim.contract.BackupOutcome`; every failure is a
+:class:`~shim.errors.ShimError` raised after this run's traces are gone: its job aborted,
+its new checkpoint deleted, a VM it got paused resumed, its partial directory removed, the
+NAS unmounted. Earlier backups are only ever read.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import libvirt
+from lxml import etree
+
+from shim import qemu_img
+from shim.chain import (
+    directory_size,
+    fsync_dir,
+    fsync_tree,
+    partial_dir,
+    relative_backing,
+    remove_tree,
+    resolve_parents,
+)
+from shim.contract import BackupOutcome
+from shim.errors import BackupFailed, CleanupFailed, InputError, ShimError, UsageError, VirtError
+from shim.lock import VmLock, validate_vm_name
+from shim.nas import MountSession, Repository
+from shim.virt import checkpoints, host
+from shim.virt.connection import open_connection
+from shim.virt.disks import DomainDisk, parse_disks
+from shim.virt.jobs import BackupJob, is_active
+
+log = logging.getLogger(__name__)
+
+FULL = "full"
+INCREMENTAL = "incremental"
+LEGACY_FULL = "legacy-full"
+MODES = (FULL, INCREMENTAL, LEGACY_FULL)
+
+JobObserver = Callable[[BackupJob], None]
+
+
+@dataclass(frozen=True)
+class BackupRequest:
+    """A TakeBackupCommand, as the drop-in's argv or the socket's JSON carries it."""
+
+    vm: str
+    repository: Repository
+    path: str
+    disk_paths: Sequence[str] = ()
+    quiesce: bool = False
+    mode: str | None = None
+    bitmap_new: str | None = None
+    bitmap_parent: str | None = None
+    parent_paths: Sequence[str] = ()
+    parent_path: str | None = None
+
+    @property
+    def effective_mode(self) -> str:
+        """``full``, ``incremental`` or ``legacy-full`` (what an empty mode means)."""
+        return self.mode or LEGACY_FULL
+
+    def validate(self) -> None:
+        """The Java wrapper's checks, with its messages, before anything is touched."""
+        if self.mode and self.mode not in MODES:
+            raise UsageError(f"Unknown backup mode: {self.mode}")
+        if self.mode == INCREMENTAL:
+            if not self.bitmap_new:
+                raise UsageError("incremental mode requires bitmapNew")
+            if not self.bitmap_parent:
+                raise UsageError("incremental mode requires bitmapParent")
+            if not self.parent_paths and not self.parent_path:
+                raise UsageError("incremental mode requires parentPaths")
+            if self.bitmap_new == self.bitmap_parent:
+                raise UsageError("bitmapNew must differ from bitmapParent")
+        if self.mode == FULL and not self.bitmap_new:
+            raise UsageError(
+                "full mode requires bitmapNew (the bitmap to create for the next incremental)"
+            )
+        validate_vm_name(self.vm)
+        if not self.path:
+            raise UsageError("missing backup path (-p)")
+        for bitmap in (self.bitmap_new, self.bitmap_parent):
+            if bitmap is not None:
+                validate_bitmap_name(bitmap)
+        self.repository.validate()
+
+
+def validate_bitmap_name(name: str) -> None:
+    """Refuse a bitmap name QEMU or libvirt would reject (or misread as XML or a path)."""
+    if not name or len(name) > 1023:
+        raise InputError("invalid bitmap name: empty or too long")
+    if name.startswith("-") or any(c in name for c in "/<>&'\"") or not name.isprintable():
+        raise InputError(f"invalid bitmap name: {name!r}")
+
+
+def take_backup(request: BackupRequest, *, on_job: JobObserver | None = None) -> BackupOutcome:
+    """Back up ``request.vm`` to the repository; raise a ShimError on any failure."""
+    request.validate()
+    with VmLock(request.vm):
+        conn = open_connection()
+        try:
+            dom = host.find_domain(conn, request.vm)
+            if dom is None or not dom.isActive():
+                raise BackupFailed(f"VM {request.vm} is not running on this host")
+            host.check_versions(conn)
+            with MountSession(request.repository) as session:
+                return LiveBackup(conn, dom, request, session, on_job).run()
+        finally:
+            conn.close()
+
+
+@dataclass
+class _Plan:
+    checkpoint: str | None
+    incremental_from: str | None
+    parents: dict[str, Path]
+    fallback: bool
+
+
+class LiveBackup:
+    """A push backup of a running VM into one backup directory."""
+
+    def __init__(
+        self,
+        conn: libvirt.virConnect,
+        dom: libvirt.virDomain,
+        request: BackupRequest,
+        session: MountSession,
+        on_job: JobObserver | None = None,
+    ) -> None:
+        self.conn = conn
+        self.dom = dom
+        self.request = request
+        self.session = session
+        self.on_job = on_job
+        self.final = session.path(request.path, what="backup path")
+        self.work = partial_dir(self.final)
+
+    def run(self) -> BackupOutcome:
+        """Plan, back up, and publish the directory; clean up after any failure."""
+        disks = parse_disks(self.dom.XMLDesc())
+        if not disks:
+            raise BackupFailed(f"VM {self.request.vm} has no disks")
+        self._check_destination()
+        plan = self._plan(disks)
+        job: BackupJob | None = None
+        try:
+            self.work.mkdir(parents=True)
+            self._create_targets(disks, plan)
+            with BackupJob(self.conn, self.dom) as job:
+                if self.on_job:
+                    self.on_job(job)
+                self._begin(job, disks, plan)
+                stats = job.wait()
+            files = self._publish()
+        except BaseException as exc:
+            self._cleanup(plan, job, exc)
+            raise
+        warnings = (
+            checkpoints.retire_all_except(self.dom, disks, plan.checkpoint)
+            if (plan.checkpoint)
+            else []
+        )
+        if warnings:
+            log.warning("the backup succeeded; %d stale checkpoint(s) remain", len(warnings))
+        sizes = [os.lstat(self.final / name).st_size for name in files]
+        log.info(
+            "backup of %s done: %s, %d bytes, %d ms",
+            self.request.vm,
+            "incremental since " + plan.incremental_from if plan.incremental_from else "full",
+            directory_size(self.final),
+            stats.elapsed_ms,
+        )
+        return BackupOutcome(
+            size=directory_size(self.final),
+            file_sizes=sizes,
+            files=files,
+            bitmap_created=plan.checkpoint,
+            incremental_fallback=plan.fallback,
+            job_stats=stats.params,
+        )
+
+    # -- steps ------------------------------------------------------------------------------
+    def _check_destination(self) -> None:
+        if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())):
+            raise InputError(f"backup path {self.request.path} already exists")
+        if self.work.exists():
+            # A run killed before it could clean up; we hold the VM's lock, so it is dead.
+            log.warning("removing the partial directory of an interrupted run: %s", self.work)
+            remove_tree(self.work)
+
+    def _plan(self, disks: list[DomainDisk]) -> _Plan:
+        request = self.request
+        mode = request.effective_mode
+        checkpoint = request.bitmap_new if mode in (FULL, INCREMENTAL) else None
+        plan = _Plan(checkpoint=checkpoint, incremental_from=None, parents={}, fallback=False)
+        if mode == INCREMENTAL and request.bitmap_parent:
+            reason = self._plan_incremental(disks, request.bitmap_parent, plan)
+            if reason:
+                log.warning("incremental backup impossible (%s): taking a full backup", reason)
+                plan.fallback = True
+                plan.parents = {}
+        if checkpoint:
+            # A retry may reuse the name of a checkpoint a failed run could not remove.
+            for warning in checkpoints.discard(self.dom, disks, checkpoint):
+                raise BackupFailed(f"stale checkpoint {checkpoint} cannot be removed: {warning}")
+        return plan
+
+    def _plan_incremental(self, disks: list[DomainDisk], parent: str, plan: _Plan) -> str | None:
+        request = self.request
+        parents = resolve_parents(
+            self.session,
+            disks,
+            request.path,
+            parent_paths=request.parent_paths,
+            parent_path=request.parent_path,
+        )
+        if parents.problems:
+            return "; ".join(parents.problems)
+        if not parents.files:
+            return "no disk has a parent backup file"
+        targets = [d.target for d in disks]
+        try:
+            # Always redefine, even when libvirt lists it: a checkpoint that survived a
+            # QEMU crash in libvirt's metadata has inconsistent bitmaps; validation says so.
+            checkpoints.redefine(self.dom, parent, parents.files, targets, validate=True)
+        except VirtError as exc:
+            return f"parent checkpoint {parent}: {exc}"
+        plan.incremental_from = parent
+        plan.parents = parents.files
+        new_disks = [d.target for d in disks if d.target not in parents.files]
+        if new_disks:
+            log.info("disks without a parent, backed up full: %s", ", ".join(new_disks))
+        return None
+
+    def _create_targets(self, disks: list[DomainDisk], plan: _Plan) -> None:
+        for disk in disks:
+            target = self.work / disk.backup_name
+            capacity = self.dom.blockInfo(disk.target)[0]
+            parent = plan.parents.get(disk.target)
+            if parent is not None:
+                # Backed by this disk's own parent, relative: a valid chain from now on.
+                backing = relative_backing(parent, self.final.parent / self.final.name)
+                qemu_img.create(target, capacity, backing=backing, backing_fmt="qcow2")
+            else:
+                qemu_img.create(target, capacity)
+
+    def _begin(self, job: BackupJob, disks: list[DomainDisk], plan: _Plan) -> None:
+        backup = etree.Element("domainbackup", mode="push")
+        if plan.incremental_from:
+            etree.SubElement(backup, "incremental").text = plan.incremental_from
+        disks_el = etree.SubElement(backup, "disks")
+        for disk in disks:
+            el = etree.SubElement(disks_el, "disk", name=disk.target, backup="yes", type="file")
+            if plan.incremental_from and disk.target not in plan.parents:
+                el.set("backupmode", "full")
+            etree.SubElement(el, "target", file=str(self.work / disk.backup_name))
+            etree.SubElement(el, "driver", type="qcow2")
+        checkpoint_xml = None
+        if plan.checkpoint:
+            targets = [d.target for d in disks]
+            checkpoint_xml = checkpoints.checkpoint_xml(plan.checkpoint, targets, targets)
+        frozen = host.freeze(self.dom) if self.request.quiesce else False
+        try:
+            job.begin(
+                etree.tostring(backup, encoding="unicode"),
+                checkpoint_xml,
+                libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL,
+            )
+        finally:
+            if frozen:
+                host.thaw(self.dom)
+        log.info(
+            "backup job of %s started (%s)",
+            self.request.vm,
+            f"incremental since {plan.incremental_from}" if plan.incremental_from else "full",
+        )
+
+    def _publish(self) -> list[str]:
+        for name, text in host.describe(self.dom).items():
+            (self.work / name).write_text(text, encoding="utf-8")
+        fsync_tree(self.work)
+        if self.final.exists():
+            self.final.rmdir()  # an empty directory someone prepared
+        os.rename(self.work, self.final)
+        fsync_dir(self.final.parent)
+        return sorted(p.name for p in self.final.iterdir())
+
+    def _cleanup(self, plan: _Plan, job: BackupJob | None, error: BaseException) -> None:
+        log.error("backup of %s failed: %s", self.request.vm, error)
+        problems: list[str] = []
+        if job is not None and job.io_error_pause and host.is_paused(self.dom):
+            try:
+                self.dom.resume()
+                log.info("resumed %s, paused by an I/O error during the backup", self.request.vm)
+            except libvirt.libvirtError as exc:
+                problems.append(f"cannot resume the VM: {exc.get_error_message()}")
+        if plan.checkpoint:
+            problems += self._delete_orphan_checkpoint(plan.checkpoint)
+        try:
+            remove_tree(self.work)
+        except OSError as exc:
+            problems.append(f"cannot remove {self.work}: {exc.strerror}")
+        if problems:
+            for problem in problems:
+                log.error("cleanup: %s", problem)
+            raise CleanupFailed("; ".join(problems)) from (
+                error if isinstance(error, ShimError) else None
+            )
+
+    def _delete_orphan_checkpoint(self, name: str) -> list[str]:
+        # The checkpoint exists from the job's start: it must never become the next parent.
+        try:
+            names = [c.name for c in checkpoints.listed(self.dom)]
+        except VirtError:
+            return []  # a transient domain that stopped took its checkpoints with it
+        if name not in names:
+            return []
+        # A stopped (persistent) domain's bitmaps cannot be touched: drop the metadata; the
+        # stale bitmap is retired by the next successful backup.
+        running = is_active(self.dom)
+        try:
+            checkpoints.delete(self.dom, name, metadata_only=not running)
+            log.info("deleted the new checkpoint %s of the failed backup", name)
+        except VirtError as exc:
+            try:
+                checkpoints.delete(self.dom, name, metadata_only=True)
+            except VirtError:
+                return [f"cannot delete checkpoint {name}: {exc}"]
+        return []

@@ -1,0 +1,165 @@
+"""Backup chains on the NAS: file names, parents of each disk, backing links, sizes.
+
+A backup directory ``<vm>/<timestamp>/`` holds ``root.<volId>.qcow2`` and
+``datadisk.<volId>.qcow2``; an incremental file's backing is its own disk's parent file,
+by a path relative to the incremental's directory, with backing format qcow2, so that the
+NAS can be mounted anywhere and the Java restore (``qemu-img convert``) follows it.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shim import qemu_img
+from shim.errors import CommandFailed, InputError
+from shim.nas import MountSession
+from shim.virt.disks import DomainDisk
+
+PARTIAL_SUFFIX = ".partial"
+_BACKUP_FILE = re.compile(r"^(?P<role>root|datadisk)\.(?P<volume_id>.+)\.qcow2$")
+
+
+def parse_backup_file_name(name: str) -> tuple[str, str] | None:
+    """``(role, volume id)`` of a backup file name, None when it is not one."""
+    match = _BACKUP_FILE.match(name)
+    return (match.group("role"), match.group("volume_id")) if match else None
+
+
+@dataclass
+class Parents:
+    """Each disk's parent file, and why an incremental is impossible (if it is)."""
+
+    files: dict[str, Path] = field(default_factory=dict)
+    """Disk target -> its parent backup file; disks absent here are new since (full)."""
+    problems: list[str] = field(default_factory=list)
+    """Reasons to fall back to a full backup (a named parent that is missing or unusable)."""
+
+
+def vm_dir_of(relative: str) -> str:
+    """The VM directory (first component) of a mount-relative backup path."""
+    return Path(relative).parts[0]
+
+
+def resolve_parents(
+    session: MountSession,
+    disks: Sequence[DomainDisk],
+    backup_path: str,
+    *,
+    parent_paths: Sequence[str] = (),
+    parent_path: str | None = None,
+) -> Parents:
+    """Match each disk to its parent file by role and volume id.
+
+    ``parent_paths`` (one file per disk, merged generation) or ``parent_path`` (the seed's
+    single value: the parent directory, or the root disk's file whose directory serves).
+    A path that leaves the repository or the VM's directory is bad input and raises; a
+    parent that is named but missing or not a qcow2 is a reason to fall back to a full.
+    """
+    vm_dir = vm_dir_of(backup_path)
+    by_key: dict[tuple[str, str], Path] = {}
+    parents = Parents()
+    if parent_paths:
+        for given in parent_paths:
+            path = _inside_vm_dir(session, given, vm_dir)
+            key = parse_backup_file_name(path.name)
+            if key is None:
+                raise InputError(f"parent path does not name a backup file: {given}")
+            by_key[key] = path
+    elif parent_path:
+        path = _inside_vm_dir(session, parent_path, vm_dir)
+        directory = path.parent if (path.is_file() or parse_backup_file_name(path.name)) else path
+        if not directory.is_dir():
+            parents.problems.append(f"parent backup directory {parent_path} does not exist")
+            return parents
+        for disk in disks:
+            candidate = directory / disk.backup_name
+            if candidate.exists():
+                by_key[(disk.role, disk.volume_id)] = candidate
+    for disk in disks:
+        parent = by_key.get((disk.role, disk.volume_id))
+        if parent is None:
+            continue  # a disk attached since the parent: backed up full in the same job
+        problem = _unusable(parent)
+        if problem:
+            parents.problems.append(f"parent of {disk.target}: {problem}")
+        else:
+            parents.files[disk.target] = parent
+    return parents
+
+
+def _inside_vm_dir(session: MountSession, given: str, vm_dir: str) -> Path:
+    path = session.path(given, what="parent path")
+    vm_root = Path(os.path.realpath(session.root / vm_dir))
+    if vm_root not in path.parents:
+        raise InputError(f"parent path {given} is not inside the VM's directory {vm_dir}")
+    return path
+
+
+def _unusable(parent: Path) -> str | None:
+    if not parent.is_file():
+        return f"{parent.name} is missing"
+    try:
+        info = qemu_img.info(parent, fmt="qcow2")
+    except CommandFailed as exc:
+        return f"{parent.name} is not a readable qcow2 ({exc})"
+    if info.format != "qcow2":
+        return f"{parent.name} is not a qcow2 image"
+    return None
+
+
+def relative_backing(parent: Path, directory: Path) -> str:
+    """The backing path to store in a file of ``directory``: relative to that directory."""
+    return os.path.relpath(parent, directory)
+
+
+def partial_dir(final: Path) -> Path:
+    """Where a backup is written before it is complete (renamed to ``final`` on success)."""
+    return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+def directory_size(path: Path) -> int:
+    """Bytes under ``path`` as ``du -sb`` counts them (apparent sizes, the directory's own
+    entry included, hard links once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            st = os.lstat(os.path.join(root, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total + os.lstat(path).st_size
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory this run created (never follows symlinks out of it)."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def fsync_tree(path: Path) -> None:
+    """Make every file under ``path`` and the directory entries durable."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that entries created or renamed in it survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -1,0 +1,231 @@
+"""The drop-in ``nasbackup.sh``: the agent's argv in, the contract's stdout and exit codes out.
+
+Parsing follows the upstream script: every option takes exactly one value (which may be
+empty), short and long forms, no ``--opt=value``. Bad input prints one line (and, for an
+unknown option, the usage) on stdout and exits 1 before anything is mounted. Every
+:class:`~shim.errors.ShimError` is caught here, once, and mapped to its exit code.
+
+Imports are lazy: ``-h`` and argument errors must not pay for libvirt and lxml.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from types import FrameType
+from typing import TYPE_CHECKING
+
+from shim.contract import CLEANUP_FAILED, backup_stdout, error_stdout
+from shim.errors import (
+    EXIT_CLEANUP_FAILED,
+    EXIT_ERROR,
+    Interrupted,
+    ShimError,
+    UsageError,
+    exit_code_for,
+)
+
+if TYPE_CHECKING:
+    from shim.nas import Repository
+
+log = logging.getLogger("shim.cli")
+
+USAGE = """\
+Usage: nasbackup.sh -o <operation> -v|--vm <domain name> -t <storage type> \
+-s <storage address> -m <mount options> -p <backup path> -d <disks path> \
+-q|--quiesce <true|false> [-M|--mode <full|incremental|legacy-full>] \
+[--bitmap-new <name>] [--bitmap-parent <name>] [--parent-paths <p1,p2,...>] \
+[--parent-path <path>] [--rebase-target <path>] [--rebase-new-backing <path>]
+Operations: backup, delete, stats, rebase.
+"""
+
+# option -> field; every option takes exactly one value.
+OPTIONS = {
+    "-o": "operation", "--operation": "operation",
+    "-v": "vm", "--vm": "vm",
+    "-t": "type", "--type": "type",
+    "-s": "storage", "--storage": "storage",
+    "-m": "mount", "--mount": "mount",
+    "-p": "path", "--path": "path",
+    "-q": "quiesce", "--quiesce": "quiesce",
+    "-d": "diskpaths", "--diskpaths": "diskpaths",
+    "-M": "mode", "--mode": "mode",
+    "--bitmap-new": "bitmap_new",
+    "--bitmap-parent": "bitmap_parent",
+    "--parent-path": "parent_path",
+    "--parent-paths": "parent_paths",
+    "--rebase-target": "rebase_target",
+    "--rebase-new-backing": "rebase_new_backing",
+}  # fmt: skip
+
+OPERATIONS = ("backup", "delete", "stats", "rebase")
+MAX_ARGV_BYTES = 256 * 1024
+
+
+@dataclass
+class Arguments:
+    """The parsed argv: each field is the option's value, or None when absent."""
+
+    values: dict[str, str] = field(default_factory=dict)
+
+    def get(self, name: str) -> str | None:
+        """The value given for ``name`` (possibly empty), None when absent."""
+        return self.values.get(name)
+
+    def text(self, name: str) -> str:
+        """The value given for ``name``, empty when absent."""
+        return self.values.get(name) or ""
+
+
+class _Usage(Exception):
+    """Print this (and the usage text) and exit 1."""
+
+    def __init__(self, message: str = "") -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def parse(argv: Sequence[str]) -> Arguments:
+    """Parse the agent's argv; raise :class:`_Usage` for help, unknown or valueless options."""
+    if sum(len(a) + 1 for a in argv) > MAX_ARGV_BYTES:
+        raise UsageError("argument list too long")
+    args = Arguments()
+    i = 0
+    while i < len(argv):
+        option = argv[i]
+        if option in ("-h", "--help"):
+            raise _Usage()
+        name = OPTIONS.get(option)
+        if name is None:
+            raise _Usage(f"Invalid option: {option}")
+        if i + 1 >= len(argv):
+            raise _Usage(f"Missing value for option: {option}")
+        value = argv[i + 1]
+        if "\0" in value or "\n" in value or "\r" in value:
+            raise UsageError(f"invalid value for {option}: control characters")
+        args.values[name] = value
+        i += 2
+    return args
+
+
+def _split(value: str | None) -> list[str]:
+    return [part for part in (value or "").split(",") if part]
+
+
+def _repository(args: Arguments) -> Repository:
+    from shim.nas import Repository
+
+    for option, name in (("-t", "type"), ("-s", "storage")):
+        if not args.text(name):
+            raise UsageError(f"missing {option} ({name})")
+    return Repository(
+        type=args.text("type"), address=args.text("storage"), options=args.text("mount")
+    )
+
+
+def _quiesce(args: Arguments) -> bool:
+    value = args.get("quiesce")
+    if value in (None, "", "false"):
+        return False
+    if value == "true":
+        return True
+    raise UsageError(f"-q takes true or false, not {value!r}")
+
+
+def _backup(args: Arguments) -> Callable[[], str]:
+    from shim.backup import BackupRequest, take_backup
+
+    request = BackupRequest(
+        vm=args.text("vm"),
+        repository=_repository(args),
+        path=args.text("path"),
+        disk_paths=tuple(_split(args.get("diskpaths"))),
+        quiesce=_quiesce(args),
+        mode=args.get("mode") or None,
+        bitmap_new=args.get("bitmap_new") or None,
+        bitmap_parent=args.get("bitmap_parent") or None,
+        parent_paths=tuple(_split(args.get("parent_paths"))),
+        parent_path=args.get("parent_path") or None,
+    )
+    request.validate()
+    return lambda: backup_stdout(take_backup(request), disk_paths_given=bool(request.disk_paths))
+
+
+def prepare(args: Arguments) -> Callable[[], str]:
+    """Validate ``args`` for their operation (touching nothing) and return the runner,
+    which performs the operation and returns its stdout."""
+    operation = args.text("operation")
+    if operation == "backup":
+        return _backup(args)
+    if operation in OPERATIONS:
+        raise UsageError(f"operation {operation} is not supported yet")
+    raise _Usage(f"Invalid operation: {operation}" if operation else "Missing operation (-o)")
+
+
+_signalled = False
+
+
+def _on_signal(signum: int, _frame: FrameType | None) -> None:
+    # The agent's timeout sends SIGTERM: unwind through every cleanup, once. A second
+    # signal must not interrupt that cleanup.
+    global _signalled  # noqa: PLW0603 - process-wide by nature
+    if _signalled:
+        log.warning("signal %d ignored: cleanup in progress", signum)
+        return
+    _signalled = True
+    raise Interrupted(f"interrupted by signal {signal.Signals(signum).name}")
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point: parse, run, print the contract's stdout, return the exit code."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    out = sys.stdout
+    try:
+        args = parse(argv)
+        runner = prepare(args)
+    except _Usage as usage:
+        out.write((usage.message + "\n" if usage.message else "") + USAGE)
+        return EXIT_ERROR
+    except ShimError as exc:
+        out.write(error_stdout(exc.message))
+        return EXIT_ERROR
+
+    from shim import log as shim_log
+
+    shim_log.setup()
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, _on_signal)
+    operation = args.text("operation")
+    log.info("nasbackup %s", _describe(args))
+    try:
+        text = runner()
+    except ShimError as exc:
+        code = exit_code_for(exc)
+        if exc.__cause__ is not None:
+            log.error("caused by: %s", exc.__cause__)
+        log.error("%s failed (exit %d): %s", operation, code, exc)
+        out.write(error_stdout(CLEANUP_FAILED if code == EXIT_CLEANUP_FAILED else exc.message))
+        return code
+    except Exception as exc:  # a bug: still one line and exit 1, never a traceback on stdout
+        log.exception("unexpected error")
+        out.write(error_stdout(f"internal error: {type(exc).__name__}: {exc}"))
+        return EXIT_ERROR
+    out.write(text)
+    log.info("%s succeeded", operation)
+    return 0
+
+
+def _describe(args: Arguments) -> str:
+    from shim.nas import redact_options
+
+    shown = dict(args.values)
+    if "mount" in shown:
+        shown["mount"] = redact_options(shown["mount"])
+    return " ".join(f"{k}={v!r}" for k, v in shown.items())
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""The shim's log: only ever appended to the agent's log, never on stdout.
+
+Lines carry the ``YYYY-MM-DD HH-MM-SS>`` prefix the upstream script uses, so they read
+the same in ``agent.log``. When stderr is a terminal, the same messages (INFO and up) are
+shown there too, as progress for a person; the agent never reads stderr.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+
+DEFAULT_LOG_FILE = Path("/var/log/cloudstack/agent/agent.log")
+LOG_FILE_ENV = "NASBACKUP_SHIM_LOG"
+
+
+class _Formatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__(
+            fmt="%(asctime)s> nasbackup[%(process)d]: %(levelname)s %(message)s",
+            datefmt="%Y-%m-%d %H-%M-%S",
+        )
+
+
+def log_file() -> Path:
+    """Where the log goes: ``$NASBACKUP_SHIM_LOG``, else the agent's log."""
+    return Path(os.environ.get(LOG_FILE_ENV) or DEFAULT_LOG_FILE)
+
+
+def setup(verbose: bool = False) -> None:
+    """Send the ``shim`` loggers to the log file (append only), and to a terminal stderr."""
+    logger = logging.getLogger("shim")
+    logger.setLevel(logging.DEBUG if verbose else logging.INFO)
+    logger.propagate = False
+    for handler in list(logger.handlers):
+        logger.removeHandler(handler)
+    path = log_file()
+    to_file = True
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        # mode "a": the log is only ever appended to (upstream's ">" truncated agent.log).
+        handler: logging.Handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+    except OSError:
+        handler, to_file = logging.StreamHandler(sys.stderr), False
+    handler.setFormatter(_Formatter())
+    logger.addHandler(handler)
+    if to_file and sys.stderr.isatty():
+        terminal = logging.StreamHandler(sys.stderr)
+        terminal.setLevel(logging.INFO)
+        terminal.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(terminal)

@@ -1,0 +1,171 @@
+"""The libvirt host side of a backup: versions, the domain, quiescing, its description."""
+
+from __future__ import annotations
+
+import logging
+
+import libvirt
+from lxml import etree
+
+from shim.errors import VirtError
+
+log = logging.getLogger(__name__)
+
+MIN_QEMU = (4, 2, 0)
+MIN_LIBVIRT = (7, 2, 0)
+AGENT_TIMEOUT_SECONDS = 10
+
+_STATES = {
+    libvirt.VIR_DOMAIN_NOSTATE: "no state",
+    libvirt.VIR_DOMAIN_RUNNING: "running",
+    libvirt.VIR_DOMAIN_BLOCKED: "idle",
+    libvirt.VIR_DOMAIN_PAUSED: "paused",
+    libvirt.VIR_DOMAIN_SHUTDOWN: "in shutdown",
+    libvirt.VIR_DOMAIN_SHUTOFF: "shut off",
+    libvirt.VIR_DOMAIN_CRASHED: "crashed",
+    libvirt.VIR_DOMAIN_PMSUSPENDED: "pmsuspended",
+}
+
+
+def _version(number: int) -> tuple[int, int, int]:
+    return number // 1_000_000, number // 1000 % 1000, number % 1000
+
+
+def _dotted(version: tuple[int, ...]) -> str:
+    return ".".join(map(str, version))
+
+
+def check_versions(conn: libvirt.virConnect) -> None:
+    """The backup-begin gate: QEMU >= 4.2 and libvirt >= 7.2 (push backups, checkpoints)."""
+    qemu, lib = _version(conn.getVersion()), _version(conn.getLibVersion())
+    if qemu < MIN_QEMU or lib < MIN_LIBVIRT:
+        raise VirtError(
+            f"backups need QEMU >= {_dotted(MIN_QEMU)} and libvirt >= {_dotted(MIN_LIBVIRT)}; "
+            f"this host has QEMU {_dotted(qemu)} and libvirt {_dotted(lib)}"
+        )
+
+
+def versions(conn: libvirt.virConnect) -> dict[str, str]:
+    """QEMU and libvirt versions, dotted."""
+    return {
+        "qemu": _dotted(_version(conn.getVersion())),
+        "libvirt": _dotted(_version(conn.getLibVersion())),
+    }
+
+
+def find_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None:
+    """The domain called ``name``, or None when libvirt does not know it."""
+    try:
+        return conn.lookupByName(name)
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
+            return None
+        raise VirtError(f"cannot look up VM {name}: {exc.get_error_message()}") from None
+
+
+def is_paused(dom: libvirt.virDomain) -> bool:
+    """Whether the guest's vCPUs are paused."""
+    try:
+        return dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+    except libvirt.libvirtError:
+        return False
+
+
+def freeze(dom: libvirt.virDomain) -> bool:
+    """Freeze the guest's filesystems through its agent; False (crash-consistent) without one."""
+    try:
+        dom.agentSetResponseTimeout(AGENT_TIMEOUT_SECONDS, 0)
+    except libvirt.libvirtError as exc:
+        log.debug("agent timeout not set: %s", exc.get_error_message())
+    try:
+        frozen = dom.fsFreeze()
+    except libvirt.libvirtError as exc:
+        log.warning(
+            "quiesce requested but the guest agent cannot freeze (%s): the backup is "
+            "crash-consistent",
+            exc.get_error_message(),
+        )
+        return False
+    log.info("guest filesystems frozen (%d)", frozen)
+    return True
+
+
+def thaw(dom: libvirt.virDomain) -> None:
+    """Thaw the guest's filesystems; failures are logged (the agent thaws on its own timer)."""
+    try:
+        dom.fsThaw()
+        log.info("guest filesystems thawed")
+    except libvirt.libvirtError as exc:
+        log.warning("thaw failed: %s", exc.get_error_message())
+
+
+def describe(dom: libvirt.virDomain) -> dict[str, str]:
+    """The metadata files stored with a running backup (contract §3), by file name."""
+    xml = dom.XMLDesc()
+    return {
+        "domain-config.xml": xml,
+        "dominfo.xml": _dominfo(dom),
+        "domiflist.xml": _domiflist(xml),
+        "domblklist.xml": _domblklist(xml),
+    }
+
+
+def _dominfo(dom: libvirt.virDomain) -> str:
+    state, max_mem, mem, vcpus, cpu_time = dom.info()
+    persistent = bool(dom.isPersistent())
+    autostart = persistent and bool(dom.autostart())
+    rows = [
+        ("Id", str(dom.ID())),
+        ("Name", dom.name()),
+        ("UUID", dom.UUIDString()),
+        ("OS Type", dom.OSType()),
+        ("State", _STATES.get(state, "unknown")),
+        ("CPU(s)", str(vcpus)),
+        ("CPU time", f"{cpu_time / 1e9:.1f}s"),
+        ("Max memory", f"{max_mem} KiB"),
+        ("Used memory", f"{mem} KiB"),
+        ("Persistent", "yes" if persistent else "no"),
+        ("Autostart", "enable" if autostart else "disable"),
+    ]
+    return "".join(f"{label + ':':<15} {value}\n" for label, value in rows) + "\n"
+
+
+def _table(header: list[str], rows: list[list[str]]) -> str:
+    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
+
+    def line(cells: list[str]) -> str:
+        return " " + "   ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+
+    ruler = "-" * (sum(widths) + 3 * (len(widths) - 1) + 2)
+    return "\n".join([line(header), ruler, *(line(r) for r in rows)]) + "\n\n"
+
+
+def _domiflist(xml: str) -> str:
+    rows = []
+    for iface in etree.fromstring(xml.encode()).iterfind("devices/interface"):
+        source = iface.find("source")
+        src = "-"
+        if source is not None:
+            src = source.get("bridge") or source.get("network") or source.get("dev") or "-"
+        target, model, mac = iface.find("target"), iface.find("model"), iface.find("mac")
+        rows.append(
+            [
+                target.get("dev", "-") if target is not None else "-",
+                iface.get("type", "-"),
+                src,
+                model.get("type", "-") if model is not None else "-",
+                mac.get("address", "-") if mac is not None else "-",
+            ]
+        )
+    return _table(["Interface", "Type", "Source", "Model", "MAC"], rows)
+
+
+def _domblklist(xml: str) -> str:
+    rows = []
+    for disk in etree.fromstring(xml.encode()).iterfind("devices/disk"):
+        target, source = disk.find("target"), disk.find("source")
+        src = "-"
+        if source is not None:
+            src = source.get("file") or source.get("dev") or source.get("name") or "-"
+        rows.append([target.get("dev", "-") if target is not None else "-", src])
+    return _table(["Target", "Source"], rows)

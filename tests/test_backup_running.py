@@ -1,0 +1,414 @@
+"""Running-VM backups through the drop-in, end to end on the lab, under every generation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from shim import qemu_img
+from shim.chain import directory_size
+from shim.contract import jobinfo_text
+from shim.lab import Lab, LabVM, MiB
+from shim.lab.leaks import leaks
+from shim.nas import Repository
+from tests.support import (
+    DROPIN,
+    GENERATIONS,
+    MODE_GENERATIONS,
+    PARSERS,
+    Run,
+    assert_size_parses,
+    build_argv,
+    disk_files,
+    repo_values,
+    run_dropin,
+    verify_backup,
+)
+
+pytestmark = pytest.mark.lab
+
+
+@dataclass
+class Chain:
+    """A VM, its repository, and the backups taken so far."""
+
+    lab: Lab
+    vm: LabVM
+    repo: Repository
+    log: Path
+    generation: str = "merged"
+    backups: list[str] = field(default_factory=list)
+    bitmaps: list[str] = field(default_factory=list)
+    counter: int = 0
+
+    @property
+    def repo_dir(self) -> Path:
+        return Path(self.repo.address)
+
+    def parent_values(self, style: str) -> dict[str, str]:
+        parent = self.backups[-1]
+        files = [
+            p.relative_to(self.repo_dir)
+            for p in disk_files(self.repo_dir, parent, self.vm)
+            if p.exists()
+        ]
+        if style == "paths":
+            return {"parent_paths": ",".join(map(str, files))}
+        if style == "dir":
+            return {"parent_path": parent}
+        return {"parent_path": str(files[0])}  # the seed's first form: the root disk's file
+
+    def backup(
+        self,
+        mode: str = "",
+        *,
+        parent_style: str = "paths",
+        disks: str = "",
+        quiesce: str = "false",
+        expect_exit: int = 0,
+    ) -> tuple[Run, str]:
+        self.counter += 1
+        path = f"{self.vm.name}/2026.10.{self.counter:02d}.00.00.00"
+        values = {
+            "operation": "backup",
+            "vm": self.vm.name,
+            "path": path,
+            "quiesce": quiesce,
+            "disks": disks,
+            "mode": mode,
+            **repo_values(self.repo),
+        }
+        bitmap = f"backup-{1790000000 + self.counter}"
+        if mode in ("full", "incremental"):
+            values["bitmap_new"] = bitmap
+        if mode == "incremental":
+            values["bitmap_parent"] = self.bitmaps[-1]
+            values.update(self.parent_values(parent_style))
+        run = run_dropin(build_argv(self.generation, values), log_file=self.log)
+        assert run.returncode == expect_exit, run.stdout + run.stderr
+        if expect_exit == 0:
+            self.backups.append(path)
+            if mode in ("full", "incremental"):
+                self.bitmaps.append(bitmap)
+        return run, path
+
+
+@pytest.fixture
+def chain(lab: Lab, tmp_path: Path) -> Chain:
+    vm = lab.create_vm(disks=(32 * MiB, 16 * MiB))
+    return Chain(lab=lab, vm=vm, repo=lab.repository(), log=tmp_path / "agent.log")
+
+
+def _write_round(vm: LabVM, k: int) -> None:
+    vm.write(0, (k % 8) * 2 * MiB, 1 * MiB, pattern=0x10 + k)
+    vm.write(1, (k % 4) * 1 * MiB, 512 * 1024, pattern=0x80 + k)
+    if k % 2:
+        vm.write_zeroes(0, 0, 1 * MiB)
+        vm.discard(1, 0, 512 * 1024)
+
+
+def _after_backup(chain: Chain, run: Run, path: str, *, fallback: bool = False) -> None:
+    refs = chain.vm.reference_backup()
+    verify_backup(chain.lab, chain.repo_dir, path, chain.vm, refs)
+    # Whatever generation asked, every generation's parser reads this stdout right.
+    for parser in PARSERS:
+        parsed = assert_size_parses(parser, run.stdout, chain.repo_dir / path, disks_given=False)
+        if parser in ("seed", "merged"):
+            assert parsed.incremental_fallback is fallback
+            created = chain.bitmaps[-1] if "BITMAP_CREATED" in run.stdout else None
+            assert parsed.bitmap_created == created
+    # One live checkpoint: the one just created.
+    assert chain.vm.checkpoints() == chain.bitmaps[-1:]
+    assert leaks(chain.lab) == []
+
+
+@pytest.mark.parametrize("generation", MODE_GENERATIONS)
+def test_full_then_three_incrementals(chain: Chain, generation: str) -> None:
+    chain.generation = generation
+    _write_round(chain.vm, 0)
+    run, path = chain.backup("full")
+    _after_backup(chain, run, path)
+    styles = (
+        ["paths"] * 3 if "parent_paths" in str(GENERATIONS[generation]) else ["dir", "file", "dir"]
+    )
+    for k, style in enumerate(styles, start=1):
+        _write_round(chain.vm, k)
+        run, path = chain.backup("incremental", parent_style=style)
+        assert "INCREMENTAL_FALLBACK" not in run.stdout
+        _after_backup(chain, run, path)
+        # Only changed clusters: far below the disks' 48 MiB.
+        sizes = [f.stat().st_size for f in disk_files(chain.repo_dir, path, chain.vm)]
+        assert sum(sizes) < 6 * MiB
+    # Every earlier point still restores (their files were never touched).
+    for backup in chain.backups:
+        for file in disk_files(chain.repo_dir, backup, chain.vm):
+            assert qemu_img.check(file).clean
+
+
+@pytest.mark.parametrize("generation", [g for g in GENERATIONS if not g.startswith(("_", "other"))])
+def test_legacy_full_under_every_generation(chain: Chain, generation: str) -> None:
+    chain.generation = generation
+    for k in range(2):
+        _write_round(chain.vm, k)
+        run, path = chain.backup("legacy-full" if k and GENERATIONS[generation]["modes"] else "")
+        assert not run.stdout.startswith(("BITMAP_CREATED", "INCREMENTAL_FALLBACK"))
+        _after_backup(chain, run, path)
+    assert chain.vm.checkpoints() == []
+
+
+def test_stdout_is_markers_then_virsh_jobinfo_then_size(chain: Chain) -> None:
+    run, path = chain.backup("full")
+    lines = run.stdout.split("\n")
+    assert lines[0] == f"BITMAP_CREATED={chain.bitmaps[-1]}"
+    assert lines[-1] == ""  # ends with a newline
+    assert int(lines[-2]) == directory_size(chain.repo_dir / path)
+    # The job statistics read exactly as virsh prints them for the same job.
+    virsh = subprocess.run(
+        [
+            "virsh",
+            "-c",
+            "qemu:///system",
+            "domjobinfo",
+            chain.vm.name,
+            "--completed",
+            "--keep-completed",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "\n".join(lines[1:-2]) + "\n" == virsh
+    stats = {
+        "type": 3,
+        "operation": 9,
+        "time_elapsed": 12,
+        "disk_total": 3 * 1024**3,
+        "disk_processed": 1536,
+        "disk_remaining": 0,
+    }
+    assert jobinfo_text(stats)[2:] == [
+        "Time elapsed:     12           ms",
+        "File processed:   1.500 KiB",
+        "File remaining:   0.000 B",
+        "File total:       3.000 GiB",
+        "",
+    ]
+
+
+def test_restarted_transient_vm_continues_the_chain(chain: Chain) -> None:
+    _write_round(chain.vm, 0)
+    run, path = chain.backup("full")
+    _after_backup(chain, run, path)
+    chain.vm.stop()
+    chain.vm.start()
+    assert chain.vm.checkpoints() == []  # libvirt forgot; the bitmaps are in the qcow2
+    _write_round(chain.vm, 1)
+    run, path = chain.backup("incremental")
+    assert "INCREMENTAL_FALLBACK" not in run.stdout
+    _after_backup(chain, run, path)
+    assert sum(f.stat().st_size for f in disk_files(chain.repo_dir, path, chain.vm)) < 4 * MiB
+
+
+def test_bitmap_missing_on_one_disk_falls_back_to_full(chain: Chain) -> None:
+    run, path = chain.backup("full")
+    _after_backup(chain, run, path)
+    chain.vm.stop()
+    subprocess.run(
+        ["qemu-img", "bitmap", "--remove", str(chain.vm.disks[1].path), chain.bitmaps[-1]],
+        check=True,
+    )
+    chain.vm.start()
+    _write_round(chain.vm, 1)
+    run, path = chain.backup("incremental")
+    assert run.stdout.splitlines()[0] == "INCREMENTAL_FALLBACK=true"
+    _after_backup(chain, run, path, fallback=True)
+    # A full: no backing files; the stale parent bitmap is gone from the other disk too.
+    for file in disk_files(chain.repo_dir, path, chain.vm):
+        assert qemu_img.info(file).backing_filename is None
+    chain.vm.stop()
+    assert [chain.vm.bitmaps(i) for i in range(2)] == [(chain.bitmaps[-1],)] * 2
+    chain.vm.start()
+    _write_round(chain.vm, 2)
+    run, path = chain.backup("incremental")
+    assert "INCREMENTAL_FALLBACK" not in run.stdout
+    _after_backup(chain, run, path)
+
+
+def test_hot_plugged_disk_is_backed_up_full_inside_the_incremental(chain: Chain) -> None:
+    _write_round(chain.vm, 0)
+    run, path = chain.backup("full")
+    _after_backup(chain, run, path)
+    chain.vm.attach_disk(8 * MiB)
+    chain.vm.write(2, 0, 1 * MiB, pattern=0x3C)
+    _write_round(chain.vm, 1)
+    run, path = chain.backup("incremental")
+    assert "INCREMENTAL_FALLBACK" not in run.stdout
+    _after_backup(chain, run, path)
+    files = disk_files(chain.repo_dir, path, chain.vm)
+    assert qemu_img.info(files[0]).backing_filename is not None
+    assert qemu_img.info(files[2]).backing_filename is None  # the new disk: full
+    _write_round(chain.vm, 2)
+    chain.vm.write(2, 2 * MiB, 1 * MiB, pattern=0x3D)
+    run, path = chain.backup("incremental")
+    _after_backup(chain, run, path)
+    assert qemu_img.info(disk_files(chain.repo_dir, path, chain.vm)[2]).backing_filename
+
+
+def test_nas_full_mid_job_leaves_nothing_and_harms_nothing(lab: Lab, tmp_path: Path) -> None:
+    vm = lab.create_vm(disks=(64 * MiB, 16 * MiB))
+    chain = Chain(lab=lab, vm=vm, repo=lab.repository(size=48 * MiB), log=tmp_path / "a.log")
+    vm.write(0, 0, 8 * MiB, pattern=0x11)
+    run, first = chain.backup("full")
+    first_refs = vm.reference_backup()
+    verify_backup(lab, chain.repo_dir, first, vm, first_refs)
+    vm.write(0, 8 * MiB, 48 * MiB, pattern=0x22)  # more than the NAS has left
+    run, _ = chain.backup("incremental", expect_exit=1)
+    assert len(run.stdout.splitlines()) == 1
+    assert leaks(lab) == []
+    assert not vm.is_paused()
+    assert vm.checkpoints() == [chain.bitmaps[-1]]  # the parent survives, no orphan
+    assert sorted(os.listdir(chain.repo_dir / vm.name)) == [Path(first).name]
+    verify_backup(lab, chain.repo_dir, first, vm, first_refs)
+    # Room again: the next incremental (since the surviving parent) succeeds.
+    vm.discard(0, 8 * MiB, 40 * MiB)
+    run, path = chain.backup("incremental")
+    assert "INCREMENTAL_FALLBACK" not in run.stdout
+    _after_backup(chain, run, path)
+
+
+def test_running_vm_with_disk_paths_prints_integers_only(chain: Chain) -> None:
+    disks = ",".join(str(d.path) for d in chain.vm.disks)
+    run, path = chain.backup("full", disks=disks)
+    assert all(line.isdigit() for line in run.stdout.splitlines())
+    for generation in ("4.20.x", "4.21", "seed", "merged"):
+        assert_size_parses(
+            GENERATIONS[generation]["parser"],
+            run.stdout,
+            chain.repo_dir / path,
+            disks_given=True,
+        )
+
+
+def test_quiesce_without_guest_agent_is_crash_consistent(lab: Lab, tmp_path: Path) -> None:
+    for with_channel in (False, True):
+        vm = lab.create_vm(disks=(16 * MiB,), guest_agent=with_channel)
+        chain = Chain(lab=lab, vm=vm, repo=lab.repository(), log=tmp_path / "a.log")
+        vm.write(0, 0, 1 * MiB)
+        run, path = chain.backup("full", quiesce="true")
+        _after_backup(chain, run, path)
+        assert "crash-consistent" in chain.log.read_text()
+
+
+def _start_dropin(argv: list[str], log: Path) -> subprocess.Popen[str]:
+    env = {**os.environ, "NASBACKUP_SHIM_LOG": str(log)}
+    return subprocess.Popen([str(DROPIN), *argv], stdout=subprocess.PIPE, text=True, env=env)
+
+
+def _wait_for_log(log: Path, text: str, proc: subprocess.Popen[str]) -> None:
+    deadline = time.monotonic() + 60
+    while text not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline and proc.poll() is None, "the run ended early"
+        time.sleep(0.01)
+
+
+def _full_argv(vm: LabVM, repo: Repository, path: str) -> list[str]:
+    return build_argv(
+        "merged",
+        {
+            "operation": "backup",
+            "vm": vm.name,
+            "path": f"{vm.name}/{path}",
+            "quiesce": "false",
+            "disks": "",
+            "mode": "full",
+            "bitmap_new": "backup-1790000001",
+            **repo_values(repo),
+        },
+    )
+
+
+@dataclass
+class InFlight:
+    """A full backup of a VM with 768 MiB of data, caught while its job runs."""
+
+    vm: LabVM
+    repo: Repository
+    proc: subprocess.Popen[str]
+
+    def finish(self) -> tuple[int, str]:
+        out, _ = self.proc.communicate(timeout=120)
+        return self.proc.returncode, out
+
+    def backups(self) -> list[str]:
+        return sorted(os.listdir(Path(self.repo.address) / self.vm.name))
+
+
+def _backup_in_flight(lab: Lab, log: Path, path: str = "2026.10.01.00.00.00") -> InFlight:
+    vm = lab.create_vm(disks=(1024 * MiB,))
+    vm.write(0, 0, 768 * MiB, pattern=0x5A)
+    repo = lab.repository()
+    proc = _start_dropin(_full_argv(vm, repo, path), log)
+    _wait_for_log(log, "backup job of", proc)
+    return InFlight(vm, repo, proc)
+
+
+def test_second_backup_of_the_same_vm_fails_fast(lab: Lab, tmp_path: Path) -> None:
+    first = _backup_in_flight(lab, tmp_path / "first.log", "first")
+    started = time.monotonic()
+    second = run_dropin(_full_argv(first.vm, first.repo, "second"), log_file=tmp_path / "2.log")
+    assert time.monotonic() - started < 5
+    assert second.returncode == 1
+    assert second.stdout.startswith(f"another operation on VM {first.vm.name} is in progress")
+    code, out = first.finish()
+    assert code == 0, out
+    assert first.backups() == ["first"]
+    assert leaks(lab) == []
+
+
+def test_sigterm_mid_job_cleans_up(lab: Lab, tmp_path: Path) -> None:
+    job = _backup_in_flight(lab, tmp_path / "agent.log")
+    job.proc.terminate()  # what the agent's timeout sends
+    assert job.finish() == (1, "interrupted by signal SIGTERM\n")
+    assert leaks(lab) == []
+    assert job.vm.checkpoints() == []
+    assert job.backups() == []
+
+
+def test_log_is_appended_and_has_no_secrets(chain: Chain) -> None:
+    chain.log.write_text("earlier agent lines\n")
+    chain.repo = Repository(chain.repo.type, chain.repo.address, "bind,password=hunter2")
+    chain.backup("full")
+    text = chain.log.read_text()
+    assert text.startswith("earlier agent lines\n")
+    assert "hunter2" not in text and "password=***" in text
+    assert all(line[:20].count("-") == 4 and line[19] == ">" for line in text.splitlines()[1:])
+
+
+def test_vm_killed_mid_job_leaves_nothing(lab: Lab, tmp_path: Path) -> None:
+    job = _backup_in_flight(lab, tmp_path / "agent.log")
+    job.vm.kill()
+    code, out = job.finish()
+    assert code == 1 and out == "the VM stopped during the backup\n"
+    assert leaks(lab) == []
+    assert job.backups() == []
+
+
+def test_backup_directory_describes_the_domain(chain: Chain) -> None:
+    _, path = chain.backup("full")
+    names = sorted(os.listdir(chain.repo_dir / path))
+    assert names == sorted(
+        [
+            "domain-config.xml", "dominfo.xml", "domiflist.xml", "domblklist.xml",
+            *(f.name for f in disk_files(chain.repo_dir, path, chain.vm)),
+        ]
+    )  # fmt: skip
+    config = (chain.repo_dir / path / "domain-config.xml").read_text()
+    assert f"<name>{chain.vm.name}</name>" in config
+    assert f"Name:           {chain.vm.name}" in (chain.repo_dir / path / "dominfo.xml").read_text()
+    blklist = (chain.repo_dir / path / "domblklist.xml").read_text()
+    assert all(str(d.path) in blklist for d in chain.vm.disks)

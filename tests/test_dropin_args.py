@@ -1,0 +1,159 @@
+"""The drop-in's argv contract: what it refuses, with which words, touching nothing."""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from shim.cli import parse
+from shim.lab import Lab, MiB
+from shim.lab.leaks import leaks
+from shim.lab.system import mount_points
+from tests.support import FIXTURES, GENERATIONS, build_argv, repo_values, run_dropin
+
+INVALID = json.loads((FIXTURES / "argv" / "invalid.json").read_text())["cases"]
+REPO_ARGS = ["-t", "none", "-s", "/nonexistent-nas", "-m", "bind"]
+
+
+def _expand(argv: list[str]) -> list[str]:
+    out: list[str] = []
+    for arg in argv:
+        out += REPO_ARGS if arg == "{repo}" else [arg]
+    return out
+
+
+def _nothing_mounted() -> bool:
+    return not glob.glob("/tmp/csbackup.*") and not any(
+        m.name.startswith("csbackup.") for m in mount_points()
+    )
+
+
+@pytest.mark.parametrize("case", INVALID, ids=[" ".join(c["argv"])[:60] for c in INVALID])
+def test_invalid_argv_is_refused_before_anything(case: dict, tmp_path: Path) -> None:
+    log = tmp_path / "agent.log"
+    run = run_dropin(_expand(case["argv"]), log_file=log)
+    assert run.returncode == 1
+    first = run.stdout.splitlines()[0] if run.stdout else ""
+    assert first.startswith(case["stdout"]), run.stdout
+    assert ("Usage: nasbackup.sh" in run.stdout) is bool(case.get("usage"))
+    assert run.stderr == ""
+    assert _nothing_mounted()
+    assert not log.exists()  # refused before even the log is opened
+
+
+def test_every_generation_argv_parses_with_empty_values() -> None:
+    values = {
+        "operation": "backup",
+        "vm": "i-2-3-VM",
+        "type": "nfs",
+        "address": "10.0.0.1:/b",
+        "options": "",
+        "path": "i-2-3-VM/t",
+        "quiesce": "false",
+        "disks": "",
+    }
+    for generation in [g for g in GENERATIONS if not g.startswith(("_", "other"))]:
+        args = parse(build_argv(generation, values))
+        assert args.get("mount") == ""
+        assert args.text("vm") == "i-2-3-VM"
+    for operation in ("delete", "stats", "rebase"):
+        args = parse(build_argv("", {**values, "operation": operation}, operation))
+        assert args.text("operation") == operation
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["-p", "../../x"], "may not contain '..'"),
+        (["-p", "/etc/cron.d/x"], "must be relative"),
+        (["-p", "escape/x"], "leads out of the repository"),
+        (
+            [
+                "-p",
+                "VM/t",
+                "-M",
+                "incremental",
+                "--bitmap-new",
+                "b-2",
+                "--bitmap-parent",
+                "b-1",
+                "--parent-paths",
+                "../../../etc/passwd",
+            ],
+            "may not contain '..'",
+        ),
+        (
+            [
+                "-p",
+                "VM/t",
+                "-M",
+                "incremental",
+                "--bitmap-new",
+                "b-2",
+                "--bitmap-parent",
+                "b-1",
+                "--parent-path",
+                "escape",
+            ],
+            "leads out of the repository",
+        ),
+        (
+            [
+                "-p",
+                "VM/t",
+                "-M",
+                "incremental",
+                "--bitmap-new",
+                "b-2",
+                "--bitmap-parent",
+                "b-1",
+                "--parent-paths",
+                "other-VM/t0/root.x.qcow2",
+            ],
+            "not inside the VM's directory",
+        ),
+    ],
+)
+def test_paths_leaving_the_repository_are_refused(
+    lab: Lab, tmp_path: Path, extra: list[str], message: str
+) -> None:
+    vm = lab.create_vm(disks=(8 * MiB,))
+    repo = lab.repository()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    os.symlink(outside, Path(repo.address) / "escape")
+    extra = [
+        a.replace("VM/", f"{vm.name}/") if a.startswith(("VM/", "other")) else a for a in extra
+    ]
+    values = repo_values(repo)
+    argv = [
+        "-o",
+        "backup",
+        "-v",
+        vm.name,
+        "-t",
+        values["type"],
+        "-s",
+        values["address"],
+        "-m",
+        values["options"],
+        "-q",
+        "false",
+        "-d",
+        "",
+        *extra,
+    ]
+    if "-M" not in extra:
+        argv += ["-M", "full", "--bitmap-new", "b-2"]
+    run = run_dropin(argv, log_file=tmp_path / "agent.log")
+    assert run.returncode == 1
+    assert message in run.stdout and len(run.stdout.splitlines()) == 1
+    assert sorted(os.listdir(repo.address)) == ["escape"]
+    assert list(outside.iterdir()) == []
+    assert vm.checkpoints() == []
+    assert leaks(lab) == []

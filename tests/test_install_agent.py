@@ -1,0 +1,125 @@
+"""scripts/install-agent: in place of the agent's script, surviving upgrades, undone exactly."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+INSTALL = ROOT / "scripts" / "install-agent"
+PACKAGE = "nasbackup-shim-testpkg"
+ORIGINAL = "#!/bin/bash\n# the agent's own nasbackup.sh, version {v}\necho upstream\n"
+
+
+def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(INSTALL), *args], capture_output=True, text=True, env=env, check=False
+    )
+
+
+def _build_deb(tmp: Path, scripts_dir: Path, version: str) -> Path:
+    root = tmp / f"pkg-{version}"
+    script = root / scripts_dir.relative_to("/") / "vm/hypervisor/kvm/nasbackup.sh"
+    script.parent.mkdir(parents=True)
+    script.write_text(ORIGINAL.format(v=version))
+    script.chmod(0o755)
+    (root / "DEBIAN").mkdir()
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: {PACKAGE}\nVersion: {version}\nArchitecture: all\n"
+        "Maintainer: tests <tests@localhost>\nDescription: stands in for cloudstack-common\n"
+    )
+    deb = tmp / f"{PACKAGE}_{version}.deb"
+    subprocess.run(["dpkg-deb", "--build", str(root), str(deb)], capture_output=True, check=True)
+    return deb
+
+
+@pytest.fixture
+def scripts_dir() -> Iterator[Path]:
+    path = Path("/var/tmp/nasbackup-shim-install-test/scripts")
+    shutil.rmtree(path.parent, ignore_errors=True)
+    yield path
+    subprocess.run(["dpkg", "--purge", PACKAGE], capture_output=True, check=False)
+    target = path / "vm/hypervisor/kvm/nasbackup.sh"
+    subprocess.run(
+        ["dpkg-divert", "--local", "--rename", "--remove", str(target)],
+        capture_output=True,
+        check=False,
+    )
+    shutil.rmtree(path.parent, ignore_errors=True)
+
+
+def test_dpkg_owned_script_is_diverted_and_survives_an_upgrade(
+    scripts_dir: Path, tmp_path: Path
+) -> None:
+    target = scripts_dir / "vm/hypervisor/kvm/nasbackup.sh"
+    subprocess.run(
+        ["dpkg", "-i", str(_build_deb(tmp_path, scripts_dir, "1.0"))],
+        capture_output=True,
+        check=True,
+    )
+    done = _run("--scripts-dir", str(scripts_dir))
+    assert done.returncode == 0, done.stderr
+    assert target.is_symlink() and target.resolve() == ROOT / "scripts" / "nasbackup.sh"
+    # The agent's way of calling it: an argv list, stdout read.
+    usage = subprocess.run([str(target), "-h"], capture_output=True, text=True, check=False)
+    assert usage.returncode == 1 and usage.stdout.startswith("Usage: nasbackup.sh")
+    assert "installed" in _run("--scripts-dir", str(scripts_dir)).stdout  # idempotent
+    # A package upgrade writes beside the drop-in, never over it.
+    subprocess.run(
+        ["dpkg", "-i", str(_build_deb(tmp_path, scripts_dir, "2.0"))],
+        capture_output=True,
+        check=True,
+    )
+    assert target.is_symlink()
+    assert Path(f"{target}.cloudstack-orig").read_text() == ORIGINAL.format(v="2.0")
+    done = _run("--scripts-dir", str(scripts_dir), "--uninstall")
+    assert done.returncode == 0, done.stderr
+    assert not target.is_symlink()
+    assert target.read_text() == ORIGINAL.format(v="2.0")
+    assert (
+        subprocess.run(
+            ["dpkg-divert", "--list", str(target)], capture_output=True, text=True, check=True
+        ).stdout
+        == ""
+    )
+
+
+def test_unowned_script_is_kept_and_restored_exactly(scripts_dir: Path) -> None:
+    target = scripts_dir / "vm/hypervisor/kvm/nasbackup.sh"
+    target.parent.mkdir(parents=True)
+    target.write_text(ORIGINAL.format(v="local"))
+    target.chmod(0o750)
+    os.utime(target, (1_700_000_000, 1_700_000_000))
+    before = target.stat()
+    assert _run("--scripts-dir", str(scripts_dir)).returncode == 0
+    assert target.is_symlink()
+    assert "original kept" in _run("--scripts-dir", str(scripts_dir), "--status").stdout
+    assert _run("--scripts-dir", str(scripts_dir), "--uninstall").returncode == 0
+    after = target.stat()
+    assert target.read_text() == ORIGINAL.format(v="local")
+    assert (after.st_mode, after.st_mtime, after.st_uid) == (
+        before.st_mode,
+        before.st_mtime,
+        before.st_uid,
+    )
+    assert sorted(p.name for p in target.parent.iterdir()) == ["nasbackup.sh"]
+
+
+def test_refuses_where_the_environment_cannot_run(scripts_dir: Path, tmp_path: Path) -> None:
+    target = scripts_dir / "vm/hypervisor/kvm/nasbackup.sh"
+    target.parent.mkdir(parents=True)
+    target.write_text(ORIGINAL.format(v="local"))
+    broken = tmp_path / "venv"
+    (broken / "bin").mkdir(parents=True)
+    (broken / "bin" / "python").symlink_to("/bin/false")
+    done = _run("--scripts-dir", str(scripts_dir), env={**os.environ, "SHIM_VENV": str(broken)})
+    assert done.returncode == 1
+    assert "cannot run here" in done.stderr
+    assert target.read_text() == ORIGINAL.format(v="local") and not target.is_symlink()
+    missing = _run("--scripts-dir", str(tmp_path / "no-agent"))
+    assert missing.returncode == 1 and "is the CloudStack KVM agent installed" in missing.stderr
