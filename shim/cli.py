@@ -13,12 +13,12 @@ from __future__ import annotations
 import logging
 import signal
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from shim.contract import CLEANUP_FAILED, backup_stdout, error_stdout
+from shim.contract import CLEANUP_FAILED, error_stdout
 from shim.errors import (
     EXIT_CLEANUP_FAILED,
     EXIT_ERROR,
@@ -30,6 +30,7 @@ from shim.errors import (
 
 if TYPE_CHECKING:
     from shim.nas import Repository
+    from shim.operations import Request
 
 log = logging.getLogger("shim.cli")
 
@@ -38,8 +39,9 @@ Usage: nasbackup.sh -o <operation> -v|--vm <domain name> -t <storage type> \
 -s <storage address> -m <mount options> -p <backup path> -d <disks path> \
 -q|--quiesce <true|false> [-M|--mode <full|incremental|legacy-full>] \
 [--bitmap-new <name>] [--bitmap-parent <name>] [--parent-paths <p1,p2,...>] \
-[--parent-path <path>] [--rebase-target <path>] [--rebase-new-backing <path>]
-Operations: backup, delete, stats, rebase.
+[--parent-path <path>] [--rebase-target <path>] [--rebase-new-backing <path>] \
+[--backup-files <f1,f2,...>] [--restore-volume-paths <v1,v2,...>]
+Operations: backup, delete, stats, rebase, restore, verify.
 """
 
 # option -> field; every option takes exactly one value.
@@ -59,9 +61,10 @@ OPTIONS = {
     "--parent-paths": "parent_paths",
     "--rebase-target": "rebase_target",
     "--rebase-new-backing": "rebase_new_backing",
+    "--backup-files": "backup_files",
+    "--restore-volume-paths": "restore_paths",
 }  # fmt: skip
 
-OPERATIONS = ("backup", "delete", "stats", "rebase")
 MAX_ARGV_BYTES = 256 * 1024
 
 
@@ -135,10 +138,10 @@ def _quiesce(args: Arguments) -> bool:
     raise UsageError(f"-q takes true or false, not {value!r}")
 
 
-def _backup(args: Arguments) -> Callable[[], str]:
-    from shim.backup import BackupRequest, take_backup
+def _backup(args: Arguments) -> Request:
+    from shim.backup import BackupRequest
 
-    request = BackupRequest(
+    return BackupRequest(
         vm=args.text("vm"),
         repository=_repository(args),
         path=args.text("path"),
@@ -150,19 +153,47 @@ def _backup(args: Arguments) -> Callable[[], str]:
         parent_paths=tuple(_split(args.get("parent_paths"))),
         parent_path=args.get("parent_path") or None,
     )
-    request.validate()
-    return lambda: backup_stdout(take_backup(request), disk_paths_given=bool(request.disk_paths))
 
 
-def prepare(args: Arguments) -> Callable[[], str]:
-    """Validate ``args`` for their operation (touching nothing) and return the runner,
-    which performs the operation and returns its stdout."""
+def _required(args: Arguments, name: str, option: str) -> str:
+    value = args.text(name)
+    if not value:
+        raise UsageError(f"missing {option}")
+    return value
+
+
+def request_for(args: Arguments) -> Request:
+    """The typed request ``args`` describe, validated (nothing is touched)."""
+    from shim import operations as ops
+
     operation = args.text("operation")
+    request: Request
     if operation == "backup":
-        return _backup(args)
-    if operation in OPERATIONS:
-        raise UsageError(f"operation {operation} is not supported yet")
-    raise _Usage(f"Invalid operation: {operation}" if operation else "Missing operation (-o)")
+        request = _backup(args)
+    elif operation == "delete":
+        request = ops.DeleteRequest(_repository(args), _required(args, "path", "-p"))
+    elif operation == "stats":
+        request = ops.StatsRequest(_repository(args))
+    elif operation == "rebase":
+        request = ops.RebaseRequest(
+            _repository(args),
+            target=_required(args, "rebase_target", "--rebase-target"),
+            new_backing=_required(args, "rebase_new_backing", "--rebase-new-backing"),
+        )
+    elif operation == "restore":
+        request = ops.RestoreRequest(
+            _repository(args),
+            backup_path=_required(args, "path", "-p"),
+            targets=tuple(_split(_required(args, "restore_paths", "--restore-volume-paths"))),
+            backup_files=tuple(_split(args.get("backup_files"))),
+            vm=args.get("vm") or None,
+        )
+    elif operation == "verify":
+        request = ops.VerifyRequest(_repository(args), _required(args, "path", "-p"))
+    else:
+        raise _Usage(f"Invalid operation: {operation}" if operation else "Missing operation (-o)")
+    ops.validate(request)
+    return request
 
 
 _signalled = False
@@ -185,7 +216,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = sys.stdout
     try:
         args = parse(argv)
-        runner = prepare(args)
+        request = request_for(args)
     except _Usage as usage:
         out.write((usage.message + "\n" if usage.message else "") + USAGE)
         return EXIT_ERROR
@@ -194,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_ERROR
 
     from shim import log as shim_log
+    from shim import operations
 
     shim_log.setup()
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -201,7 +233,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     operation = args.text("operation")
     log.info("nasbackup %s", _describe(args))
     try:
-        text = runner()
+        text = operations.run(request).stdout
     except ShimError as exc:
         code = exit_code_for(exc)
         if exc.__cause__ is not None:

@@ -45,6 +45,23 @@ class BackupOutcome:
     """Names of the files written, in the order of ``file_sizes``."""
 
 
+@dataclass(frozen=True)
+class StorageStats:
+    """What ``-o stats`` reports: the mount point and sizes in 1 KiB blocks."""
+
+    mount_point: str
+    total_kib: int
+    used_kib: int
+
+
+@dataclass(frozen=True)
+class RestoreOutcome:
+    """The volumes a restore wrote, in disk order, with their virtual sizes."""
+
+    targets: Sequence[str]
+    virtual_sizes: Sequence[int]
+
+
 def pretty_capacity(value: int) -> str:
     """A byte count as virsh prints it: ``128.000 MiB``."""
     amount = float(value)

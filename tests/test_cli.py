@@ -6,13 +6,15 @@ from collections.abc import Callable
 
 import pytest
 
-from shim import cli
+from shim import cli, operations
 from shim.errors import BackupFailed, CleanupFailed
+from shim.operations import Result
 
 
 def _main_with(monkeypatch: pytest.MonkeyPatch, tmp_path: object, runner: Callable[[], str]) -> int:
     monkeypatch.setenv("NASBACKUP_SHIM_LOG", f"{tmp_path}/agent.log")
-    monkeypatch.setattr(cli, "prepare", lambda _args: runner)
+    monkeypatch.setattr(cli, "request_for", lambda _args: object())
+    monkeypatch.setattr(operations, "run", lambda _request: Result(runner()))
     return cli.main(["-o", "backup"])
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -27,7 +28,7 @@ def _expand(argv: list[str]) -> list[str]:
 
 
 def _nothing_mounted() -> bool:
-    return not glob.glob("/tmp/csbackup.*") and not any(
+    return not glob.glob(f"{tempfile.gettempdir()}/csbackup.*") and not any(
         m.name.startswith("csbackup.") for m in mount_points()
     )
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -16,7 +17,7 @@ from shim.nas import MountSession, Repository, redact_options
 
 
 def _csbackup_dirs() -> set[str]:
-    return set(glob.glob("/tmp/csbackup.*"))
+    return set(glob.glob(f"{tempfile.gettempdir()}/csbackup.*"))
 
 
 @pytest.mark.lab

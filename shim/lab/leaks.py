@@ -5,6 +5,8 @@ from __future__ import annotations
 import fcntl
 import glob
 import os
+import tempfile
+from collections.abc import Iterable
 from pathlib import Path
 
 from shim.lab import system
@@ -12,10 +14,12 @@ from shim.lab.lab import Lab
 from shim.lock import LOCK_DIR
 
 
-def held_locks(lock_dir: Path = LOCK_DIR) -> list[str]:
-    """VM lock files someone still holds."""
+def held_locks(vm_names: Iterable[str], lock_dir: Path = LOCK_DIR) -> list[str]:
+    """The locks of these VMs that someone still holds."""
     held = []
-    for path in sorted(lock_dir.glob("*.lock")) if lock_dir.is_dir() else []:
+    for path in [lock_dir / f"{name}.lock" for name in vm_names]:
+        if not path.exists():
+            continue
         fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -29,13 +33,20 @@ def held_locks(lock_dir: Path = LOCK_DIR) -> list[str]:
 def leaks(lab: Lab) -> list[str]:
     """Everything an operation of the shim must not leave behind, as readable lines.
 
-    Mounts and directories named ``csbackup.*``, paused lab VMs, held VM locks, partial
-    backup directories in the lab's repositories, and shim processes still running.
+    Mounts and directories named ``csbackup.*`` in the temporary directory, paused lab VMs,
+    held locks of lab VMs, partial backup directories in the lab's repositories, and shim
+    processes this process started that still run. All scoped to this process and lab, so
+    that two test runs on one host do not see each other's work as leaks.
     """
-    found = [f"mount {m}" for m in system.mount_points() if m.name.startswith("csbackup.")]
-    found += [f"directory {d}" for d in glob.glob("/tmp/csbackup.*")]
+    tmp = Path(tempfile.gettempdir())
+    found = [
+        f"mount {m}"
+        for m in system.mount_points()
+        if m.parent == tmp and m.name.startswith("csbackup.")
+    ]
+    found += [f"directory {d}" for d in glob.glob(f"{tmp}/csbackup.*")]
     found += [f"paused VM {vm.name}" for vm in lab.vms if vm.is_paused()]
-    found += [f"held lock {name}" for name in held_locks()]
+    found += [f"held lock {name}" for name in held_locks(vm.name for vm in lab.vms)]
     found += [f"partial directory {p}" for p in glob.glob(f"{lab.dir}/nas-*/*/*.partial")]
-    found += [f"process {pid}" for pid in system.processes_running("shim.cli")]
+    found += [f"process {pid}" for pid in system.descendants_running("shim.cli")]
     return found

@@ -52,16 +52,32 @@ def emulator() -> str:
     return found
 
 
-def processes_running(needle: str) -> list[int]:
-    """Pids (other than this one) whose command line contains ``needle``."""
+def _parent_of(pid: int) -> int:
+    try:
+        stat = Path("/proc", str(pid), "stat").read_text()
+    except OSError:
+        return 0
+    # The command name may hold spaces and parentheses: the fields follow the last ')'.
+    return int(stat.rsplit(")", 1)[1].split()[1])
+
+
+def descendants_running(needle: str) -> list[int]:
+    """Pids of this process's descendants whose command line contains ``needle``."""
+    me = os.getpid()
     pids = []
     for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
+        if not entry.isdigit() or int(entry) == me:
             continue
         try:
             cmdline = Path("/proc", entry, "cmdline").read_bytes().replace(b"\0", b" ")
         except OSError:
             continue
-        if needle.encode() in cmdline:
-            pids.append(int(entry))
+        if needle.encode() not in cmdline:
+            continue
+        ancestor = int(entry)
+        while ancestor > 1:
+            ancestor = _parent_of(ancestor)
+            if ancestor == me:
+                pids.append(int(entry))
+                break
     return pids
