@@ -29,7 +29,8 @@ def _expand(argv: list[str]) -> list[str]:
 
 def _nothing_mounted() -> bool:
     return not glob.glob(f"{tempfile.gettempdir()}/csbackup.*") and not any(
-        m.name.startswith("csbackup.") for m in mount_points()
+        m.name.startswith("csbackup.") and m.parent == Path(tempfile.gettempdir())
+        for m in mount_points()
     )
 
 
