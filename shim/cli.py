@@ -18,9 +18,8 @@ from dataclasses import dataclass, field
 from types import FrameType
 from typing import TYPE_CHECKING
 
-from shim.contract import CLEANUP_FAILED, error_stdout
+from shim.contract import error_stdout, failure_stdout
 from shim.errors import (
-    EXIT_CLEANUP_FAILED,
     EXIT_ERROR,
     Interrupted,
     ShimError,
@@ -239,7 +238,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.__cause__ is not None:
             log.error("caused by: %s", exc.__cause__)
         log.error("%s failed (exit %d): %s", operation, code, exc)
-        out.write(error_stdout(CLEANUP_FAILED if code == EXIT_CLEANUP_FAILED else exc.message))
+        out.write(failure_stdout(exc.message, code))
         return code
     except Exception as exc:  # a bug: still one line and exit 1, never a traceback on stdout
         log.exception("unexpected error")

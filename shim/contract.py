@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from shim.errors import EXIT_CLEANUP_FAILED
+
 FALLBACK_MARKER = "INCREMENTAL_FALLBACK=true"
 BITMAP_CREATED_PREFIX = "BITMAP_CREATED="
 CLEANUP_FAILED = "Backup cleanup failed"
@@ -133,3 +135,17 @@ def stats_stdout(mount_point: str, total_kib: int, used_kib: int) -> str:
 def error_stdout(message: str) -> str:
     """stdout of a failed operation: one line, which the agent shows the operator."""
     return " ".join(message.split()) + "\n"
+
+
+def failure_stdout(message: str, exit_code: int) -> str:
+    """stdout of an operation that failed with ``exit_code``: exit 20 (cleanup failed)
+    always says ``Backup cleanup failed`` (the details are in the log)."""
+    return error_stdout(CLEANUP_FAILED if exit_code == EXIT_CLEANUP_FAILED else message)
+
+
+def restore_stdout(outcome: RestoreOutcome) -> str:
+    """stdout of ``-o restore``: one line per volume written, ``<target> <virtual size>``."""
+    return "".join(
+        f"{target} {size}\n"
+        for target, size in zip(outcome.targets, outcome.virtual_sizes, strict=True)
+    )
