@@ -11,7 +11,6 @@ NAS unmounted. Earlier backups are only ever read.
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,18 +19,12 @@ import libvirt
 from lxml import etree
 
 from shim import qemu_img
-from shim.chain import (
-    directory_size,
-    fsync_dir,
-    fsync_tree,
-    partial_dir,
-    relative_backing,
-    remove_tree,
-    resolve_parents,
-)
+from shim.backupdir import BackupDirectory, parent_dir_name
+from shim.chain import relative_backing, resolve_parents
 from shim.contract import BackupOutcome
 from shim.errors import BackupFailed, CleanupFailed, InputError, ShimError, UsageError, VirtError
 from shim.lock import VmLock, validate_vm_name
+from shim.manifest import Manifest, disk_records
 from shim.nas import MountSession, Repository
 from shim.virt import checkpoints, host
 from shim.virt.connection import open_connection
@@ -142,26 +135,25 @@ class LiveBackup:
         self.request = request
         self.session = session
         self.on_job = on_job
-        self.final = session.path(request.path, what="backup path")
-        self.work = partial_dir(self.final)
+        self.directory = BackupDirectory(session, request.path)
 
     def run(self) -> BackupOutcome:
         """Plan, back up, and publish the directory; clean up after any failure."""
         disks = parse_disks(self.dom.XMLDesc())
         if not disks:
             raise BackupFailed(f"VM {self.request.vm} has no disks")
-        self._check_destination()
-        plan = self._plan(disks)
+        self.directory.prepare()
         job: BackupJob | None = None
+        plan = _Plan(checkpoint=None, incremental_from=None, parents={}, fallback=False)
         try:
-            self.work.mkdir(parents=True)
+            plan = self._plan(disks)
             self._create_targets(disks, plan)
             with BackupJob(self.conn, self.dom) as job:
                 if self.on_job:
                     self.on_job(job)
                 self._begin(job, disks, plan)
                 stats = job.wait()
-            files = self._publish()
+            files = self._publish(disks, plan)
         except BaseException as exc:
             self._cleanup(plan, job, exc)
             raise
@@ -172,32 +164,22 @@ class LiveBackup:
         )
         if warnings:
             log.warning("the backup succeeded; %d stale checkpoint(s) remain", len(warnings))
-        sizes = [os.lstat(self.final / name).st_size for name in files]
-        log.info(
-            "backup of %s done: %s, %d bytes, %d ms",
-            self.request.vm,
-            "incremental since " + plan.incremental_from if plan.incremental_from else "full",
-            directory_size(self.final),
-            stats.elapsed_ms,
-        )
-        return BackupOutcome(
-            size=directory_size(self.final),
-            file_sizes=sizes,
-            files=files,
+        outcome = self.directory.outcome(
+            files,
             bitmap_created=plan.checkpoint,
             incremental_fallback=plan.fallback,
             job_stats=stats.params,
         )
+        log.info(
+            "backup of %s done: %s, %d bytes, %d ms",
+            self.request.vm,
+            f"incremental since {plan.incremental_from}" if plan.incremental_from else "full",
+            outcome.size,
+            stats.elapsed_ms,
+        )
+        return outcome
 
     # -- steps ------------------------------------------------------------------------------
-    def _check_destination(self) -> None:
-        if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())):
-            raise InputError(f"backup path {self.request.path} already exists")
-        if self.work.exists():
-            # A run killed before it could clean up; we hold the VM's lock, so it is dead.
-            log.warning("removing the partial directory of an interrupted run: %s", self.work)
-            remove_tree(self.work)
-
     def _plan(self, disks: list[DomainDisk]) -> _Plan:
         request = self.request
         mode = request.effective_mode
@@ -244,12 +226,12 @@ class LiveBackup:
 
     def _create_targets(self, disks: list[DomainDisk], plan: _Plan) -> None:
         for disk in disks:
-            target = self.work / disk.backup_name
+            target = self.directory.work / disk.backup_name
             capacity = self.dom.blockInfo(disk.target)[0]
             parent = plan.parents.get(disk.target)
             if parent is not None:
                 # Backed by this disk's own parent, relative: a valid chain from now on.
-                backing = relative_backing(parent, self.final.parent / self.final.name)
+                backing = relative_backing(parent, self.directory.final)
                 qemu_img.create(target, capacity, backing=backing, backing_fmt="qcow2")
             else:
                 qemu_img.create(target, capacity)
@@ -263,7 +245,7 @@ class LiveBackup:
             el = etree.SubElement(disks_el, "disk", name=disk.target, backup="yes", type="file")
             if plan.incremental_from and disk.target not in plan.parents:
                 el.set("backupmode", "full")
-            etree.SubElement(el, "target", file=str(self.work / disk.backup_name))
+            etree.SubElement(el, "target", file=str(self.directory.work / disk.backup_name))
             etree.SubElement(el, "driver", type="qcow2")
         checkpoint_xml = None
         if plan.checkpoint:
@@ -285,15 +267,23 @@ class LiveBackup:
             f"incremental since {plan.incremental_from}" if plan.incremental_from else "full",
         )
 
-    def _publish(self) -> list[str]:
+    def _publish(self, disks: list[DomainDisk], plan: _Plan) -> list[str]:
         for name, text in host.describe(self.dom).items():
-            (self.work / name).write_text(text, encoding="utf-8")
-        fsync_tree(self.work)
-        if self.final.exists():
-            self.final.rmdir()  # an empty directory someone prepared
-        os.rename(self.work, self.final)
-        fsync_dir(self.final.parent)
-        return sorted(p.name for p in self.final.iterdir())
+            (self.directory.work / name).write_text(text, encoding="utf-8")
+        mode = self.request.effective_mode
+        manifest = Manifest(
+            vm=self.request.vm,
+            mode=INCREMENTAL if plan.incremental_from else (FULL if plan.checkpoint else mode),
+            offline=False,
+            bitmap=plan.checkpoint,
+            parent=parent_dir_name(plan.parents),
+            fallback=plan.fallback,
+            disks=disk_records(
+                self.directory.work,
+                [(d.role, d.volume_id, d.backup_name, d.source) for d in disks],
+            ),
+        )
+        return self.directory.publish(manifest)
 
     def _cleanup(self, plan: _Plan, job: BackupJob | None, error: BaseException) -> None:
         log.error("backup of %s failed: %s", self.request.vm, error)
@@ -307,9 +297,9 @@ class LiveBackup:
         if plan.checkpoint:
             problems += self._delete_orphan_checkpoint(plan.checkpoint)
         try:
-            remove_tree(self.work)
+            self.directory.discard()
         except OSError as exc:
-            problems.append(f"cannot remove {self.work}: {exc.strerror}")
+            problems.append(f"cannot remove {self.directory.work}: {exc.strerror}")
         if problems:
             for problem in problems:
                 log.error("cleanup: %s", problem)

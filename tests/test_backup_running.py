@@ -15,6 +15,7 @@ from shim.chain import directory_size
 from shim.contract import jobinfo_text
 from shim.lab import Lab, LabVM, MiB
 from shim.lab.leaks import leaks
+from shim.manifest import read_manifest, sha256_of
 from shim.nas import Repository
 from tests.support import (
     DROPIN,
@@ -404,7 +405,7 @@ def test_backup_directory_describes_the_domain(chain: Chain) -> None:
     assert names == sorted(
         [
             "domain-config.xml", "dominfo.xml", "domiflist.xml", "domblklist.xml",
-            *(f.name for f in disk_files(chain.repo_dir, path, chain.vm)),
+            "manifest.json", *(f.name for f in disk_files(chain.repo_dir, path, chain.vm)),
         ]
     )  # fmt: skip
     config = (chain.repo_dir / path / "domain-config.xml").read_text()
@@ -412,3 +413,21 @@ def test_backup_directory_describes_the_domain(chain: Chain) -> None:
     assert f"Name:           {chain.vm.name}" in (chain.repo_dir / path / "dominfo.xml").read_text()
     blklist = (chain.repo_dir / path / "domblklist.xml").read_text()
     assert all(str(d.path) in blklist for d in chain.vm.disks)
+
+
+def test_manifest_describes_the_backup(chain: Chain) -> None:
+    _, first = chain.backup("full")
+    chain.vm.write(0, 0, 1 * MiB, pattern=0x42)
+    _, second = chain.backup("incremental")
+    manifest = read_manifest(chain.repo_dir / second)
+    assert manifest is not None
+    assert (manifest.vm, manifest.mode, manifest.offline) == (chain.vm.name, "incremental", False)
+    assert manifest.bitmap == chain.bitmaps[-1] and manifest.parent == Path(first).name
+    files = disk_files(chain.repo_dir, second, chain.vm)
+    assert [d.file for d in manifest.disks] == [f.name for f in files]
+    assert [d.role for d in manifest.disks] == ["root", "datadisk"]
+    for record, file, disk in zip(manifest.disks, files, chain.vm.disks, strict=True):
+        assert record.sha256 == sha256_of([file])[file]
+        assert record.stored_size == file.stat().st_size
+        assert record.virtual_size == disk.size and record.source == str(disk.path)
+        assert record.backing == f"../{Path(first).name}/{file.name}"

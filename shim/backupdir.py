@@ -1,0 +1,82 @@
+"""One backup directory's life: written aside, published by a rename, or removed.
+
+A backup is written into ``<path>.partial`` and renamed to ``<path>`` only once its files
+are complete, fsynced and its manifest written; nothing ever points into a partial
+directory, so removing it on failure touches no other backup.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+from shim.chain import directory_size, fsync_dir, fsync_tree, partial_dir, remove_tree
+from shim.contract import BackupOutcome
+from shim.errors import InputError
+from shim.manifest import MANIFEST, Manifest, write_manifest
+from shim.nas import MountSession
+
+log = logging.getLogger(__name__)
+
+
+class BackupDirectory:
+    """The directory a backup request names, inside the mounted repository."""
+
+    def __init__(self, session: MountSession, relative: str) -> None:
+        self.relative = relative
+        self.final = session.path(relative, what="backup path")
+        self.work = partial_dir(self.final)
+
+    def prepare(self) -> None:
+        """Refuse to overwrite a backup; clear a partial left by a killed run; create."""
+        if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())):
+            raise InputError(f"backup path {self.relative} already exists")
+        if self.work.exists():
+            # A run killed before it could clean up; we hold the VM's lock, so it is dead.
+            log.warning("removing the partial directory of an interrupted run: %s", self.work)
+            remove_tree(self.work)
+        self.work.mkdir(parents=True)
+
+    def publish(self, manifest: Manifest) -> list[str]:
+        """Write the manifest last, make everything durable, rename into place.
+
+        Returns the names of the files written, the manifest last.
+        """
+        write_manifest(self.work, manifest)
+        fsync_tree(self.work)
+        if self.final.exists():
+            self.final.rmdir()  # an empty directory someone prepared
+        os.rename(self.work, self.final)
+        fsync_dir(self.final.parent)
+        names = sorted(p.name for p in self.final.iterdir() if p.name != MANIFEST)
+        return [*names, MANIFEST]
+
+    def discard(self) -> None:
+        """Remove the partial directory (the published one is never touched)."""
+        remove_tree(self.work)
+
+    def outcome(
+        self,
+        files: list[str],
+        *,
+        bitmap_created: str | None,
+        incremental_fallback: bool,
+        job_stats: dict[str, object] | None = None,
+    ) -> BackupOutcome:
+        """What the published backup reports."""
+        return BackupOutcome(
+            size=directory_size(self.final),
+            file_sizes=[os.lstat(self.final / name).st_size for name in files],
+            files=files,
+            bitmap_created=bitmap_created,
+            incremental_fallback=incremental_fallback,
+            job_stats=job_stats,
+        )
+
+
+def parent_dir_name(parents: dict[str, Path]) -> str | None:
+    """The parent backup's directory name, from any disk's parent file."""
+    for parent in parents.values():
+        return parent.parent.name
+    return None

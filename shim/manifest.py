@@ -1,0 +1,112 @@
+"""The manifest every backup directory ends with: the repository describes itself.
+
+``manifest.json`` is written last (a temporary file, fsynced, then renamed), so a directory
+without one is an incomplete backup. It records the mode, the checkpoint created, the
+parent directory, and per disk the file, volume id, source, virtual and stored sizes and a
+SHA-256 of the stored file (computed by ``sha256sum``: no image byte passes through Python).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from shim import proc, qemu_img
+from shim.chain import fsync_dir
+
+MANIFEST = "manifest.json"
+FORMAT = 1
+
+
+@dataclass(frozen=True)
+class DiskRecord:
+    """One disk's file in a backup directory."""
+
+    role: str
+    volume_id: str
+    file: str
+    source: str
+    virtual_size: int
+    stored_size: int
+    sha256: str
+    backing: str | None = None
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What one backup directory holds and how it came to be."""
+
+    vm: str
+    mode: str
+    """``full``, ``incremental`` (some disks may still be full) or ``legacy-full``."""
+    offline: bool
+    bitmap: str | None
+    parent: str | None
+    """The parent backup's directory name (a sibling), None for a full."""
+    fallback: bool
+    disks: list[DiskRecord] = field(default_factory=list)
+    created: str = ""
+    format: int = FORMAT
+
+
+def sha256_of(paths: Sequence[Path]) -> dict[Path, str]:
+    """SHA-256 of each file, computed by ``sha256sum`` in one run."""
+    if not paths:
+        return {}
+    out = proc.run(["sha256sum", "--", *map(str, paths)]).stdout
+    digests = [line.split(maxsplit=1)[0] for line in out.splitlines()]
+    return dict(zip(paths, digests, strict=True))
+
+
+def disk_records(directory: Path, disks: Sequence[tuple[str, str, str, str]]) -> list[DiskRecord]:
+    """Records of the disk files in ``directory``; ``disks`` are (role, volume id, file
+    name, source) in disk order."""
+    paths = [directory / name for _, _, name, _ in disks]
+    digests = sha256_of(paths)
+    records = []
+    for (role, volume_id, name, source), path in zip(disks, paths, strict=True):
+        info = qemu_img.info(path, fmt="qcow2")
+        records.append(
+            DiskRecord(
+                role=role,
+                volume_id=volume_id,
+                file=name,
+                source=source,
+                virtual_size=info.virtual_size,
+                stored_size=path.stat().st_size,
+                sha256=digests[path],
+                backing=info.backing_filename,
+            )
+        )
+    return records
+
+
+def write_manifest(directory: Path, manifest: Manifest) -> Path:
+    """Write ``manifest.json`` durably: temporary file, fsync, rename."""
+    created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    doc = {**asdict(manifest), "created": created}
+    final = directory / MANIFEST
+    tmp = directory / f".{MANIFEST}.tmp"
+    with open(tmp, "w", encoding="utf-8") as fh:
+        json.dump(doc, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.rename(tmp, final)
+    fsync_dir(directory)
+    return final
+
+
+def read_manifest(directory: Path) -> Manifest | None:
+    """The manifest of a backup directory, None when there is none (incomplete backup)."""
+    try:
+        doc = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    disks = [DiskRecord(**d) for d in doc.pop("disks", [])]
+    known = {f for f in Manifest.__dataclass_fields__ if f != "disks"}
+    return Manifest(**{k: v for k, v in doc.items() if k in known}, disks=disks)
