@@ -11,7 +11,7 @@ NAS unmounted. Earlier backups are only ever read.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,10 +22,12 @@ from shim import qemu_img
 from shim.backupdir import BackupDirectory, parent_dir_name
 from shim.chain import relative_backing, resolve_parents
 from shim.contract import BackupOutcome
-from shim.errors import BackupFailed, CleanupFailed, InputError, ShimError, UsageError, VirtError
-from shim.lock import VmLock, validate_vm_name
+from shim.errors import BackupFailed, CleanupFailed, ShimError, VirtError
+from shim.lock import VmLock
 from shim.manifest import Manifest, disk_records
-from shim.nas import MountSession, Repository
+from shim.nas import MountSession
+from shim.offline import OfflineBackup
+from shim.request import FULL, INCREMENTAL, BackupRequest
 from shim.virt import checkpoints, host
 from shim.virt.connection import open_connection
 from shim.virt.disks import DomainDisk, parse_disks
@@ -33,66 +35,10 @@ from shim.virt.jobs import BackupJob, is_active
 
 log = logging.getLogger(__name__)
 
-FULL = "full"
-INCREMENTAL = "incremental"
-LEGACY_FULL = "legacy-full"
-MODES = (FULL, INCREMENTAL, LEGACY_FULL)
-
 JobObserver = Callable[[BackupJob], None]
+"""Called with the libvirt job once it exists (progress, abort)."""
 
-
-@dataclass(frozen=True)
-class BackupRequest:
-    """A TakeBackupCommand, as the drop-in's argv or the socket's JSON carries it."""
-
-    vm: str
-    repository: Repository
-    path: str
-    disk_paths: Sequence[str] = ()
-    quiesce: bool = False
-    mode: str | None = None
-    bitmap_new: str | None = None
-    bitmap_parent: str | None = None
-    parent_paths: Sequence[str] = ()
-    parent_path: str | None = None
-
-    @property
-    def effective_mode(self) -> str:
-        """``full``, ``incremental`` or ``legacy-full`` (what an empty mode means)."""
-        return self.mode or LEGACY_FULL
-
-    def validate(self) -> None:
-        """The Java wrapper's checks, with its messages, before anything is touched."""
-        if self.mode and self.mode not in MODES:
-            raise UsageError(f"Unknown backup mode: {self.mode}")
-        if self.mode == INCREMENTAL:
-            if not self.bitmap_new:
-                raise UsageError("incremental mode requires bitmapNew")
-            if not self.bitmap_parent:
-                raise UsageError("incremental mode requires bitmapParent")
-            if not self.parent_paths and not self.parent_path:
-                raise UsageError("incremental mode requires parentPaths")
-            if self.bitmap_new == self.bitmap_parent:
-                raise UsageError("bitmapNew must differ from bitmapParent")
-        if self.mode == FULL and not self.bitmap_new:
-            raise UsageError(
-                "full mode requires bitmapNew (the bitmap to create for the next incremental)"
-            )
-        validate_vm_name(self.vm)
-        if not self.path:
-            raise UsageError("missing backup path (-p)")
-        for bitmap in (self.bitmap_new, self.bitmap_parent):
-            if bitmap is not None:
-                validate_bitmap_name(bitmap)
-        self.repository.validate()
-
-
-def validate_bitmap_name(name: str) -> None:
-    """Refuse a bitmap name QEMU or libvirt would reject (or misread as XML or a path)."""
-    if not name or len(name) > 1023:
-        raise InputError("invalid bitmap name: empty or too long")
-    if name.startswith("-") or any(c in name for c in "/<>&'\"") or not name.isprintable():
-        raise InputError(f"invalid bitmap name: {name!r}")
+__all__ = ["BackupRequest", "JobObserver", "take_backup"]
 
 
 def take_backup(request: BackupRequest, *, on_job: JobObserver | None = None) -> BackupOutcome:
@@ -102,11 +48,18 @@ def take_backup(request: BackupRequest, *, on_job: JobObserver | None = None) ->
         conn = open_connection()
         try:
             dom = host.find_domain(conn, request.vm)
-            if dom is None or not dom.isActive():
-                raise BackupFailed(f"VM {request.vm} is not running on this host")
-            host.check_versions(conn)
+            if dom is not None and dom.isActive():
+                # Running after all (-d is filled when the server believes it stopped): a
+                # live backup is the safe one; stdout still follows the -d form.
+                host.check_versions(conn)
+                with MountSession(request.repository) as session:
+                    return LiveBackup(conn, dom, request, session, on_job).run()
+            if not request.disk_paths:
+                raise BackupFailed(
+                    f"VM {request.vm} is not running on this host and no disk paths were given"
+                )
             with MountSession(request.repository) as session:
-                return LiveBackup(conn, dom, request, session, on_job).run()
+                return OfflineBackup(request, session, dom).run()
         finally:
             conn.close()
 

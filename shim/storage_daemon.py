@@ -106,11 +106,11 @@ class StorageDaemon:
             raise QmpError("qemu-storage-daemon closed its monitor")
         return json.loads(line)
 
-    def command(self, name: str, **arguments: Any) -> Any:
+    def command(self, execute: str, /, **arguments: Any) -> Any:
         """Execute one QMP command and return its result; events seen meanwhile are kept."""
         if self._sock is None:
             raise QmpError("qemu-storage-daemon is not running")
-        message: dict[str, Any] = {"execute": name}
+        message: dict[str, Any] = {"execute": execute}
         if arguments:
             message["arguments"] = arguments
         self._sock.sendall(json.dumps(message).encode() + b"\n")
@@ -120,7 +120,7 @@ class StorageDaemon:
                 self.events.append(reply)
                 continue
             if "error" in reply:
-                raise QmpError(f"{name}: {reply['error'].get('desc', reply['error'])}")
+                raise QmpError(f"{execute}: {reply['error'].get('desc', reply['error'])}")
             return reply.get("return")
 
     def wait_jobs(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:

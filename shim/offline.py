@@ -1,0 +1,299 @@
+"""Backups of a stopped VM, from the disk sources the agent passes with ``-d``.
+
+File and block sources are opened by one qemu-storage-daemon for the whole step: its image
+locks make a VM that starts meanwhile fail to get its write lock (it is refused, never
+corrupted), and one QMP transaction adds the new bitmap (``--bitmap-new``) and starts every
+disk's copy at the same instant. A full copies everything (zeroes become sparse, so raw
+DRBD output comes out sparse); an incremental copies only the clusters dirty since the
+parent bitmap into a qcow2 backed by that disk's parent file, and then retires the parent
+bitmap, so the rotation is atomic. ``rbd:`` sources go through ``qemu-img convert``.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import libvirt
+
+from shim import qemu_img
+from shim.backupdir import BackupDirectory, parent_dir_name
+from shim.chain import relative_backing, resolve_parents
+from shim.contract import BackupOutcome
+from shim.errors import BackupFailed, CommandFailed, InputError, VirtError
+from shim.manifest import Manifest, disk_records
+from shim.nas import MountSession
+from shim.request import BackupRequest
+from shim.storage_daemon import QmpError, StorageDaemon, node_bitmaps
+from shim.virt import checkpoints
+from shim.virt.disks import DATADISK, ROOT, DomainDisk, volume_id_of
+
+log = logging.getLogger(__name__)
+
+
+def source_disks(paths: list[str] | tuple[str, ...]) -> list[DomainDisk]:
+    """The disks named by ``-d``, in order, with their kind and format.
+
+    A file's format is probed, then held to one rule: a qcow2's backing chain must stay in
+    its own directory (CloudStack templates live beside the volumes), so a raw volume whose
+    guest wrote a qcow2 header cannot make the backup read another file of the host.
+    """
+    disks = []
+    for index, source in enumerate(paths):
+        role = ROOT if index == 0 else DATADISK
+        target = f"disk{index}"
+        volume_id = volume_id_of(source)
+        if source.startswith("rbd:"):
+            disks.append(DomainDisk(target, role, "network", source, "raw", volume_id))
+            continue
+        try:
+            mode = os.stat(source).st_mode
+        except OSError as exc:
+            raise BackupFailed(f"disk {source}: {exc.strerror}") from None
+        if stat.S_ISBLK(mode):
+            disks.append(DomainDisk(target, role, "block", source, "raw", volume_id))
+            continue
+        if not stat.S_ISREG(mode):
+            raise InputError(f"disk {source} is neither a file nor a block device")
+        info = qemu_img.info(source)
+        if info.format not in ("qcow2", "raw"):
+            raise BackupFailed(f"disk {source}: unsupported format {info.format}")
+        if info.format == "qcow2":
+            home = Path(os.path.realpath(source)).parent
+            for link in qemu_img.chain(source)[1:]:
+                if Path(os.path.realpath(link.filename)).parent != home:
+                    raise InputError(f"disk {source} has a backing file outside its pool")
+        disks.append(DomainDisk(target, role, "file", source, info.format, volume_id))
+    return disks
+
+
+def _carries_bitmaps(disk: DomainDisk) -> bool:
+    return disk.source_type == "file" and disk.driver_type == "qcow2"
+
+
+@dataclass
+class _Plan:
+    checkpoint: str | None
+    parent_bitmap: str | None = None
+    parents: dict[str, Path] = field(default_factory=dict)
+    fallback: bool = False
+
+
+class OfflineBackup:
+    """A backup of a stopped VM's disks into one backup directory."""
+
+    def __init__(
+        self, request: BackupRequest, session: MountSession, dom: libvirt.virDomain | None
+    ) -> None:
+        self.request = request
+        self.session = session
+        self.dom = dom
+        self.directory = BackupDirectory(session, request.path)
+
+    def run(self) -> BackupOutcome:
+        """Copy every disk, publish the directory; clean up after any failure."""
+        disks = source_disks(self.request.disk_paths)
+        self.directory.prepare()
+        try:
+            plan = self._copy(disks)
+            files = self._publish(disks, plan)
+        except BaseException as exc:
+            log.error("offline backup of %s failed: %s", self.request.vm, exc)
+            self.directory.discard()
+            raise
+        if plan.checkpoint and self.dom is not None:
+            self._forget_libvirt_checkpoints(self.dom)
+        all_carry = all(_carries_bitmaps(d) for d in disks)
+        outcome = self.directory.outcome(
+            files,
+            bitmap_created=plan.checkpoint if all_carry else None,
+            incremental_fallback=plan.fallback,
+        )
+        log.info("offline backup of %s done: %d bytes", self.request.vm, outcome.size)
+        return outcome
+
+    # -- the copy ---------------------------------------------------------------------------
+    def _copy(self, disks: list[DomainDisk]) -> _Plan:
+        request = self.request
+        mode = request.effective_mode
+        plan = _Plan(checkpoint=request.bitmap_new if mode in ("full", "incremental") else None)
+        local = [d for d in disks if d.source_type != "network"]
+        for disk in disks:
+            if disk.source_type == "network":
+                self._convert(disk)
+        if not local:
+            return plan
+        # Sizes first: once the daemon holds the images, even qemu-img info is locked out.
+        sizes = {d.target: qemu_img.info(d.source, fmt=d.driver_type).virtual_size for d in local}
+        blockdevs = []
+        for i, disk in enumerate(local):
+            driver = "host_device" if disk.source_type == "block" else "file"
+            writable = plan.checkpoint is not None and _carries_bitmaps(disk)
+            ro = "" if writable else ",read-only=on"
+            source = disk.source.replace(",", ",,")
+            blockdevs += [
+                f"driver={driver},filename={source},node-name=src{i}-file,locking=on{ro}",
+                f"driver={disk.driver_type},file=src{i}-file,node-name=src{i}{ro}",
+            ]
+        try:
+            with StorageDaemon(blockdevs) as daemon:
+                self._copy_in(daemon, disks, local, sizes, plan)
+        except CommandFailed as exc:
+            if "lock" in exc.stderr:
+                raise BackupFailed(
+                    f"the disks of VM {request.vm} are in use (has it started?): {exc}"
+                ) from None
+            raise
+        return plan
+
+    def _copy_in(
+        self,
+        daemon: StorageDaemon,
+        disks: list[DomainDisk],
+        local: list[DomainDisk],
+        sizes: dict[str, int],
+        plan: _Plan,
+    ) -> None:
+        request = self.request
+        nodes = {d.target: f"src{i}" for i, d in enumerate(local)}
+        if request.effective_mode == "incremental" and request.bitmap_parent:
+            reason = self._plan_incremental(daemon, disks, nodes, request.bitmap_parent, plan)
+            if reason:
+                log.warning("offline incremental impossible (%s): taking a full backup", reason)
+                plan.fallback = True
+                plan.parents = {}
+                plan.parent_bitmap = None
+        actions = []
+        for disk in local:
+            actions += self._prepare_target(
+                daemon, disk, nodes[disk.target], sizes[disk.target], plan
+            )
+        daemon.command("transaction", actions=actions)
+        log.info("offline copy of %d disk(s) of %s started", len(local), request.vm)
+        carriers = [nodes[d.target] for d in local if plan.checkpoint and _carries_bitmaps(d)]
+        try:
+            daemon.wait_jobs([f"{nodes[d.target]}-job" for d in local])
+        except QmpError:
+            # The new bitmap must not survive a failed copy: the parent stays the parent.
+            for node in carriers:
+                self._remove_bitmap(daemon, node, str(plan.checkpoint))
+            raise
+        for disk in local:
+            daemon.command("blockdev-del", **{"node-name": f"{nodes[disk.target]}-tgt"})
+        for node in carriers:
+            # One bitmap per disk after a success: the one just created.
+            for name in node_bitmaps(daemon, node):
+                if name != plan.checkpoint:
+                    self._remove_bitmap(daemon, node, name)
+
+    def _prepare_target(
+        self, daemon: StorageDaemon, disk: DomainDisk, node: str, size: int, plan: _Plan
+    ) -> list[dict[str, object]]:
+        """Create and attach ``disk``'s target; return its transaction actions."""
+        target = self.directory.work / disk.backup_name
+        parent = plan.parents.get(disk.target)
+        if parent is not None:
+            backing = relative_backing(parent, self.directory.final)
+            qemu_img.create(target, size, backing=backing, backing_fmt="qcow2")
+        else:
+            qemu_img.create(target, size)
+        # Zeroes written to the target become sparse (re-sparsifies raw DRBD output); with
+        # its backing open, a zero cluster reads as zero, never as parent data.
+        daemon.command(
+            "blockdev-add",
+            driver="qcow2",
+            **{"node-name": f"{node}-tgt", "discard": "unmap", "detect-zeroes": "unmap"},
+            file={"driver": "file", "filename": str(target)},
+        )
+        actions: list[dict[str, object]] = []
+        if plan.checkpoint and _carries_bitmaps(disk):
+            bitmap = {"node": node, "name": plan.checkpoint, "persistent": True}
+            actions.append({"type": "block-dirty-bitmap-add", "data": bitmap})
+        backup: dict[str, object] = {
+            "device": node,
+            "target": f"{node}-tgt",
+            "job-id": f"{node}-job",
+        }
+        if parent is not None:
+            backup.update(sync="incremental", bitmap=plan.parent_bitmap)
+        else:
+            backup["sync"] = "full"
+        actions.append({"type": "blockdev-backup", "data": backup})
+        return actions
+
+    def _plan_incremental(
+        self,
+        daemon: StorageDaemon,
+        disks: list[DomainDisk],
+        nodes: dict[str, str],
+        parent_bitmap: str,
+        plan: _Plan,
+    ) -> str | None:
+        parents = resolve_parents(
+            self.session,
+            disks,
+            self.request.path,
+            parent_paths=self.request.parent_paths,
+            parent_path=self.request.parent_path,
+        )
+        if parents.problems:
+            return "; ".join(parents.problems)
+        if not parents.files:
+            return "no disk has a parent backup file"
+        for disk in disks:
+            if disk.target not in parents.files:
+                continue  # attached since the parent: copied full
+            if not _carries_bitmaps(disk):
+                return f"{disk.source} is not a qcow2 file: it cannot carry a bitmap"
+            bitmaps = node_bitmaps(daemon, nodes[disk.target])
+            if parent_bitmap not in bitmaps:
+                return f"{disk.source} has no bitmap {parent_bitmap}"
+            if not bitmaps[parent_bitmap]:
+                return f"bitmap {parent_bitmap} of {disk.source} is inconsistent"
+        plan.parents = parents.files
+        plan.parent_bitmap = parent_bitmap
+        return None
+
+    @staticmethod
+    def _remove_bitmap(daemon: StorageDaemon, node: str, name: str) -> None:
+        try:
+            daemon.command("block-dirty-bitmap-remove", node=node, name=name)
+        except QmpError as exc:
+            log.warning("cannot remove bitmap %s from %s: %s", name, node, exc)
+
+    def _convert(self, disk: DomainDisk) -> None:
+        # rbd: no image lock to hold and no bitmap to keep; qemu-img reads it as raw.
+        target = self.directory.work / disk.backup_name
+        qemu_img.convert(disk.source, target, source_fmt="raw")
+
+    def _forget_libvirt_checkpoints(self, dom: libvirt.virDomain) -> None:
+        # A defined (stopped) domain's checkpoint metadata no longer matches its bitmaps;
+        # the next live backup redefines the checkpoint it needs from the bitmap.
+        try:
+            for checkpoint in checkpoints.listed(dom):
+                checkpoints.delete(dom, checkpoint.name, metadata_only=True)
+        except VirtError as exc:  # housekeeping never fails a published backup
+            log.warning("cannot clear the checkpoint metadata of %s: %s", self.request.vm, exc)
+
+    def _publish(self, disks: list[DomainDisk], plan: _Plan) -> list[str]:
+        request = self.request
+        if plan.parents:
+            mode = "incremental"
+        else:
+            mode = "full" if plan.checkpoint else request.effective_mode
+        manifest = Manifest(
+            vm=request.vm,
+            mode=mode,
+            offline=True,
+            bitmap=plan.checkpoint if all(_carries_bitmaps(d) for d in disks) else None,
+            parent=parent_dir_name(plan.parents),
+            fallback=plan.fallback,
+            disks=disk_records(
+                self.directory.work,
+                [(d.role, d.volume_id, d.backup_name, d.source) for d in disks],
+            ),
+        )
+        return self.directory.publish(manifest)

@@ -1,0 +1,73 @@
+"""The backup request: what a TakeBackupCommand asks, and the checks the Java wrapper makes.
+
+Shared by the live and the offline backup and by every entry point; validation touches
+nothing and raises the Java wrapper's own messages where it has them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from shim.errors import InputError, UsageError
+from shim.lock import validate_vm_name
+from shim.nas import Repository
+
+FULL = "full"
+INCREMENTAL = "incremental"
+LEGACY_FULL = "legacy-full"
+MODES = (FULL, INCREMENTAL, LEGACY_FULL)
+
+
+@dataclass(frozen=True)
+class BackupRequest:
+    """A TakeBackupCommand, as the drop-in's argv or the socket's JSON carries it."""
+
+    vm: str
+    repository: Repository
+    path: str
+    disk_paths: Sequence[str] = ()
+    quiesce: bool = False
+    mode: str | None = None
+    bitmap_new: str | None = None
+    bitmap_parent: str | None = None
+    parent_paths: Sequence[str] = ()
+    parent_path: str | None = None
+
+    @property
+    def effective_mode(self) -> str:
+        """``full``, ``incremental`` or ``legacy-full`` (what an empty mode means)."""
+        return self.mode or LEGACY_FULL
+
+    def validate(self) -> None:
+        """The Java wrapper's checks, with its messages, before anything is touched."""
+        if self.mode and self.mode not in MODES:
+            raise UsageError(f"Unknown backup mode: {self.mode}")
+        if self.mode == INCREMENTAL:
+            if not self.bitmap_new:
+                raise UsageError("incremental mode requires bitmapNew")
+            if not self.bitmap_parent:
+                raise UsageError("incremental mode requires bitmapParent")
+            if not self.parent_paths and not self.parent_path:
+                raise UsageError("incremental mode requires parentPaths")
+            if self.bitmap_new == self.bitmap_parent:
+                raise UsageError("bitmapNew must differ from bitmapParent")
+        if self.mode == FULL and not self.bitmap_new:
+            raise UsageError(
+                "full mode requires bitmapNew (the bitmap to create for the next incremental)"
+            )
+        validate_vm_name(self.vm)
+        if not self.path:
+            raise UsageError("missing backup path (-p)")
+        for bitmap in (self.bitmap_new, self.bitmap_parent):
+            if bitmap is not None:
+                validate_bitmap_name(bitmap)
+        self.repository.validate()
+
+
+def validate_bitmap_name(name: str) -> None:
+    """Refuse a bitmap name QEMU or libvirt would reject (or misread as XML or a path)."""
+    if not name or len(name) > 1023:
+        raise InputError("invalid bitmap name: empty or too long")
+    if name.startswith("-") or any(c in name for c in "/<>&'\"") or not name.isprintable():
+        raise InputError(f"invalid bitmap name: {name!r}")
