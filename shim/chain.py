@@ -163,3 +163,47 @@ def fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+_QCOW2_MAGIC = b"QFI\xfb"
+
+
+def backing_of(path: Path) -> str | None:
+    """The backing file name stored in a qcow2 header (None for none, or not a qcow2).
+
+    Read straight from the header (magic, version, backing offset and length): listing the
+    dependants of a backup touches every file of the VM, one subprocess each would be slow.
+    """
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(20)
+            if len(header) < 20 or header[:4] != _QCOW2_MAGIC:
+                return None
+            offset = int.from_bytes(header[8:16], "big")
+            length = int.from_bytes(header[16:20], "big")
+            if offset == 0 or length == 0 or length > 4096:
+                return None
+            fh.seek(offset)
+            return fh.read(length).decode("utf-8", errors="replace")
+    except OSError:
+        return None
+
+
+def backup_files(directory: Path) -> list[Path]:
+    """The disk files of a backup directory, root first, then data disks by name."""
+    found = [p for p in directory.iterdir() if parse_backup_file_name(p.name) and p.is_file()]
+    return sorted(found, key=lambda p: (not p.name.startswith("root."), p.name))
+
+
+def dependants(directory: Path) -> list[Path]:
+    """Files in the other backups of the same VM whose backing file lies in ``directory``."""
+    target = os.path.realpath(directory) + os.sep
+    found = []
+    for sibling in sorted(directory.parent.iterdir()):
+        if sibling == directory or not sibling.is_dir() or sibling.is_symlink():
+            continue
+        for file in sibling.iterdir():
+            backing = backing_of(file) if file.suffix == ".qcow2" else None
+            if backing and os.path.realpath(sibling / backing).startswith(target):
+                found.append(file)
+    return found

@@ -9,64 +9,43 @@ behind it (what a Java wrapper would have derived from that stdout). Failures ar
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import os
 from dataclasses import dataclass
 
 from shim import contract
-from shim.backup import BackupRequest, JobObserver, take_backup
+from shim.backup import JobObserver, take_backup
 from shim.contract import BackupOutcome, RestoreOutcome, StorageStats
-from shim.nas import Repository
+from shim.delete import delete_backup
+from shim.rebase import rebase_backup
+from shim.request import (
+    BackupRequest,
+    DeleteRequest,
+    RebaseRequest,
+    RestoreRequest,
+    StatsRequest,
+    VerifyRequest,
+)
+from shim.restore import restore_backup
 from shim.stats import storage_stats
+from shim.verify import verify_backup
+
+__all__ = [
+    "BackupRequest",
+    "DeleteRequest",
+    "RebaseRequest",
+    "Request",
+    "RestoreRequest",
+    "Result",
+    "StatsRequest",
+    "VerifyRequest",
+    "run",
+    "validate",
+]
 
 
-@dataclass(frozen=True)
-class DeleteRequest:
-    """DeleteBackupCommand: remove one backup directory (``-o delete -p PATH``)."""
-
-    repository: Repository
-    path: str
-
-
-@dataclass(frozen=True)
-class RebaseRequest:
-    """RebaseBackupCommand (seed generation): re-point ``target`` onto ``new_backing``,
-    content preserved (``-o rebase --rebase-target T --rebase-new-backing B``)."""
-
-    repository: Repository
-    target: str
-    new_backing: str
-
-
-@dataclass(frozen=True)
-class StatsRequest:
-    """GetBackupStorageStatsCommand: the repository's size and use (``-o stats``)."""
-
-    repository: Repository
-
-
-@dataclass(frozen=True)
-class RestoreRequest:
-    """RestoreBackupCommand: flatten each disk's chain into its target volume.
-
-    ``backup_files`` name the backup's disk files (mount-relative, or bare names inside
-    ``backup_path``), in disk order; ``targets`` are the volumes to write, in the same
-    order: file paths, block devices or ``rbd:`` URIs.
-    """
-
-    repository: Repository
-    backup_path: str
-    targets: Sequence[str]
-    backup_files: Sequence[str] = ()
-    vm: str | None = None
-
-
-@dataclass(frozen=True)
-class VerifyRequest:
-    """Check one backup and its chain (``-o verify -p PATH``)."""
-
-    repository: Repository
-    path: str
-
+DISK_PATH_MARKERS_ENV = "NASBACKUP_SHIM_DISK_PATH_MARKERS"
+"""Set to ``true`` for a management server of the seed generation, which strips marker
+lines before summing: markers are then printed for stopped-VM backups too."""
 
 Request = (
     BackupRequest | DeleteRequest | RebaseRequest | StatsRequest | RestoreRequest | VerifyRequest
@@ -94,11 +73,25 @@ def run(request: Request, *, on_job: JobObserver | None = None) -> Result:
     validate(request)
     if isinstance(request, BackupRequest):
         outcome = take_backup(request, on_job=on_job)
-        text = contract.backup_stdout(outcome, disk_paths_given=bool(request.disk_paths))
+        text = contract.backup_stdout(
+            outcome,
+            disk_paths_given=bool(request.disk_paths),
+            markers_with_disk_paths=os.environ.get(DISK_PATH_MARKERS_ENV) == "true",
+        )
         return Result(text, outcome)
     if isinstance(request, StatsRequest):
         stats = storage_stats(request.repository)
         return Result(
             contract.stats_stdout(stats.mount_point, stats.total_kib, stats.used_kib), stats
         )
-    raise NotImplementedError(f"{type(request).__name__} is not implemented yet")
+    if isinstance(request, DeleteRequest):
+        delete_backup(request.repository, request.path)
+        return Result("")
+    if isinstance(request, RebaseRequest):
+        rebase_backup(request.repository, request.target, request.new_backing)
+        return Result("")
+    if isinstance(request, RestoreRequest):
+        restored = restore_backup(request)
+        return Result(contract.restore_stdout(restored), restored)
+    report = verify_backup(request.repository, request.path)
+    return Result("".join(f"{line}\n" for line in report))

@@ -96,11 +96,15 @@ def convert(
     target_fmt: str = "qcow2",
     force_share: bool = False,
     bitmaps: bool = False,
+    existing: bool = False,
 ) -> None:
-    """Copy ``source`` (its whole backing chain flattened) into a new sparse ``target``."""
+    """Copy ``source`` (its whole backing chain flattened) into a new sparse ``target``,
+    or with ``existing`` into a target that exists (a device, an ``rbd:`` image)."""
     argv = [QEMU_IMG, "convert", "-O", target_fmt]
     argv += ["-f", source_fmt] if source_fmt else []
-    if target_fmt == "qcow2":
+    if existing:
+        argv.append("-n")
+    elif target_fmt == "qcow2":
         argv += ["-o", QCOW2_V3]
     argv += ["-U"] if force_share else []
     argv += ["--bitmaps"] if bitmaps else []

@@ -71,3 +71,52 @@ def validate_bitmap_name(name: str) -> None:
         raise InputError("invalid bitmap name: empty or too long")
     if name.startswith("-") or any(c in name for c in "/<>&'\"") or not name.isprintable():
         raise InputError(f"invalid bitmap name: {name!r}")
+
+
+@dataclass(frozen=True)
+class DeleteRequest:
+    """DeleteBackupCommand: remove one backup directory (``-o delete -p PATH``)."""
+
+    repository: Repository
+    path: str
+
+
+@dataclass(frozen=True)
+class RebaseRequest:
+    """RebaseBackupCommand (seed generation): re-point ``target`` onto ``new_backing``,
+    content preserved (``-o rebase --rebase-target T --rebase-new-backing B``)."""
+
+    repository: Repository
+    target: str
+    new_backing: str
+
+
+@dataclass(frozen=True)
+class StatsRequest:
+    """GetBackupStorageStatsCommand: the repository's size and use (``-o stats``)."""
+
+    repository: Repository
+
+
+@dataclass(frozen=True)
+class RestoreRequest:
+    """RestoreBackupCommand: flatten each disk's chain into its target volume.
+
+    ``backup_files`` name the backup's disk files (mount-relative, or bare names inside
+    ``backup_path``), in disk order; ``targets`` are the volumes to write, in the same
+    order: file paths, block devices or ``rbd:`` URIs.
+    """
+
+    repository: Repository
+    backup_path: str
+    targets: Sequence[str]
+    backup_files: Sequence[str] = ()
+    vm: str | None = None
+
+
+@dataclass(frozen=True)
+class VerifyRequest:
+    """Check one backup and its chain (``-o verify -p PATH``)."""
+
+    repository: Repository
+    path: str

@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Iterator
+from pathlib import Path
 
 import libvirt
 import pytest
 
 from shim.errors import VirtError
-from shim.lab import Lab, sweep_stale_labs
+from shim.lab import Lab, MiB, sweep_stale_labs
 from shim.virt.connection import open_connection
+from tests.support import Chain
 
 
 @pytest.fixture(scope="session")
@@ -35,6 +37,13 @@ def lab(hypervisor: libvirt.virConnect) -> Iterator[Lab]:
     """A fresh lab, closed (everything removed) after the test whatever its outcome."""
     with Lab() as the_lab:
         yield the_lab
+
+
+@pytest.fixture
+def chain(lab: Lab, tmp_path: Path) -> Chain:
+    """A running two-disk lab VM and a repository to back it up to."""
+    vm = lab.create_vm(disks=(32 * MiB, 16 * MiB))
+    return Chain(lab=lab, vm=vm, repo=lab.repository(), log=tmp_path / "agent.log")
 
 
 @pytest.fixture(autouse=True)

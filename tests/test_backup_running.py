@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -22,6 +22,7 @@ from tests.support import (
     GENERATIONS,
     MODE_GENERATIONS,
     PARSERS,
+    Chain,
     Run,
     assert_size_parses,
     build_argv,
@@ -32,77 +33,6 @@ from tests.support import (
 )
 
 pytestmark = pytest.mark.lab
-
-
-@dataclass
-class Chain:
-    """A VM, its repository, and the backups taken so far."""
-
-    lab: Lab
-    vm: LabVM
-    repo: Repository
-    log: Path
-    generation: str = "merged"
-    backups: list[str] = field(default_factory=list)
-    bitmaps: list[str] = field(default_factory=list)
-    counter: int = 0
-
-    @property
-    def repo_dir(self) -> Path:
-        return Path(self.repo.address)
-
-    def parent_values(self, style: str) -> dict[str, str]:
-        parent = self.backups[-1]
-        files = [
-            p.relative_to(self.repo_dir)
-            for p in disk_files(self.repo_dir, parent, self.vm)
-            if p.exists()
-        ]
-        if style == "paths":
-            return {"parent_paths": ",".join(map(str, files))}
-        if style == "dir":
-            return {"parent_path": parent}
-        return {"parent_path": str(files[0])}  # the seed's first form: the root disk's file
-
-    def backup(
-        self,
-        mode: str = "",
-        *,
-        parent_style: str = "paths",
-        disks: str = "",
-        quiesce: str = "false",
-        expect_exit: int = 0,
-    ) -> tuple[Run, str]:
-        self.counter += 1
-        path = f"{self.vm.name}/2026.10.{self.counter:02d}.00.00.00"
-        values = {
-            "operation": "backup",
-            "vm": self.vm.name,
-            "path": path,
-            "quiesce": quiesce,
-            "disks": disks,
-            "mode": mode,
-            **repo_values(self.repo),
-        }
-        bitmap = f"backup-{1790000000 + self.counter}"
-        if mode in ("full", "incremental"):
-            values["bitmap_new"] = bitmap
-        if mode == "incremental":
-            values["bitmap_parent"] = self.bitmaps[-1]
-            values.update(self.parent_values(parent_style))
-        run = run_dropin(build_argv(self.generation, values), log_file=self.log)
-        assert run.returncode == expect_exit, run.stdout + run.stderr
-        if expect_exit == 0:
-            self.backups.append(path)
-            if mode in ("full", "incremental"):
-                self.bitmaps.append(bitmap)
-        return run, path
-
-
-@pytest.fixture
-def chain(lab: Lab, tmp_path: Path) -> Chain:
-    vm = lab.create_vm(disks=(32 * MiB, 16 * MiB))
-    return Chain(lab=lab, vm=vm, repo=lab.repository(), log=tmp_path / "agent.log")
 
 
 def _write_round(vm: LabVM, k: int) -> None:

@@ -1,0 +1,43 @@
+"""``-o delete``: remove one backup directory, never one another backup still needs."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+from shim.chain import dependants, remove_tree
+from shim.errors import BackupFailed, InputError
+from shim.lock import VmLock
+from shim.nas import MountSession, Repository
+
+log = logging.getLogger(__name__)
+
+
+def delete_backup(repository: Repository, path: str) -> None:
+    """Remove the backup directory ``path`` (mount-relative); a missing one is success.
+
+    Refused, naming them, while other backups of the VM have a backing file inside it: the
+    final management server deletes leaf-first and the seed generation rebases first, so a
+    correct caller never meets the refusal, and a wrong one never breaks a chain. The
+    directory is renamed aside before it is removed: an interrupted delete leaves an
+    obviously dead ``.<name>.deleting``, never a half-emptied backup.
+    """
+    parts = Path(path).parts
+    if len(parts) < 2:
+        raise InputError(f"delete path must name a backup directory (<vm>/<backup>): {path}")
+    with VmLock(parts[0]), MountSession(repository) as session:
+        directory = session.path(path, what="backup path")
+        if not directory.exists():
+            log.info("backup %s does not exist: nothing to delete", path)
+            return
+        if not directory.is_dir():
+            raise InputError(f"backup path {path} is not a directory")
+        needed_by = dependants(directory)
+        if needed_by:
+            names = ", ".join(f"{f.parent.name}/{f.name}" for f in needed_by)
+            raise BackupFailed(f"backup {path} is the parent of {names}: refusing to delete it")
+        doomed = directory.with_name(f".{directory.name}.deleting")
+        remove_tree(doomed)  # what an interrupted earlier delete left
+        directory.rename(doomed)
+        remove_tree(doomed)
+        log.info("deleted backup %s", path)

@@ -1,0 +1,155 @@
+"""``-o restore``: flatten each disk's chain into its volume, proven identical first.
+
+A file volume is restored beside itself and renamed over the original only after
+``qemu-img compare`` has proven the new file equal to the chain: on any failure the original
+is untouched. A block device or ``rbd:`` volume cannot be swapped by a rename; it is
+written in place once the chain has been checked, and compared afterwards. A volume that is
+the disk of a running VM is never written. Restored volumes carry no bitmaps, so the next
+backup of the VM is a full one (the management server clears its checkpoint too).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import stat
+from collections.abc import Sequence
+from pathlib import Path
+
+import libvirt
+
+from shim import qemu_img
+from shim.chain import backup_files, fsync_dir, vm_dir_of
+from shim.contract import RestoreOutcome
+from shim.errors import BackupFailed, CommandFailed, InputError
+from shim.lock import VmLock
+from shim.manifest import read_manifest
+from shim.nas import MountSession
+from shim.request import RestoreRequest
+from shim.virt.connection import open_connection
+from shim.virt.disks import parse_disks
+
+log = logging.getLogger(__name__)
+
+
+def restore_backup(request: RestoreRequest) -> RestoreOutcome:
+    """Restore the backup ``request`` names into its target volumes, in disk order."""
+    lock = VmLock(request.vm) if request.vm else contextlib.nullcontext()
+    with lock, MountSession(request.repository) as session:
+        directory = session.path(request.backup_path, what="backup path")
+        if not directory.is_dir():
+            raise BackupFailed(f"backup {request.backup_path} does not exist")
+        sources = _sources(session, directory, request.backup_path, request.backup_files)
+        if len(sources) != len(request.targets):
+            raise InputError(
+                f"{len(sources)} backup file(s) for {len(request.targets)} target volume(s)"
+            )
+        _refuse_running_disks(request.targets)
+        sizes = []
+        for source, target in zip(sources, request.targets, strict=True):
+            for link in qemu_img.chain(source):
+                if not qemu_img.check(link.filename).clean:
+                    raise BackupFailed(f"backup file {link.filename} fails qemu-img check")
+            sizes.append(_restore_one(source, target))
+        return RestoreOutcome(targets=list(request.targets), virtual_sizes=sizes)
+
+
+def _sources(
+    session: MountSession, directory: Path, backup_path: str, given: Sequence[str]
+) -> list[Path]:
+    vm_root = Path(os.path.realpath(session.root / vm_dir_of(backup_path)))
+    files: list[Path] = []
+    for name in given:
+        path = session.path(name, what="backup file") if "/" in name else directory / name
+        if vm_root not in path.parents:
+            raise InputError(f"backup file {name} is not a backup of this VM")
+        if not path.is_file():
+            raise BackupFailed(f"backup file {name} does not exist")
+        files.append(path)
+    if files:
+        return files
+    manifest = read_manifest(directory)
+    if manifest is not None:
+        return [directory / d.file for d in manifest.disks]
+    return backup_files(directory)
+
+
+def _refuse_running_disks(targets: Sequence[str]) -> None:
+    wanted = {_volume_key(t): t for t in targets}
+    conn = open_connection()
+    try:
+        for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
+            for disk in parse_disks(dom.XMLDesc()):
+                key = _volume_key(disk.source)
+                if key in wanted:
+                    raise BackupFailed(
+                        f"volume {wanted[key]} is a disk of running VM {dom.name()}: "
+                        "refusing to overwrite it"
+                    )
+    finally:
+        conn.close()
+
+
+def _volume_key(source: str) -> str:
+    # Files and devices by real path; rbd as pool/image (the domain XML says rbd:pool/image,
+    # a target URI may carry :mon_host=... options after it).
+    if source.startswith("rbd:"):
+        return "rbd:" + source[4:].split(":", 1)[0]
+    return os.path.realpath(source)
+
+
+def _restore_one(source: Path, target: str) -> int:
+    virtual_size = qemu_img.info(source).virtual_size
+    if target.startswith("rbd:"):
+        _write_in_place(source, target, "raw", target, virtual_size)
+        return virtual_size
+    path = Path(target)
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    if mode is not None and stat.S_ISBLK(mode):
+        limited = json.dumps(
+            {"driver": "raw", "size": virtual_size,
+             "file": {"driver": "host_device", "filename": target}}
+        )  # fmt: skip
+        _write_in_place(source, target, "raw", f"json:{limited}", virtual_size)
+        return virtual_size
+    _replace_file(source, path, exists=mode is not None)
+    return virtual_size
+
+
+def _write_in_place(source: Path, target: str, fmt: str, readable: str, size: int) -> None:
+    log.info("restoring %s into %s in place", source, target)
+    qemu_img.convert(source, target, target_fmt=fmt, existing=True)
+    if not qemu_img.compare(source, readable, second_fmt=None):
+        raise BackupFailed(f"restored {target} differs from the backup")
+    log.info("restored %s (%d bytes), verified identical", target, size)
+
+
+def _replace_file(source: Path, target: Path, *, exists: bool) -> None:
+    fmt = "qcow2"
+    if exists:
+        try:
+            fmt = qemu_img.info(target).format  # fails if a QEMU holds the volume
+        except CommandFailed as exc:
+            raise BackupFailed(f"volume {target} cannot be opened (in use?): {exc}") from None
+        if fmt not in ("qcow2", "raw"):
+            raise BackupFailed(f"volume {target} has unsupported format {fmt}")
+    staged = target.with_name(f".{target.name}.restore-{os.getpid()}")
+    try:
+        qemu_img.convert(source, staged, target_fmt=fmt)
+        if not qemu_img.compare(source, staged, second_fmt=fmt):
+            raise BackupFailed(f"restored copy of {target} differs from the backup")
+        if exists:
+            st = target.stat()
+            os.chown(staged, st.st_uid, st.st_gid)
+            os.chmod(staged, stat.S_IMODE(st.st_mode))
+        os.rename(staged, target)
+        fsync_dir(target.parent)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            staged.unlink()
+    log.info("restored %s (%s), verified identical before it replaced the volume", target, fmt)

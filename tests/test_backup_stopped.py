@@ -1,0 +1,267 @@
+"""Stopped-VM backups (the agent passes -d), end to end on the lab."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import time
+from pathlib import Path
+
+import libvirt
+import pytest
+
+from shim import qemu_img
+from shim.lab import Lab, LabVM, MiB, compare
+from shim.lab.leaks import leaks
+from shim.manifest import read_manifest
+from tests.support import (
+    GENERATIONS,
+    Chain,
+    assert_size_parses,
+    disk_files,
+    run_dropin,
+    verify_backup,
+)
+
+pytestmark = pytest.mark.lab
+
+
+def _disks(vm: LabVM) -> str:
+    return ",".join(str(d.path) for d in vm.disks)
+
+
+def _offline(chain: Chain, mode: str, **kwargs: object) -> tuple[str, str]:
+    run, path = chain.backup(mode, disks=_disks(chain.vm), **kwargs)  # type: ignore[arg-type]
+    # The caller sums every line: integers only, and they add up to what was written.
+    assert run.stdout and all(line.isdigit() for line in run.stdout.splitlines()), run.stdout
+    for generation in ("4.20.x", "4.21", "seed", "merged"):
+        assert_size_parses(
+            GENERATIONS[generation]["parser"], run.stdout, chain.repo_dir / path, disks_given=True
+        )
+    return run.stdout, path
+
+
+def _truth(vm: LabVM) -> list[Path]:
+    """The stopped VM's disks are the truth (no QEMU has them open)."""
+    return [d.path for d in vm.disks]
+
+
+def test_stopped_full_then_live_incremental_continues(chain: Chain) -> None:
+    vm = chain.vm
+    vm.write(0, 0, 4 * MiB, pattern=0x21)
+    vm.write(1, 2 * MiB, 1 * MiB, pattern=0x22)
+    vm.stop()
+    _, full = _offline(chain, "full")
+    verify_backup(chain.lab, chain.repo_dir, full, vm, _truth(vm))
+    assert [vm.bitmaps(i) for i in range(2)] == [(chain.bitmaps[-1],)] * 2
+    manifest = read_manifest(chain.repo_dir / full)
+    assert manifest is not None and manifest.offline and manifest.mode == "full"
+    vm.start()
+    vm.write(0, 8 * MiB, 1 * MiB, pattern=0x23)
+    run, incremental = chain.backup("incremental")
+    assert "INCREMENTAL_FALLBACK" not in run.stdout
+    verify_backup(chain.lab, chain.repo_dir, incremental, vm, vm.reference_backup())
+    sizes = [f.stat().st_size for f in disk_files(chain.repo_dir, incremental, vm)]
+    assert sum(sizes) < 3 * MiB
+    assert leaks(chain.lab) == []
+
+
+def test_offline_incremental_chain_restores_identical(chain: Chain) -> None:
+    vm = chain.vm
+    vm.write(0, 0, 2 * MiB, pattern=0x31)
+    vm.stop()
+    _offline(chain, "full")
+    for k in range(1, 4):
+        vm.start()
+        vm.write(0, k * 4 * MiB, 1 * MiB, pattern=0x31 + k)
+        vm.write_zeroes(0, 0, 512 * 1024)
+        vm.discard(1, 0, 1 * MiB)
+        vm.write(1, k * MiB, 512 * 1024, pattern=0x41 + k)
+        vm.stop()
+        _, path = _offline(chain, "incremental")
+        verify_backup(chain.lab, chain.repo_dir, path, vm, _truth(vm))
+        files = disk_files(chain.repo_dir, path, vm)
+        assert all(qemu_img.info(f).backing_filename for f in files)
+        assert sum(f.stat().st_size for f in files) < 4 * MiB  # only the dirty clusters
+        # Rotated: the new bitmap only, on every disk.
+        assert [vm.bitmaps(i) for i in range(2)] == [(chain.bitmaps[-1],)] * 2
+        manifest = read_manifest(chain.repo_dir / path)
+        assert manifest is not None and manifest.mode == "incremental"
+        assert manifest.parent == Path(chain.backups[-2]).name
+    assert leaks(chain.lab) == []
+
+
+def test_offline_incremental_without_the_parent_bitmap_is_a_full(
+    chain: Chain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    vm = chain.vm
+    vm.stop()
+    _offline(chain, "full")
+    subprocess.run(
+        ["qemu-img", "bitmap", "--remove", str(vm.disks[0].path), chain.bitmaps[-1]], check=True
+    )
+    stdout, path = _offline(chain, "incremental")
+    assert "INCREMENTAL_FALLBACK" not in stdout  # integers only by default
+    for file in disk_files(chain.repo_dir, path, vm):
+        assert qemu_img.info(file).backing_filename is None
+    manifest = read_manifest(chain.repo_dir / path)
+    assert manifest is not None and manifest.fallback and manifest.mode == "full"
+    verify_backup(chain.lab, chain.repo_dir, path, vm, _truth(vm))
+    # A seed-generation manager strips markers before summing: it may ask for them.
+    monkeypatch.setenv("NASBACKUP_SHIM_DISK_PATH_MARKERS", "true")
+    subprocess.run(
+        ["qemu-img", "bitmap", "--remove", str(vm.disks[1].path), chain.bitmaps[-1]], check=True
+    )
+    run, path = chain.backup("incremental", disks=_disks(vm))
+    lines = run.stdout.splitlines()
+    assert lines[:2] == ["INCREMENTAL_FALLBACK=true", f"BITMAP_CREATED={chain.bitmaps[-1]}"]
+    parsed = assert_size_parses("seed", run.stdout, chain.repo_dir / path, disks_given=True)
+    assert parsed.incremental_fallback and parsed.bitmap_created == chain.bitmaps[-1]
+
+
+def test_raw_file_and_block_device_sources(lab: Lab, tmp_path: Path) -> None:
+    vm = lab.create_vm(disks=(16 * MiB,), start=False)
+    raw = lab.pool / "7d2c1e00-0000-4000-8000-00000000raw0"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), str(16 * MiB)], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0x5a 1M 2M", str(raw)],
+        check=True,
+        capture_output=True,
+    )
+    device_file = lab.pool / "drbd-backing"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "raw", str(device_file), str(8 * MiB)], check=True
+    )
+    subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0x6b 0 1M", str(device_file)],
+        check=True,
+        capture_output=True,
+    )
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(device_file)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    linstor = Path("/dev/drbd/by-res/cs-a1b2c3d4-0000-4000-8000-00000000beef/0")
+    try:
+        linstor.parent.mkdir(parents=True, exist_ok=True)
+        linstor.symlink_to(loop)
+        chain = Chain(lab=lab, vm=vm, repo=lab.repository(), log=tmp_path / "agent.log")
+        sources = f"{vm.disks[0].path},{raw},{linstor}"
+        run, path = chain.backup("full", disks=sources)
+        assert all(line.isdigit() for line in run.stdout.splitlines())
+        directory = chain.repo_dir / path
+        files = {
+            "root": directory / f"root.{vm.disks[0].volume_id}.qcow2",
+            "raw": directory / f"datadisk.{raw.name}.qcow2",
+            "drbd": directory / "datadisk.a1b2c3d4-0000-4000-8000-00000000beef.qcow2",
+        }
+        assert compare(files["root"], vm.disks[0].path)
+        assert qemu_img.compare(files["raw"], raw, second_fmt="raw")
+        assert qemu_img.compare(files["drbd"], loop, second_fmt="raw")
+        # Re-sparsified: 1 MiB of data on an 8 MiB device stores as ~1 MiB.
+        assert files["drbd"].stat().st_size < 2 * MiB
+        # A raw disk carries no bitmap: no checkpoint is reported as created.
+        manifest = read_manifest(directory)
+        assert manifest is not None and manifest.bitmap is None
+        assert [d.role for d in manifest.disks] == ["root", "datadisk", "datadisk"]
+    finally:
+        linstor.unlink(missing_ok=True)
+        subprocess.run(["losetup", "-d", loop], check=False)
+        for parent in (linstor.parent, linstor.parent.parent, linstor.parent.parent.parent):
+            if parent.exists() and not any(parent.iterdir()):
+                parent.rmdir()
+    assert leaks(lab) == []
+
+
+def test_bitmap_that_cannot_be_added_fails_the_backup(lab: Lab, tmp_path: Path) -> None:
+    vm = lab.create_vm(disks=(8 * MiB,), start=False)
+    old = lab.pool / "0c0c0c0c-0000-4000-8000-0000000000v2"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "qcow2", "-o", "compat=0.10", str(old), str(8 * MiB)],
+        check=True,
+    )  # qcow2 v2: no persistent bitmaps
+    chain = Chain(lab=lab, vm=vm, repo=lab.repository(), log=tmp_path / "agent.log")
+    run, _ = chain.backup("full", disks=f"{vm.disks[0].path},{old}", expect_exit=1)
+    assert "bitmap" in run.stdout.lower()
+    assert os.listdir(chain.repo_dir / vm.name) == []
+    assert vm.bitmaps(0) == ()  # the transaction added nothing anywhere
+    assert leaks(lab) == []
+
+
+def test_vm_starting_during_an_offline_backup_is_refused(lab: Lab, tmp_path: Path) -> None:
+    vm = lab.create_vm(disks=(1024 * MiB,))
+    vm.write(0, 0, 768 * MiB, pattern=0x7E)
+    vm.stop()
+    chain = Chain(lab=lab, vm=vm, repo=lab.repository(), log=tmp_path / "agent.log")
+    env = {**os.environ, "NASBACKUP_SHIM_LOG": str(chain.log)}
+    argv = [
+        "-o",
+        "backup",
+        "-v",
+        vm.name,
+        "-t",
+        chain.repo.type,
+        "-s",
+        chain.repo.address,
+        "-m",
+        chain.repo.options,
+        "-p",
+        f"{vm.name}/2026.10.01.00.00.00",
+        "-q",
+        "false",
+        "-d",
+        _disks(vm),
+        "-M",
+        "full",
+        "--bitmap-new",
+        "backup-1790000001",
+    ]
+    from tests.support import DROPIN
+
+    backup = subprocess.Popen([str(DROPIN), *argv], stdout=subprocess.PIPE, text=True, env=env)
+    deadline = time.monotonic() + 60
+    while "offline copy of" not in (chain.log.read_text() if chain.log.exists() else ""):
+        assert time.monotonic() < deadline and backup.poll() is None
+        time.sleep(0.01)
+    with pytest.raises(libvirt.libvirtError, match="lock"):
+        vm.start()  # the backup holds the image: QEMU cannot take its write lock
+    out, _ = backup.communicate(timeout=120)
+    assert backup.returncode == 0, out
+    assert compare(
+        disk_files(chain.repo_dir, f"{vm.name}/2026.10.01.00.00.00", vm)[0], vm.disks[0].path
+    )
+    vm.start()  # and once it is done, the VM starts
+    assert leaks(lab) == []
+
+
+def test_missing_source_and_running_vm_with_d(chain: Chain) -> None:
+    vm = chain.vm
+    vm.stop()
+    run, _ = chain.backup("full", disks=f"{vm.disks[0].path},/nonexistent/vol", expect_exit=1)
+    assert "/nonexistent/vol" in run.stdout
+    assert not (chain.repo_dir / vm.name).exists()  # refused before anything was written
+    run = run_dropin(
+        [
+            "-o",
+            "backup",
+            "-v",
+            vm.name,
+            "-t",
+            chain.repo.type,
+            "-s",
+            chain.repo.address,
+            "-m",
+            chain.repo.options,
+            "-p",
+            f"{vm.name}/x",
+            "-q",
+            "false",
+            "-d",
+            "",
+        ],
+        log_file=chain.log,
+    )
+    assert run.returncode == 1 and "not running" in run.stdout
+    assert leaks(chain.lab) == []
