@@ -95,11 +95,11 @@ class LiveBackup:
         disks = parse_disks(self.dom.XMLDesc())
         if not disks:
             raise BackupFailed(f"VM {self.request.vm} has no disks")
-        self.directory.prepare()
         job: BackupJob | None = None
         plan = _Plan(checkpoint=None, incremental_from=None, parents={}, fallback=False)
         try:
             plan = self._plan(disks)
+            self.directory.prepare()
             self._create_targets(disks, plan)
             with BackupJob(self.conn, self.dom) as job:
                 if self.on_job:

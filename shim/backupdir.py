@@ -7,6 +7,7 @@ directory, so removing it on failure touches no other backup.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -27,6 +28,7 @@ class BackupDirectory:
         self.relative = relative
         self.final = session.path(relative, what="backup path")
         self.work = partial_dir(self.final)
+        self._created_parent: Path | None = None
 
     def prepare(self) -> None:
         """Refuse to overwrite a backup; clear a partial left by a killed run; create."""
@@ -36,6 +38,8 @@ class BackupDirectory:
             # A run killed before it could clean up; we hold the VM's lock, so it is dead.
             log.warning("removing the partial directory of an interrupted run: %s", self.work)
             remove_tree(self.work)
+        if not self.final.parent.exists():
+            self._created_parent = self.final.parent
         self.work.mkdir(parents=True)
 
     def publish(self, manifest: Manifest) -> list[str]:
@@ -53,8 +57,12 @@ class BackupDirectory:
         return [*names, MANIFEST]
 
     def discard(self) -> None:
-        """Remove the partial directory (the published one is never touched)."""
+        """Remove the partial directory (the published one is never touched), and the VM's
+        directory if this run created it and it is still empty."""
         remove_tree(self.work)
+        if self._created_parent is not None:
+            with contextlib.suppress(OSError):
+                self._created_parent.rmdir()
 
     def outcome(
         self,

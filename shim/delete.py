@@ -9,6 +9,7 @@ from shim.chain import dependants, remove_tree
 from shim.errors import BackupFailed, InputError
 from shim.lock import VmLock
 from shim.nas import MountSession, Repository
+from shim.request import DeleteRequest
 
 log = logging.getLogger(__name__)
 
@@ -22,10 +23,8 @@ def delete_backup(repository: Repository, path: str) -> None:
     directory is renamed aside before it is removed: an interrupted delete leaves an
     obviously dead ``.<name>.deleting``, never a half-emptied backup.
     """
-    parts = Path(path).parts
-    if len(parts) < 2:
-        raise InputError(f"delete path must name a backup directory (<vm>/<backup>): {path}")
-    with VmLock(parts[0]), MountSession(repository) as session:
+    DeleteRequest(repository, path).validate()
+    with VmLock(Path(path).parts[0]), MountSession(repository) as session:
         directory = session.path(path, what="backup path")
         if not directory.exists():
             log.info("backup %s does not exist: nothing to delete", path)

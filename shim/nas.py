@@ -53,6 +53,18 @@ def _reject_control(value: str, what: str) -> None:
         raise InputError(f"{what} contains a control character")
 
 
+def validate_relative(relative: str, what: str = "path") -> None:
+    """Refuse, without touching anything, a caller's path that is empty, absolute, holds a
+    ``..`` component or a control character (symlinks are checked once mounted)."""
+    if not relative or not relative.strip("/."):
+        raise InputError(f"{what} is empty")
+    _reject_control(relative, what)
+    if relative.startswith("/"):
+        raise InputError(f"{what} must be relative to the repository: {relative}")
+    if ".." in Path(relative).parts:
+        raise InputError(f"{what} may not contain '..': {relative}")
+
+
 @dataclass(frozen=True)
 class Repository:
     """A backup repository as the agent names it: ``-t TYPE -s ADDRESS -m OPTIONS``."""
@@ -188,13 +200,7 @@ class MountSession:
         Refused: an empty path, an absolute one, any ``..`` component, control characters,
         the mount root itself, and a path whose symlinks lead out of the mount.
         """
-        if not relative or not relative.strip("/."):
-            raise InputError(f"{what} is empty")
-        _reject_control(relative, what)
-        if relative.startswith("/"):
-            raise InputError(f"{what} must be relative to the repository: {relative}")
-        if ".." in Path(relative).parts:
-            raise InputError(f"{what} may not contain '..': {relative}")
+        validate_relative(relative, what)
         root = os.path.realpath(self.root)
         resolved = os.path.realpath(os.path.join(root, relative))
         if not resolved.startswith(root + os.sep):

@@ -62,10 +62,7 @@ class Result:
 
 def validate(request: Request) -> None:
     """Refuse a malformed request before anything is touched (raises UsageError/InputError)."""
-    if isinstance(request, BackupRequest):
-        request.validate()
-    else:
-        request.repository.validate()
+    request.validate()
 
 
 def run(request: Request, *, on_job: JobObserver | None = None) -> Result:

@@ -20,6 +20,7 @@ from shim.errors import InputError
 from shim.lock import VmLock
 from shim.manifest import read_manifest, sha256_of, write_manifest
 from shim.nas import MountSession, Repository
+from shim.request import RebaseRequest
 
 log = logging.getLogger(__name__)
 
@@ -30,10 +31,8 @@ def rebase_backup(repository: Repository, target: str, new_backing: str) -> None
     Two backup directories: every disk file they share by role and volume id. Two files:
     that file. The target's manifest is updated (its parent and checksums).
     """
-    vm_dir = vm_dir_of(target)
-    if vm_dir_of(new_backing) != vm_dir:
-        raise InputError("--rebase-target and --rebase-new-backing are backups of different VMs")
-    with VmLock(vm_dir), MountSession(repository) as session:
+    RebaseRequest(repository, target, new_backing).validate()
+    with VmLock(vm_dir_of(target)), MountSession(repository) as session:
         top = session.path(target, what="rebase target")
         base = session.path(new_backing, what="rebase new backing")
         pairs = _pairs(top, base)
@@ -42,6 +41,10 @@ def rebase_backup(repository: Repository, target: str, new_backing: str) -> None
             if os.path.realpath(file) in chain:
                 raise InputError(f"{new_backing} is backed by {target}: that would be a loop")
         for file, backing in pairs:
+            # An earlier rebase that was killed may have left leaked clusters: harmless,
+            # but verify counts them; repairing leaks only ever frees unreferenced space.
+            if qemu_img.check(file).leaks:
+                proc.run(["qemu-img", "check", "-q", "-r", "leaks", "-f", "qcow2", str(file)])
             relative = relative_backing(backing, file.parent)
             log.info("rebasing %s onto %s", file, relative)
             proc.run(

@@ -8,10 +8,11 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 from shim.errors import InputError, UsageError
 from shim.lock import validate_vm_name
-from shim.nas import Repository
+from shim.nas import Repository, validate_relative
 
 FULL = "full"
 INCREMENTAL = "incremental"
@@ -80,6 +81,15 @@ class DeleteRequest:
     repository: Repository
     path: str
 
+    def validate(self) -> None:
+        """Refuse what can be refused without touching anything."""
+        self.repository.validate()
+        validate_relative(self.path, "backup path")
+        if len(Path(self.path).parts) < 2:
+            raise InputError(
+                f"delete path must name a backup directory (<vm>/<backup>): {self.path}"
+            )
+
 
 @dataclass(frozen=True)
 class RebaseRequest:
@@ -90,12 +100,26 @@ class RebaseRequest:
     target: str
     new_backing: str
 
+    def validate(self) -> None:
+        """Refuse what can be refused without touching anything."""
+        self.repository.validate()
+        validate_relative(self.target, "rebase target")
+        validate_relative(self.new_backing, "rebase new backing")
+        if Path(self.target).parts[0] != Path(self.new_backing).parts[0]:
+            raise InputError(
+                "--rebase-target and --rebase-new-backing are backups of different VMs"
+            )
+
 
 @dataclass(frozen=True)
 class StatsRequest:
     """GetBackupStorageStatsCommand: the repository's size and use (``-o stats``)."""
 
     repository: Repository
+
+    def validate(self) -> None:
+        """Refuse what can be refused without touching anything."""
+        self.repository.validate()
 
 
 @dataclass(frozen=True)
@@ -113,6 +137,20 @@ class RestoreRequest:
     backup_files: Sequence[str] = ()
     vm: str | None = None
 
+    def validate(self) -> None:
+        """Refuse what can be refused without touching anything."""
+        self.repository.validate()
+        validate_relative(self.backup_path, "backup path")
+        for name in self.backup_files:
+            validate_relative(name, "backup file")
+        if not self.targets:
+            raise UsageError("missing target volume paths (--restore-volume-paths)")
+        for target in self.targets:
+            if not target.startswith(("/", "rbd:")):
+                raise InputError(f"target volume must be an absolute path or rbd: {target}")
+        if self.vm is not None:
+            validate_vm_name(self.vm)
+
 
 @dataclass(frozen=True)
 class VerifyRequest:
@@ -120,3 +158,8 @@ class VerifyRequest:
 
     repository: Repository
     path: str
+
+    def validate(self) -> None:
+        """Refuse what can be refused without touching anything."""
+        self.repository.validate()
+        validate_relative(self.path, "backup path")

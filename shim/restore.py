@@ -111,6 +111,16 @@ def _restore_one(source: Path, target: str) -> int:
     except FileNotFoundError:
         mode = None
     if mode is not None and stat.S_ISBLK(mode):
+        fd = os.open(target, os.O_RDONLY)
+        try:
+            device_size = os.lseek(fd, 0, os.SEEK_END)
+        finally:
+            os.close(fd)
+        if device_size < virtual_size:
+            raise BackupFailed(
+                f"volume {target} ({device_size} bytes) is smaller than the backup "
+                f"({virtual_size} bytes)"
+            )
         limited = json.dumps(
             {"driver": "raw", "size": virtual_size,
              "file": {"driver": "host_device", "filename": target}}

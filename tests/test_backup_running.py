@@ -276,7 +276,8 @@ class InFlight:
         return self.proc.returncode, out
 
     def backups(self) -> list[str]:
-        return sorted(os.listdir(Path(self.repo.address) / self.vm.name))
+        vm_dir = Path(self.repo.address) / self.vm.name
+        return sorted(os.listdir(vm_dir)) if vm_dir.exists() else []
 
 
 def _backup_in_flight(lab: Lab, log: Path, path: str = "2026.10.01.00.00.00") -> InFlight:
