@@ -81,7 +81,11 @@ def _refuse_running_disks(targets: Sequence[str]) -> None:
     conn = open_connection()
     try:
         for dom in conn.listAllDomains(libvirt.VIR_CONNECT_LIST_DOMAINS_ACTIVE):
-            for disk in parse_disks(dom.XMLDesc()):
+            try:
+                xml = dom.XMLDesc()
+            except libvirt.libvirtError:
+                continue  # stopped since it was listed: its disks are free
+            for disk in parse_disks(xml):
                 key = _volume_key(disk.source)
                 if key in wanted:
                     raise BackupFailed(

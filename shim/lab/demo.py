@@ -17,7 +17,6 @@ import sys
 import time
 from pathlib import Path
 
-from shim import qemu_img
 from shim.errors import ShimError
 from shim.lab import Lab, LabVM, MiB, compare, flatten
 from shim.nas import Repository
@@ -41,19 +40,22 @@ class Demo:
     def step(self, text: str) -> None:
         print(f"[{time.monotonic() - self.started:6.2f}s] {text}", flush=True)
 
-    def nasbackup(self, vm: LabVM, path: str, mode: str, **extra: str) -> str:
-        argv = [
-            str(DROPIN), "-o", "backup", "-v", vm.name, "-t", self.repository.type,
-            "-s", self.repository.address, "-m", self.repository.options, "-p", path,
-            "-q", "false", "-d", "", "-M", mode,
-        ]  # fmt: skip
-        for option, value in extra.items():
-            argv += [f"--{option.replace('_', '-')}", value]
+    def nasbackup(self, *args: str) -> str:
+        """Run the drop-in as the agent does (an argv list, stdout read); fail on exit != 0."""
+        repo = self.repository
+        argv = [str(DROPIN), *args[:2], "-t", repo.type, "-s", repo.address, "-m", repo.options]
         env = {**os.environ, "NASBACKUP_SHIM_LOG": str(self.log)}
-        done = subprocess.run(argv, capture_output=True, text=True, env=env, check=False)
+        done = subprocess.run([*argv, *args[2:]], capture_output=True, text=True, env=env,
+                              check=False)  # fmt: skip
         if done.returncode != 0:
-            raise ShimError(f"nasbackup.sh exited {done.returncode}: {done.stdout.strip()}")
+            raise ShimError(f"nasbackup.sh {args[1]} exited {done.returncode}: {done.stdout}")
         return done.stdout
+
+    def backup(self, vm: LabVM, path: str, mode: str, *extra: str) -> str:
+        """A running-VM backup with the final generation's argv."""
+        return self.nasbackup(
+            "-o", "backup", "-v", vm.name, "-p", path, "-q", "false", "-d", "", "-M", mode, *extra
+        )
 
     def run(self) -> None:
         """The demo itself; raises on any failure."""
@@ -67,7 +69,7 @@ class Demo:
 
             full = f"{vm.name}/{self.stamp}.full"
             bitmap_full = f"backup-{int(time.time())}"
-            out = self.nasbackup(vm, full, "full", bitmap_new=bitmap_full)
+            out = self.backup(vm, full, "full", "--bitmap-new", bitmap_full)
             self.step(f"full backup: {full}, {self._summary(out)}")
 
             vm.write(0, 16 * MiB, 2 * MiB, pattern=0xC3)
@@ -80,29 +82,35 @@ class Demo:
                 f"{full}/{'root' if i == 0 else 'datadisk'}.{d.volume_id}.qcow2"
                 for i, d in enumerate(vm.disks)
             )
-            out = self.nasbackup(
-                vm,
-                incremental,
-                "incremental",
-                bitmap_new=f"backup-{int(time.time()) + 1}",
-                bitmap_parent=bitmap_full,
-                parent_paths=parents,
-            )
+            out = self.backup(
+                vm, incremental, "incremental",
+                "--bitmap-new", f"backup-{int(time.time()) + 1}",
+                "--bitmap-parent", bitmap_full, "--parent-paths", parents,
+            )  # fmt: skip
             self.step(f"incremental backup: {incremental}, {self._summary(out)}")
 
             truth = vm.reference_backup()
             self.step("reference taken of the live disks (a plain full backup, no checkpoint)")
+            out = self.nasbackup("-o", "verify", "-p", incremental)
+            self.step(f"verify: {len(out.splitlines())} files of the chain check clean, "
+                      "links relative, checksums match the manifests")  # fmt: skip
             for i, (disk, ref) in enumerate(zip(vm.disks, truth, strict=True)):
                 role = "root" if i == 0 else "datadisk"
                 top = self.repository_dir / incremental / f"{role}.{disk.volume_id}.qcow2"
-                backing = qemu_img.info(top).backing_filename
-                restored = flatten(top, lab.dir / f"restored-{disk.target}.qcow2")
+                restored = flatten(top, lab.dir / f"java-restore-{disk.target}.qcow2")
                 if not compare(restored, ref):
-                    raise ShimError(f"restored {disk.target} differs from the reference")
-                self.step(
-                    f"restored {disk.target} from its chain (backing {backing}): "
-                    "identical to the reference (qemu-img compare)"
-                )
+                    raise ShimError(f"{disk.target} restored as Java does differs")
+            self.step("restored each chain as the Java agent does (qemu-img convert): identical")
+            volumes = [lab.new_volume(f"r{i}", d.size).path for i, d in enumerate(vm.disks)]
+            out = self.nasbackup(
+                "-o", "restore", "-p", incremental, "-v", vm.name,
+                "--restore-volume-paths", ",".join(map(str, volumes)),
+            )  # fmt: skip
+            for volume, ref in zip(volumes, truth, strict=True):
+                if not compare(volume, ref):
+                    raise ShimError(f"restored volume {volume.name} differs from the reference")
+            self.step(f"restore into {len(volumes)} fresh volumes (-o restore): identical to "
+                      "the reference (qemu-img compare)")  # fmt: skip
         self.step(f"lab VM removed; backups kept in {self.repository_dir / vm.name}")
         self.step(f"shim log: {self.log}")
 
