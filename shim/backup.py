@@ -146,8 +146,11 @@ class LiveBackup:
                 plan.parents = {}
         if checkpoint:
             # A retry may reuse the name of a checkpoint a failed run could not remove.
-            for warning in checkpoints.discard(self.dom, disks, checkpoint):
-                raise BackupFailed(f"stale checkpoint {checkpoint} cannot be removed: {warning}")
+            problems = checkpoints.discard(self.dom, disks, checkpoint)
+            if problems:
+                raise BackupFailed(
+                    f"stale checkpoint {checkpoint} cannot be removed: {problems[0]}"
+                )
         return plan
 
     def _plan_incremental(self, disks: list[DomainDisk], parent: str, plan: _Plan) -> str | None:

@@ -171,13 +171,14 @@ class OfflineBackup:
             actions += self._prepare_target(
                 daemon, disk, nodes[disk.target], sizes[disk.target], plan
             )
+        carriers = [nodes[d.target] for d in local if plan.checkpoint and _carries_bitmaps(d)]
         daemon.command("transaction", actions=actions)
         log.info("offline copy of %d disk(s) of %s started", len(local), request.vm)
-        carriers = [nodes[d.target] for d in local if plan.checkpoint and _carries_bitmaps(d)]
         try:
             daemon.wait_jobs([f"{nodes[d.target]}-job" for d in local])
-        except QmpError:
-            # The new bitmap must not survive a failed copy: the parent stays the parent.
+        except BaseException:
+            # The new bitmap must not survive a failed or interrupted copy (the daemon stores
+            # bitmaps as it quits): the parent stays the parent.
             for node in carriers:
                 self._remove_bitmap(daemon, node, str(plan.checkpoint))
             raise

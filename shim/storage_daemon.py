@@ -152,8 +152,16 @@ class StorageDaemon:
         tb: TracebackType | None,
     ) -> None:
         if exc is not None:
-            self._kill()
+            # Quit cleanly when the daemon still answers: a killed daemon leaves the images'
+            # persistent bitmaps flagged in use, i.e. inconsistent at the next open.
+            try:
+                self._quit()
+            except (QmpError, CommandFailed, OSError, ValueError):
+                self._kill()
             return
+        self._quit()
+
+    def _quit(self) -> None:
         with contextlib.suppress(QmpError):  # the daemon may close the monitor as it quits
             self.command("quit")
         proc = self._process

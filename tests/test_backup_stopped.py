@@ -15,10 +15,13 @@ from shim.lab import Lab, LabVM, MiB, compare
 from shim.lab.leaks import leaks
 from shim.manifest import read_manifest
 from tests.support import (
+    DROPIN,
     GENERATIONS,
     Chain,
     assert_size_parses,
+    build_argv,
     disk_files,
+    repo_values,
     run_dropin,
     verify_backup,
 )
@@ -218,8 +221,6 @@ def test_vm_starting_during_an_offline_backup_is_refused(lab: Lab, tmp_path: Pat
         "--bitmap-new",
         "backup-1790000001",
     ]
-    from tests.support import DROPIN
-
     backup = subprocess.Popen([str(DROPIN), *argv], stdout=subprocess.PIPE, text=True, env=env)
     deadline = time.monotonic() + 60
     while "offline copy of" not in (chain.log.read_text() if chain.log.exists() else ""):
@@ -265,3 +266,48 @@ def test_missing_source_and_running_vm_with_d(chain: Chain) -> None:
     )
     assert run.returncode == 1 and "not running" in run.stdout
     assert leaks(chain.lab) == []
+
+
+def test_sigterm_during_an_offline_incremental_keeps_the_parent(lab: Lab, tmp_path: Path) -> None:
+    vm = lab.create_vm(disks=(1024 * MiB,))
+    chain = Chain(lab=lab, vm=vm, repo=lab.repository(), log=tmp_path / "agent.log")
+    vm.stop()
+    _offline(chain, "full")
+    vm.start()
+    vm.write(0, 0, 768 * MiB, pattern=0x3A)
+    vm.stop()
+    parent = chain.bitmaps[-1]
+    values = {
+        "operation": "backup",
+        "vm": vm.name,
+        "path": f"{vm.name}/interrupted",
+        "quiesce": "false",
+        "disks": _disks(vm),
+        "mode": "incremental",
+        "bitmap_new": "backup-1799999999",
+        "bitmap_parent": parent,
+        "parent_paths": str(
+            disk_files(chain.repo_dir, chain.backups[-1], vm)[0].relative_to(chain.repo_dir)
+        ),
+        **repo_values(chain.repo),
+    }
+    log = tmp_path / "interrupted.log"  # its own: the full above logged the same words
+    env = {**os.environ, "NASBACKUP_SHIM_LOG": str(log)}
+    backup = subprocess.Popen(
+        [str(DROPIN), *build_argv("merged", values)], stdout=subprocess.PIPE, text=True, env=env
+    )
+    deadline = time.monotonic() + 60
+    while "offline copy of" not in (log.read_text() if log.exists() else ""):
+        assert time.monotonic() < deadline and backup.poll() is None
+        time.sleep(0.01)
+    backup.terminate()
+    out, _ = backup.communicate(timeout=120)
+    assert (backup.returncode, out) == (1, "interrupted by signal SIGTERM\n")
+    assert leaks(lab) == []
+    assert sorted(os.listdir(chain.repo_dir / vm.name)) == [Path(chain.backups[-1]).name]
+    # The parent bitmap is intact and consistent: the next run is a real incremental.
+    assert vm.bitmaps(0) == (parent,)
+    _, path = _offline(chain, "incremental")
+    manifest = read_manifest(chain.repo_dir / path)
+    assert manifest is not None and not manifest.fallback and manifest.mode == "incremental"
+    verify_backup(lab, chain.repo_dir, path, vm, _truth(vm))
