@@ -31,7 +31,7 @@ from shim.request import FULL, INCREMENTAL, BackupRequest
 from shim.virt import checkpoints, host
 from shim.virt.connection import open_connection
 from shim.virt.disks import DomainDisk, parse_disks
-from shim.virt.jobs import BackupJob, is_active
+from shim.virt.jobs import BackupJob, abort_stale_job, is_active
 
 log = logging.getLogger(__name__)
 
@@ -95,6 +95,7 @@ class LiveBackup:
         disks = parse_disks(self.dom.XMLDesc())
         if not disks:
             raise BackupFailed(f"VM {self.request.vm} has no disks")
+        abort_stale_job(self.conn, self.dom)
         job: BackupJob | None = None
         plan = _Plan(checkpoint=None, incremental_from=None, parents={}, fallback=False)
         try:

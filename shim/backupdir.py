@@ -12,7 +12,14 @@ import logging
 import os
 from pathlib import Path
 
-from shim.chain import directory_size, fsync_dir, fsync_tree, partial_dir, remove_tree
+from shim.chain import (
+    directory_size,
+    fsync_dir,
+    fsync_tree,
+    partial_dir,
+    remove_tree,
+    sweep_dead_work,
+)
 from shim.contract import BackupOutcome
 from shim.errors import InputError
 from shim.manifest import MANIFEST, Manifest, write_manifest
@@ -34,10 +41,9 @@ class BackupDirectory:
         """Refuse to overwrite a backup; clear a partial left by a killed run; create."""
         if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())):
             raise InputError(f"backup path {self.relative} already exists")
-        if self.work.exists():
-            # A run killed before it could clean up; we hold the VM's lock, so it is dead.
-            log.warning("removing the partial directory of an interrupted run: %s", self.work)
-            remove_tree(self.work)
+        # Runs killed before they could clean up; we hold the VM's lock, so they are dead.
+        for dead in sweep_dead_work(self.final.parent):
+            log.warning("removed %s, left by a run that died", dead)
         if not self.final.parent.exists():
             self._created_parent = self.final.parent
         self.work.mkdir(parents=True)

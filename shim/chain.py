@@ -207,3 +207,21 @@ def dependants(directory: Path) -> list[Path]:
             if backing and os.path.realpath(sibling / backing).startswith(target):
                 found.append(file)
     return found
+
+
+def sweep_dead_work(vm_dir: Path) -> list[Path]:
+    """Remove the ``*.partial`` and ``.*.deleting`` directories of runs that died.
+
+    Call only while holding the VM's lock: then no living run owns any of them.
+    """
+    removed = []
+    if not vm_dir.is_dir():
+        return removed
+    for entry in vm_dir.iterdir():
+        dead = entry.name.endswith(PARTIAL_SUFFIX) or (
+            entry.name.startswith(".") and entry.name.endswith(".deleting")
+        )
+        if dead and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+            removed.append(entry)
+    return removed

@@ -5,7 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from shim.chain import dependants, remove_tree
+from shim.chain import dependants, remove_tree, sweep_dead_work
 from shim.errors import BackupFailed, InputError
 from shim.lock import VmLock
 from shim.nas import MountSession, Repository
@@ -26,6 +26,8 @@ def delete_backup(repository: Repository, path: str) -> None:
     DeleteRequest(repository, path).validate()
     with VmLock(Path(path).parts[0]), MountSession(repository) as session:
         directory = session.path(path, what="backup path")
+        for dead in sweep_dead_work(directory.parent):
+            log.warning("removed %s, left by a run that died", dead)
         if not directory.exists():
             log.info("backup %s does not exist: nothing to delete", path)
             return

@@ -14,10 +14,11 @@ from pathlib import Path
 from types import TracebackType
 
 from shim.errors import InputError, LockBusy
+from shim.runtime import LOCK_DIR
 
 log = logging.getLogger(__name__)
 
-LOCK_DIR = Path(os.environ.get("NASBACKUP_SHIM_LOCK_DIR", "/run/cloudstack-nasbackup-shim/lock"))
+__all__ = ["LOCK_DIR", "VmLock", "validate_vm_name"]
 
 
 def validate_vm_name(name: str) -> None:

@@ -18,6 +18,7 @@ from types import TracebackType
 
 from shim import proc
 from shim.errors import CleanupFailed, CommandFailed, InputError, MountError
+from shim.runtime import MOUNT_REGISTRY, pid_alive
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +119,48 @@ def _secret_values(options: str) -> list[str]:
     return values
 
 
+def _unescape(field: str) -> str:
+    # /proc/self/mountinfo escapes space, tab, newline and backslash as octal.
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_points() -> list[Path]:
+    """Every mount point of this mount namespace, in mount order."""
+    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
+        return [Path(_unescape(line.split()[4])) for line in fh if line.strip()]
+
+
+def recover_stale_mounts() -> list[Path]:
+    """Unmount and remove what runs that died (SIGKILL) left mounted; return those paths."""
+    recovered = []
+    for entry in sorted(MOUNT_REGISTRY.glob("csbackup.*")) if MOUNT_REGISTRY.is_dir() else []:
+        try:
+            pid_text, path_text = entry.read_text().split(maxsplit=1)
+            pid, path = int(pid_text), Path(path_text.strip())
+        except (OSError, ValueError):
+            continue
+        if pid_alive(pid):
+            continue
+        log.warning("recovering %s, left mounted by a run that died (pid %d)", path, pid)
+        # Not os.path.ismount: a bind mount of the same filesystem looks like a directory.
+        if path in mount_points():
+            try:
+                proc.run(["umount", "-l", str(path)], timeout=UNMOUNT_TIMEOUT_SECONDS)
+            except CommandFailed as exc:
+                log.warning("cannot unmount %s: %s", path, exc)
+                continue
+        try:
+            path.rmdir()
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            log.warning("cannot remove %s: %s", path, exc.strerror)
+            continue
+        entry.unlink(missing_ok=True)
+        recovered.append(path)
+    return recovered
+
+
 class MountSession:
     """The repository mounted on a fresh ``csbackup.XXXXX`` directory for one operation."""
 
@@ -137,7 +180,9 @@ class MountSession:
 
     def __enter__(self) -> MountSession:
         repo = self.repository
+        recover_stale_mounts()
         self._root = Path(tempfile.mkdtemp(prefix="csbackup.", dir=self._tmp_dir))
+        self._register()
         argv = ["mount", "-t", repo.type, repo.address, str(self._root)]
         if repo.mount_options:
             argv += ["-o", repo.mount_options]
@@ -153,6 +198,7 @@ class MountSession:
         except CommandFailed as exc:
             log.error("mount failed: %s", exc)
             self._remove_dir()
+            self._unregister()
             raise MountError(f"Failed to mount {repo.type} store") from None
         self._mounted = True
         return self
@@ -182,6 +228,20 @@ class MountSession:
             self._mounted = False
             log.info("unmounted %s", root)
         self._remove_dir()
+        self._unregister(root)
+
+    def _entry(self, root: Path) -> Path:
+        return MOUNT_REGISTRY / root.name
+
+    def _register(self) -> None:
+        # A SIGKILLed run cannot unmount: its entry lets the next run recover the mount.
+        MOUNT_REGISTRY.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._entry(self.root).write_text(f"{os.getpid()} {self.root}\n")
+
+    def _unregister(self, root: Path | None = None) -> None:
+        target = root or self._root
+        if target is not None:
+            self._entry(target).unlink(missing_ok=True)
 
     def _remove_dir(self) -> None:
         if self._root is None:

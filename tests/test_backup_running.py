@@ -15,6 +15,7 @@ from shim.chain import directory_size
 from shim.contract import jobinfo_text
 from shim.lab import Lab, LabVM, MiB
 from shim.lab.leaks import leaks
+from shim.lab.system import mount_points
 from shim.manifest import read_manifest, sha256_of
 from shim.nas import Repository
 from tests.support import (
@@ -362,3 +363,22 @@ def test_manifest_describes_the_backup(chain: Chain) -> None:
         assert record.stored_size == file.stat().st_size
         assert record.virtual_size == disk.size and record.source == str(disk.path)
         assert record.backing == f"../{Path(first).name}/{file.name}"
+
+
+def test_shim_killed_mid_backup_is_recovered_by_the_next_run(lab: Lab, tmp_path: Path) -> None:
+    job = _backup_in_flight(lab, tmp_path / "killed.log", "killed")
+    job.proc.kill()  # SIGKILL: no cleanup at all
+    job.proc.communicate(timeout=60)
+    vm_dir = Path(job.repo.address) / job.vm.name
+    assert (vm_dir / "killed.partial").is_dir()  # what it left: a partial directory,
+    assert any(m.name.startswith("csbackup.") for m in mount_points())  # a mount,
+    assert job.vm.checkpoints() == ["backup-1790000001"]  # an orphan checkpoint,
+    chain = Chain(lab=lab, vm=job.vm, repo=job.repo, log=tmp_path / "next.log")
+    chain.counter = 1
+    _, path = chain.backup("full")
+    log = chain.log.read_text()
+    assert "left mounted by a run that died" in log and "left by a run that died" in log
+    assert sorted(os.listdir(vm_dir)) == [Path(path).name]
+    assert job.vm.checkpoints() == [chain.bitmaps[-1]]
+    assert leaks(lab) == []
+    verify_backup(lab, chain.repo_dir, path, job.vm, job.vm.reference_backup())

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import os
-import re
 import shutil
 from pathlib import Path
 
+from shim.nas import mount_points
+from shim.runtime import pid_alive
+
+__all__ = ["mount_points", "pid_alive"]
+
 QEMU_PID_DIR = Path("/run/libvirt/qemu")
-
-
-def _unescape(field: str) -> str:
-    # /proc/self/mountinfo escapes space, tab, newline and backslash as octal.
-    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
-
-
-def mount_points() -> list[Path]:
-    """Every mount point of this mount namespace, in mount order."""
-    with open("/proc/self/mountinfo", encoding="utf-8") as fh:
-        return [Path(_unescape(line.split()[4])) for line in fh if line.strip()]
 
 
 def mounts_under(directory: Path) -> list[Path]:
@@ -31,17 +24,6 @@ def mounts_under(directory: Path) -> list[Path]:
 def qemu_pid(domain_name: str) -> int:
     """The pid of a running domain's QEMU process, from libvirt's pid file."""
     return int((QEMU_PID_DIR / f"{domain_name}.pid").read_text().strip())
-
-
-def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists."""
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 def emulator() -> str:

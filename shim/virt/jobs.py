@@ -162,6 +162,10 @@ class BackupJob:
             ) from None
         return JobStats({**outcome.params, **params})
 
+    def adopt(self) -> None:
+        """Take over a job that already runs (so that :meth:`abort` and :meth:`wait` work)."""
+        self._running = True
+
     def progress(self) -> JobStats:
         """The running job's statistics (bytes processed and total), for progress reports."""
         try:
@@ -207,3 +211,24 @@ def _ended_reason(ended_by: str | None) -> str:
     if ended_by and ended_by.startswith("connection-closed"):
         return "the connection to libvirt was lost during the backup"
     return "the backup job ended without a result"
+
+
+def abort_stale_job(conn: libvirt.virConnect, dom: libvirt.virDomain) -> bool:
+    """Abort a backup job nobody is waiting for (its run died); True if there was one.
+
+    Call only while holding the VM's lock: then no living run of the shim owns the job. A
+    job of another kind (a migration, say) is not ours to abort: VirtError.
+    """
+    try:
+        current = dom.jobStats()
+    except libvirt.libvirtError as exc:
+        raise VirtError(f"cannot read the VM's jobs: {exc.get_error_message()}") from None
+    if current.get("type", libvirt.VIR_DOMAIN_JOB_NONE) == libvirt.VIR_DOMAIN_JOB_NONE:
+        return False
+    if current.get("operation") != libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP:
+        raise VirtError(f"the VM has another job running (operation {current.get('operation')})")
+    log.warning("aborting a backup job left running by a run that died")
+    with BackupJob(conn, dom) as job:
+        job.adopt()
+        job.abort()
+    return True

@@ -1,0 +1,25 @@
+"""Where the shim keeps its runtime state: locks and the registry of its mounts.
+
+Everything lives under ``/run/cloudstack-nasbackup-shim`` (``NASBACKUP_SHIM_RUN_DIR``
+overrides it): a tmpfs on real hosts, so nothing survives a reboot that should not.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+RUN_DIR = Path(os.environ.get("NASBACKUP_SHIM_RUN_DIR", "/run/cloudstack-nasbackup-shim"))
+LOCK_DIR = RUN_DIR / "lock"
+MOUNT_REGISTRY = RUN_DIR / "mounts"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
