@@ -3,15 +3,18 @@
 ``manifest.json`` is written last (a temporary file, fsynced, then renamed), so a directory
 without one is an incomplete backup. It records the mode, the checkpoint created, the
 parent directory, and per disk the file, volume id, source, virtual and stored sizes and a
-SHA-256 of the stored file (computed by ``sha256sum``: no image byte passes through Python).
+SHA-256 of the stored file (computed by ``openssl dgst`` or ``sha256sum``: no image byte
+passes through Python).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -53,13 +56,21 @@ class Manifest:
     format: int = FORMAT
 
 
+def _sha256_argv(path: Path) -> list[str]:
+    # openssl uses the CPU's SHA extensions (about 3x coreutils' sha256sum here).
+    if shutil.which("openssl"):
+        return ["openssl", "dgst", "-sha256", "-r", str(path)]
+    return ["sha256sum", "--", str(path)]
+
+
 def sha256_of(paths: Sequence[Path]) -> dict[Path, str]:
-    """SHA-256 of each file, computed by ``sha256sum`` in one run."""
+    """SHA-256 of each file, by ``openssl dgst`` (else ``sha256sum``), files in parallel."""
     if not paths:
         return {}
-    out = proc.run(["sha256sum", "--", *map(str, paths)]).stdout
-    digests = [line.split(maxsplit=1)[0] for line in out.splitlines()]
-    return dict(zip(paths, digests, strict=True))
+    workers = min(len(paths), os.cpu_count() or 1)
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        outputs = list(pool.map(lambda p: proc.run(_sha256_argv(p)).stdout, paths))
+    return {path: out.split(maxsplit=1)[0] for path, out in zip(paths, outputs, strict=True)}
 
 
 def disk_records(directory: Path, disks: Sequence[tuple[str, str, str, str]]) -> list[DiskRecord]:

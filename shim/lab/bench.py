@@ -1,0 +1,322 @@
+"""Benchmarks, run by hand (``scripts/bench``): ratios measured side by side in one run.
+
+Each line compares the shim with a baseline measured in the same run on the same data, so
+the figures travel between machines: the copy floor (``qemu-img convert`` of the same disks
+from a stopped VM, flushed), the shim's own full against its incremental, a depth-1 chain
+against a depth-10 one, a full flatten against a rebase. Tests check behaviour; this checks
+speed. Output: one ``P<n> <value> target <target> ok|MISS (details)`` line per metric, a
+blank line, then ``benchmarks: N/8 on target``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import random
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from shim import qemu_img
+from shim.chain import fsync_tree
+from shim.lab import Lab, LabVM, MiB
+from shim.lab.system import descendants_running
+
+ROOT = Path(__file__).resolve().parents[2]
+DROPIN = ROOT / "scripts" / "nasbackup.sh"
+GiB = 1024 * MiB
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One benchmark line."""
+
+    name: str
+    value: float
+    target: float
+    details: str
+    higher_is_worse: bool = True
+
+    @property
+    def ok(self) -> bool:
+        """Whether the value meets its target."""
+        return self.value <= self.target
+
+    def line(self) -> str:
+        """``P<n> <value> target <target> ok|MISS (details)``."""
+        verdict = "ok" if self.ok else "MISS"
+        return f"{self.name} {self.value:.3g} target {self.target:g} {verdict} ({self.details})"
+
+
+def drop_caches() -> None:
+    """Start a measurement cold where the kernel lets us (root, not in a container)."""
+    os.sync()
+    with contextlib.suppress(OSError):
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+
+
+class PeakRss:
+    """Samples the resident memory of a process tree (QEMU is not in it) while it runs."""
+
+    def __init__(self, needle: str) -> None:
+        self.needle = needle
+        self.peak_kib = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._sample, daemon=True)
+
+    def __enter__(self) -> PeakRss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _sample(self) -> None:
+        while not self._stop.wait(0.005):  # a measurement, not the product: sampling is fine
+            pids = descendants_running(self.needle)
+            tree = set(pids)
+            for pid in pids:
+                tree.update(_children(pid))
+            total = sum(_rss_kib(pid) for pid in tree)
+            self.peak_kib = max(self.peak_kib, total)
+
+
+def _children(pid: int) -> list[int]:
+    try:
+        text = Path(f"/proc/{pid}/task/{pid}/children").read_text()
+    except OSError:
+        return []
+    kids = [int(c) for c in text.split()]
+    return kids + [g for c in kids for g in _children(c)]
+
+
+def _rss_kib(pid: int) -> int:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    except OSError:
+        pass
+    return 0
+
+
+def timed(action: Callable[[], object]) -> float:
+    """Seconds ``action`` takes."""
+    start = time.perf_counter()
+    action()
+    return time.perf_counter() - start
+
+
+class Bench:
+    """One VM, one repository, every measurement."""
+
+    def __init__(self, lab: Lab, log: Path) -> None:
+        self.lab = lab
+        self.log = log
+        self.repo = lab.repository()
+        self.vm = lab.create_vm(disks=(1 * GiB, 256 * MiB))
+        self.backups: list[str] = []
+        self.bitmaps: list[str] = []
+        self.rng = random.Random(7)  # noqa: S311 - reproducible offsets, not secrets
+
+    # -- driving the drop-in ----------------------------------------------------------------
+    def nasbackup(self, *args: str) -> str:
+        repo = self.repo
+        argv = [str(DROPIN), *args[:2], "-t", repo.type, "-s", repo.address, "-m", repo.options]
+        env = {**os.environ, "NASBACKUP_SHIM_LOG": str(self.log)}
+        done = subprocess.run(
+            [*argv, *args[2:]], capture_output=True, text=True, env=env, check=False
+        )
+        if done.returncode != 0:
+            raise RuntimeError(f"nasbackup.sh {args[1]}: {done.stdout.strip()}")
+        return done.stdout
+
+    def backup(self, mode: str, vm: LabVM | None = None) -> tuple[float, str]:
+        vm = vm or self.vm
+        path = f"{vm.name}/{len(self.backups):04d}"
+        bitmap = f"backup-{1790000000 + len(self.backups)}"
+        args = ["-o", "backup", "-v", vm.name, "-p", path, "-q", "false", "-d", "",
+                "-M", mode, "--bitmap-new", bitmap]  # fmt: skip
+        if mode == "incremental":
+            parents = [str(f.relative_to(self.repo.address)) for f in self.files(self.backups[-1])]
+            args += ["--bitmap-parent", self.bitmaps[-1], "--parent-paths", ",".join(parents)]
+        start = time.perf_counter()
+        out = self.nasbackup(*args)
+        elapsed = time.perf_counter() - start
+        self.backups.append(path)
+        self.bitmaps.append(bitmap)
+        return elapsed, out
+
+    def files(self, backup: str) -> list[Path]:
+        directory = Path(self.repo.address) / backup
+        return sorted(directory.glob("*.qcow2"), key=lambda p: not p.name.startswith("root."))
+
+    def dirty(self, fraction: float) -> int:
+        """Random 1 MiB writes over ``fraction`` of disk 0; returns the bytes dirtied."""
+        chunks = max(1, round(fraction * self.vm.disks[0].size / MiB))
+        offsets = self.rng.sample(range(self.vm.disks[0].size // MiB), chunks)
+        for offset in offsets:
+            self.vm.write(0, offset * MiB, MiB, pattern=self.rng.randrange(1, 256))
+        return chunks * MiB
+
+    # -- the metrics ------------------------------------------------------------------------
+    def full_against_floor(self) -> tuple[Metric, Metric, float]:
+        self.vm.write(0, 0, 512 * MiB, pattern=0x5A)
+        self.vm.write(1, 0, 128 * MiB, pattern=0xA5)
+        drop_caches()
+        with PeakRss("shim.cli") as rss:
+            shim_seconds, out = self.backup("full")
+        job_ms = next(
+            int(line.split()[2]) for line in out.splitlines() if line.startswith("Time elapsed")
+        )
+        self.vm.stop()
+        floor_dir = self.lab.new_dir("floor")
+        drop_caches()
+
+        def floor() -> None:
+            for disk in self.vm.disks:
+                qemu_img.convert(disk.path, floor_dir / disk.path.name)
+            fsync_tree(floor_dir)
+
+        floor_seconds = timed(floor)
+        self.vm.start()
+        p1 = Metric(
+            "P1", shim_seconds / floor_seconds, 1.2,
+            f"shim {shim_seconds:.2f} s, copy floor {floor_seconds:.2f} s, "
+            f"libvirt job {job_ms / 1000:.2f} s",
+        )  # fmt: skip
+        p8 = Metric("P8", rss.peak_kib / 1024, 80, "MB peak RSS of the drop-in's process tree")
+        return p1, p8, shim_seconds
+
+    def incremental_efficiency(self, full_seconds: float) -> tuple[Metric, Metric]:
+        ratios = []
+        one_percent_seconds = 0.0
+        for fraction in (0.01, 0.10, 0.50):
+            dirtied = self.dirty(fraction)
+            seconds, _ = self.backup("incremental")
+            stored = sum(f.stat().st_size for f in self.files(self.backups[-1]))
+            ratios.append((stored / dirtied, fraction, stored, dirtied))
+            if fraction == 0.01:
+                one_percent_seconds = seconds
+        worst = max(ratios)
+        p2 = Metric(
+            "P2", worst[0], 1.10,
+            "stored/dirtied " + ", ".join(f"{f:.0%}: {r:.3f}" for r, f, _, _ in ratios),
+        )  # fmt: skip
+        p3 = Metric(
+            "P3", one_percent_seconds / full_seconds, 0.25,
+            f"incremental at 1% {one_percent_seconds:.2f} s, full {full_seconds:.2f} s",
+        )  # fmt: skip
+        return p2, p3
+
+    def restore_depth(self) -> Metric:
+        while len(self.backups) < 1 or self._depth() < 10:
+            self.dirty(0.01)
+            self.backup("incremental")
+        deep = self.backups[-1]
+        _, _ = self.backup("full")
+        shallow = self.backups[-1]
+        times = {}
+        for name, backup in (("depth-10", deep), ("depth-1", shallow)):
+            volumes = [
+                self.lab.new_volume(f"r{i}", d.size).path for i, d in enumerate(self.vm.disks)
+            ]
+            drop_caches()
+            times[name] = timed(lambda b=backup, v=volumes: self.nasbackup(
+                "-o", "restore", "-p", b, "--restore-volume-paths", ",".join(map(str, v))
+            ))  # fmt: skip
+        return Metric(
+            "P4", times["depth-10"] / times["depth-1"], 1.3,
+            f"depth-10 {times['depth-10']:.2f} s, depth-1 {times['depth-1']:.2f} s",
+        )  # fmt: skip
+
+    def _depth(self) -> int:
+        return len(qemu_img.chain(self.files(self.backups[-1])[0]))
+
+    def rebase_against_flatten(self) -> Metric:
+        vm = self.lab.create_vm(disks=(1 * GiB,))
+        vm.write(0, 0, 256 * MiB, pattern=0x11)
+        self.backup("full", vm)
+        grandparent = self.backups[-1]
+        for offset in self.rng.sample(range(1024), 16):
+            vm.write(0, offset * MiB, MiB, pattern=0x22)
+        self.backup("incremental", vm)
+        vm.write(0, 900 * MiB, MiB, pattern=0x33)
+        self.backup("incremental", vm)
+        child = self.backups[-1]
+        top = Path(self.repo.address) / child / f"root.{vm.disks[0].volume_id}.qcow2"
+        flat = self.lab.new_dir("flat") / "flat.qcow2"
+        drop_caches()
+        flatten_seconds = timed(lambda: qemu_img.convert(top, flat))
+        drop_caches()
+        rebase_seconds = timed(lambda: self.nasbackup(
+            "-o", "rebase", "--rebase-target", child, "--rebase-new-backing", grandparent
+        ))  # fmt: skip
+        return Metric(
+            "P5", rebase_seconds / flatten_seconds, 0.1,
+            f"rebase of a 16 MiB delta {rebase_seconds:.2f} s, flatten {flatten_seconds:.2f} s",
+        )  # fmt: skip
+
+
+def cold_start_ms(runs: int = 21) -> Metric:
+    """P6: median wall time of ``nasbackup.sh -h``, a fresh process each time."""
+    samples = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        subprocess.run([str(DROPIN), "-h"], capture_output=True, check=False)
+        samples.append((time.perf_counter() - start) * 1000)
+    median = statistics.median(samples)
+    return Metric("P6", median, 150, f"ms median of {runs}, max {max(samples):.0f} ms")
+
+
+def service_latency() -> Metric:
+    """P7: p99 of a stats command over the socket at 50 concurrent clients."""
+    try:
+        from shim.lab.bench_service import stats_latency  # noqa: PLC0415 - optional
+    except ImportError:
+        return Metric("P7", float("inf"), 50, "the socket service is not there yet")
+    return stats_latency()
+
+
+def run(selected: Sequence[str]) -> list[Metric]:
+    """Every selected metric, in order."""
+    metrics: list[Metric] = []
+    with Lab() as lab:
+        bench = Bench(lab, lab.dir / "bench.log")
+        p1, p8, full_seconds = bench.full_against_floor()
+        p2, p3 = bench.incremental_efficiency(full_seconds)
+        metrics += [p1, p2, p3]
+        if "P4" in selected:
+            metrics.append(bench.restore_depth())
+        if "P5" in selected:
+            metrics.append(bench.rebase_against_flatten())
+        metrics.append(cold_start_ms())
+        if "P7" in selected:
+            metrics.append(service_latency())
+        metrics.append(p8)
+    return [m for m in metrics if m.name in selected]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``scripts/bench``."""
+    parser = argparse.ArgumentParser(prog="bench", description=__doc__)
+    parser.add_argument("metrics", nargs="*", default=[f"P{i}" for i in range(1, 9)])
+    args = parser.parse_args(argv)
+    metrics = run(args.metrics)
+    for metric in metrics:
+        print(metric.line(), flush=True)
+    missed = [m for m in metrics if not m.ok]
+    print()
+    print(f"benchmarks: {len(metrics) - len(missed)}/{len(metrics)} on target")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
