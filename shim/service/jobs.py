@@ -1,0 +1,284 @@
+"""Jobs: an envelope's commands run in order, in worker threads, one VM at a time.
+
+Every request becomes a :class:`Job`, synchronous or not. Its commands run one after the
+other (CloudStack's executeInSequence); each waits for its VM (two requests for one VM
+run one after the other instead of failing) and, if it is a backup, for one of the
+host's backup slots. The engine is blocking: it runs in a thread pool of its own, so that
+the event loop, and the progress and health requests it serves, are never held up.
+
+Aborting a job that waits removes it from the queue. Aborting a running backup aborts its
+libvirt job; the engine then cleans up exactly as after any failure and raises, and that
+failure is the command's answer. Commands not yet started are answered as aborted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import enum
+import logging
+import threading
+import time
+import uuid
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from functools import partial
+
+from commands.model import Answer, Command
+from shim import operations
+from shim.contract import BackupOutcome
+from shim.errors import EXIT_ERROR, ShimError, VirtError
+from shim.virt.jobs import BackupJob
+
+log = logging.getLogger(__name__)
+
+ABORTED_MESSAGE = "aborted before it started"
+_ABORT_RETRY_SECONDS = 0.2
+
+Runner = Callable[..., operations.Result]
+"""What runs a request: :func:`shim.operations.run` (the engine), a test's spy around it."""
+
+
+class JobState(str, enum.Enum):
+    """Where a job is: waiting, running, or finished one of three ways."""
+
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+    ABORTED = "aborted"
+
+    @property
+    def finished(self) -> bool:
+        """Whether the job has its answers."""
+        return self in (JobState.SUCCEEDED, JobState.FAILED, JobState.ABORTED)
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Bytes the current backup has copied, of the bytes it will copy (libvirt's numbers)."""
+
+    processed: int = 0
+    total: int = 0
+
+
+class Job:
+    """One request's commands, their state, progress and answers."""
+
+    def __init__(self, commands: Sequence[Command]) -> None:
+        self.id = uuid.uuid4().hex
+        self.commands = list(commands)
+        self.state = JobState.QUEUED
+        self.answers: list[Answer] | None = None
+        self.progress = Progress()
+        self.created = time.time()
+        self.abort_requested = False
+        self.executing = False
+        """A command runs in a worker thread (the task must then not be cancelled)."""
+        self._backup_job: BackupJob | None = None
+        self._command_done = threading.Event()
+        self._done = asyncio.Event()
+        self.task: asyncio.Task[None] | None = None
+
+    # -- called from the worker thread ------------------------------------------------------
+    def attach(self, backup_job: BackupJob) -> None:
+        """The engine's ``on_job``: the libvirt job now exists (progress, abort)."""
+        self._backup_job = backup_job
+
+    # -- progress and abort (threads) -------------------------------------------------------
+    def read_progress(self) -> Progress:
+        """The running backup's progress from libvirt, else the last known (blocking)."""
+        backup_job = self._backup_job
+        if backup_job is not None and self.executing:
+            try:
+                stats = backup_job.progress()
+            except VirtError:
+                return self.progress  # the job just ended
+            if stats.total:
+                self.progress = Progress(stats.processed, stats.total)
+        return self.progress
+
+    def abort_running(self) -> None:
+        """Abort the running command's libvirt job, until the command has returned.
+
+        The job may not have begun yet when asked (the engine creates it, then begins it):
+        abort again until the engine's call returns. Aborting a finished job does nothing.
+        """
+        while not self._command_done.is_set():
+            backup_job = self._backup_job
+            if backup_job is not None:
+                backup_job.abort()
+            self._command_done.wait(_ABORT_RETRY_SECONDS)
+
+    # -- state ------------------------------------------------------------------------------
+    async def wait(self) -> list[Answer]:
+        """The answers, once the job has finished."""
+        await self._done.wait()
+        assert self.answers is not None  # noqa: S101 - set before _done
+        return self.answers
+
+    def _begin_command(self) -> None:
+        self.state = JobState.RUNNING
+        self.executing = True
+        self._backup_job = None
+        self._command_done.clear()
+
+    def _end_command(self) -> None:
+        self.executing = False
+        self._backup_job = None
+        self._command_done.set()
+
+    def _finish(self, answers: list[Answer]) -> None:
+        self.answers = answers
+        if self.abort_requested:
+            self.state = JobState.ABORTED
+        elif all(answer.result for answer in answers):
+            self.state = JobState.SUCCEEDED
+        else:
+            self.state = JobState.FAILED
+        self._done.set()
+
+
+class _VmLocks:
+    """One asyncio lock per VM name, dropped when nobody holds or awaits it."""
+
+    def __init__(self) -> None:
+        self._locks: dict[str, tuple[asyncio.Lock, int]] = {}
+
+    @contextlib.asynccontextmanager
+    async def hold(self, vm: str | None) -> AsyncIterator[None]:
+        if vm is None:
+            yield
+            return
+        lock, users = self._locks.get(vm, (asyncio.Lock(), 0))
+        self._locks[vm] = (lock, users + 1)
+        try:
+            async with lock:
+                yield
+        finally:
+            lock, users = self._locks[vm]
+            if users == 1:
+                del self._locks[vm]
+            else:
+                self._locks[vm] = (lock, users - 1)
+
+
+class Scheduler:
+    """Runs jobs: in order within a job, one at a time per VM, ``max_backups`` backups."""
+
+    def __init__(
+        self,
+        *,
+        max_backups: int,
+        keep_finished: int = 256,
+        runner: Runner = operations.run,
+    ) -> None:
+        self.max_backups = max_backups
+        self._backup_slots = asyncio.Semaphore(max_backups)
+        self._vm_locks = _VmLocks()
+        self._keep_finished = keep_finished
+        self._runner = runner
+        # Its own pool: long backups never starve progress or health reads (default pool).
+        self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="shim-op")
+        self._jobs: OrderedDict[str, Job] = OrderedDict()
+        self.closed = False
+        """Shutting down: no new job is accepted."""
+
+    # -- jobs -------------------------------------------------------------------------------
+    def submit(self, commands: Sequence[Command]) -> Job:
+        """Queue a job for ``commands`` (already loaded and validated) and start it."""
+        if self.closed:
+            raise RuntimeError("the scheduler is shut down")
+        job = Job(commands)
+        self._jobs[job.id] = job
+        self._forget_old_jobs()
+        job.task = asyncio.get_running_loop().create_task(self._run(job), name=f"job-{job.id}")
+        return job
+
+    def get(self, job_id: str) -> Job | None:
+        """The job called ``job_id``, if it is known (finished ones are kept for a while)."""
+        return self._jobs.get(job_id)
+
+    def in_flight(self) -> list[Job]:
+        """Jobs not finished yet."""
+        return [job for job in self._jobs.values() if not job.state.finished]
+
+    def _forget_old_jobs(self) -> None:
+        finished = [job_id for job_id, job in self._jobs.items() if job.state.finished]
+        for job_id in finished[: max(0, len(finished) - self._keep_finished)]:
+            del self._jobs[job_id]
+
+    async def abort(self, job: Job) -> None:
+        """Abort ``job`` and wait until it has finished (its cleanup done)."""
+        if job.state.finished:
+            return
+        job.abort_requested = True
+        log.info("job %s: abort requested", job.id)
+        if job.executing:
+            await asyncio.to_thread(job.abort_running)
+        elif job.task is not None:
+            job.task.cancel()  # waiting for a VM or a slot: nothing runs, nothing to clean
+        await job.wait()
+
+    async def progress(self, job: Job) -> Progress:
+        """The job's progress, read from libvirt while a backup runs."""
+        if job.executing:
+            return await asyncio.to_thread(job.read_progress)
+        return job.progress
+
+    async def shutdown(self) -> None:
+        """Abort every job in flight, wait for them, stop the worker threads."""
+        self.closed = True
+        for job in self.in_flight():
+            await self.abort(job)
+        self._executor.shutdown(wait=True)
+
+    # -- running ----------------------------------------------------------------------------
+    async def _run(self, job: Job) -> None:
+        answers: list[Answer] = []
+        try:
+            for command in job.commands:
+                if job.abort_requested:
+                    answers.append(command.failure(ABORTED_MESSAGE, EXIT_ERROR))
+                    continue
+                answers.append(await self._run_command(job, command))
+        except asyncio.CancelledError:
+            # Cancelled only while waiting (never while a command runs): answer the rest.
+            answers += [
+                command.failure(ABORTED_MESSAGE, EXIT_ERROR)
+                for command in job.commands[len(answers) :]
+            ]
+        job._finish(answers)
+        log.info("job %s %s", job.id, job.state.value)
+
+    async def _run_command(self, job: Job, command: Command) -> Answer:
+        slot = self._backup_slots if command.is_backup else contextlib.nullcontext()
+        async with self._vm_locks.hold(command.vm), slot:
+            job._begin_command()
+            log.info("job %s: %s", job.id, command.describe())
+            loop = asyncio.get_running_loop()
+            try:
+                call = partial(self._runner, command.to_request(), on_job=job.attach)
+                result = await asyncio.shield(loop.run_in_executor(self._executor, call))
+                answer = command.answer(result)
+            except ShimError as exc:
+                log.error("job %s: failed (exit %d): %s", job.id, exc.exit_code, exc)
+                return command.failure(exc.message, exc.exit_code)
+            except Exception as exc:  # a bug: still an answer, never a dead job
+                log.exception("job %s: unexpected error", job.id)
+                return command.failure(f"internal error: {type(exc).__name__}: {exc}", EXIT_ERROR)
+            finally:
+                job._end_command()
+            if isinstance(result.outcome, BackupOutcome) and result.outcome.job_stats:
+                stats = result.outcome.job_stats
+                job.progress = Progress(
+                    _count(stats, "disk_processed"), _count(stats, "disk_total")
+                )
+            return answer
+
+
+def _count(stats: Mapping[str, object], key: str) -> int:
+    value = stats.get(key, 0)
+    return int(value) if isinstance(value, int | float) else 0
