@@ -144,18 +144,27 @@ class TakeBackupCommand(RepositoryCommand):
         )
 
     def answer(self, result: operations.Result) -> BackupAnswer:
-        """Size as the Java wrapper reads it: the sum of the per-file lines when volumePaths
-        were given, else the directory size (the last line); the markers as fields."""
+        """What the Java wrapper derives from the drop-in's stdout for the same backup.
+
+        The size: the sum of the per-file lines when volumePaths were given, else the
+        directory size (the last line). The markers: only those stdout carries (a
+        stopped VM's stdout is integers only, so Java sees no bitmap there either).
+        """
         outcome = result.outcome
         if not isinstance(outcome, BackupOutcome):
             raise TypeError(f"a backup returned {type(outcome).__name__}")
-        size = sum(outcome.file_sizes) if self.volume_paths else outcome.size
+        lines = result.stdout.splitlines()
+        created = [
+            line.removeprefix(contract.BITMAP_CREATED_PREFIX)
+            for line in lines
+            if line.startswith(contract.BITMAP_CREATED_PREFIX)
+        ]
         return BackupAnswer(
             result=True,
             details=result.stdout,
-            size=size,
-            bitmap_created=outcome.bitmap_created,
-            incremental_fallback=outcome.incremental_fallback,
+            size=sum(outcome.file_sizes) if self.volume_paths else outcome.size,
+            bitmap_created=created[0] if created else None,
+            incremental_fallback=contract.FALLBACK_MARKER in lines,
             needs_cleanup=False,
         )
 
