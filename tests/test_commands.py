@@ -1,0 +1,357 @@
+"""The command schemas and the GSON envelope: fixtures, types, GSON's rules, the mapping to
+the engine's requests and the answers made from its results. No hypervisor needed."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+import pytest
+
+from commands import (
+    BackupAnswer,
+    BackupStorageStatsAnswer,
+    DeleteBackupCommand,
+    EnvelopeError,
+    GetBackupStorageStatsCommand,
+    RebaseBackupCommand,
+    RestoreBackupCommand,
+    TakeBackupCommand,
+    dump,
+    load_answers,
+    load_commands,
+)
+from shim import operations
+from shim.backup import BackupRequest
+from shim.contract import BackupOutcome, StorageStats
+from shim.nas import Repository
+from shim.operations import Result
+from tests.envelopes import SAMPLE_VALUES, all_cases, cases, fill, mismatches, read
+
+TAKE = "org.apache.cloudstack.backup.TakeBackupCommand"
+REPO = {"backupRepoType": "nfs", "backupRepoAddress": "10.0.0.1:/backup"}
+
+
+def _take(**fields: Any) -> list[dict[str, Any]]:
+    return [{TAKE: {"vmName": "i-2-3-VM", "backupPath": "i-2-3-VM/b", **REPO, **fields}}]
+
+
+def _problems(data: Any) -> list[tuple[str, str]]:
+    with pytest.raises(EnvelopeError) as info:
+        load_commands(data)
+    return [(p.field, p.message) for p in info.value.problems]
+
+
+# -- the fixtures -------------------------------------------------------------------------------
+@pytest.mark.parametrize(("generation", "case"), all_cases())
+def test_every_fixture_round_trips_unchanged(generation: str, case: str) -> None:
+    command_template, answer_template = read(generation, case)
+    envelope = fill(command_template, SAMPLE_VALUES)
+    commands = load_commands(envelope)
+    assert dump(commands) == envelope  # nothing null, nothing unknown: the very same JSON
+    assert load_commands(dump(commands)) == commands
+    answers = fill(answer_template, SAMPLE_VALUES)  # a wildcard stays: details is any text
+    loaded = load_answers(answers)
+    assert dump(loaded) == answers
+    assert len(loaded) == len(commands)
+    # Each command maps to one request of the engine, which accepts it.
+    for command in commands:
+        operations.validate(command.to_request())
+
+
+def test_fields_each_generation_sends() -> None:
+    def take_fields(generation: str) -> set[str]:
+        names: set[str] = set()
+        for case in cases(generation):
+            for item in read(generation, case)[0]:
+                if TAKE in item:
+                    names |= set(item[TAKE])
+        return names
+
+    mode_fields = {"mode", "bitmapNew", "bitmapParent", "parentPath", "parentPaths"}
+    assert not take_fields("4.20.0") & (mode_fields | {"quiesce", "volumePaths"})
+    assert "volumePaths" in take_fields("4.20.x")
+    assert not take_fields("4.20.x") & (mode_fields | {"quiesce"})
+    assert "quiesce" in take_fields("4.21")
+    assert not take_fields("4.21") & mode_fields
+    assert {"parentPath", "mode"} <= take_fields("seed")
+    assert "parentPaths" not in take_fields("seed")
+    assert {"parentPaths", "mode"} <= take_fields("merged")
+    assert "parentPath" not in take_fields("merged")
+    assert "rebase" in cases("seed")
+    assert all("rebase" not in cases(g) for g in ("4.20.0", "4.20.x", "4.21", "merged"))
+
+
+def test_the_placeholder_matcher() -> None:
+    values = {"size": 42, "vm": "i-2-3-VM"}
+    found: dict[str, Any] = {}
+    assert (
+        mismatches(
+            {"a": "${?mp}\n${size} x", "b": "${size}"},
+            {"a": "/m\n42 x", "b": 42},
+            values,
+            found=found,
+        )
+        == []
+    )
+    assert found == {"mp": "/m"}
+    assert mismatches({"b": "${size}"}, {"b": 43}, values) == ["/b: 43 != 42"]
+    assert mismatches({"a": 1}, {"a": 1, "c": 2}, values) == ["/c: unexpected"]
+    assert mismatches(["${vm}"], ["i-2-3-VMx"], values)
+
+
+# -- GSON's rules -------------------------------------------------------------------------------
+def test_unknown_fields_are_ignored_and_logged(caplog: pytest.LogCaptureFixture) -> None:
+    caplog.set_level(logging.INFO, logger="shim.commands")
+    (command,) = load_commands(_take(volumeTO={"x": 1}, futureField=3))
+    assert isinstance(command, TakeBackupCommand)
+    assert "futureField" not in str(dump([command]))
+    assert "ignoring unknown fields futureField, volumeTO" in caplog.text
+
+
+def test_nulls_mean_absent_and_are_omitted_on_output() -> None:
+    (command,) = load_commands(_take(mode=None, mountOptions=None, volumePaths=None))
+    body = dump([command])[0][TAKE]
+    assert "mode" not in body and "mountOptions" not in body and "volumePaths" not in body
+    assert body["contextMap"] == {} and body["wait"] == 0 and body["bypassHostMaintenance"] is False
+    answer = dump([BackupAnswer(result=True, size=5)])[0][
+        "org.apache.cloudstack.backup.BackupAnswer"
+    ]
+    assert "details" not in answer and "bitmapCreated" not in answer
+
+
+def test_volume_pools_are_opaque_objects() -> None:
+    pools = [{"uuid": "u", "poolType": "NetworkFilesystem", "nested": {"any": [1, None, "x"]}}]
+    (command,) = load_commands(_take(volumePools=pools, volumePaths=["/mnt/u/v"]))
+    assert dump([command])[0][TAKE]["volumePools"] == pools
+
+
+@pytest.mark.parametrize(
+    ("fields", "field", "message"),
+    [
+        ({"wait": "0"}, "wait", "Not a valid integer."),
+        ({"wait": 1.5}, "wait", "Not a valid integer."),
+        ({"wait": True}, "wait", "Not a valid integer."),
+        (
+            {"wait": 2**31},
+            "wait",
+            "Must be greater than or equal to -2147483648 and less than or equal to 2147483647.",
+        ),
+        ({"wait": None}, "wait", "Field may not be null."),
+        ({"quiesce": "false"}, "quiesce", "Not a valid boolean."),
+        ({"quiesce": 1}, "quiesce", "Not a valid boolean."),
+        ({"bypassHostMaintenance": None}, "bypassHostMaintenance", "Field may not be null."),
+        ({"vmName": 7}, "vmName", "Not a valid string."),
+        ({"vmName": None}, "vmName", "Field may not be null."),
+        ({"volumePaths": "/a,/b"}, "volumePaths", "Not a valid list."),
+        ({"parentPaths": ["ok", 1]}, "parentPaths/1", "Not a valid string."),
+        ({"contextMap": {"logid": 5}}, "contextMap/logid/value", "Not a valid string."),
+        ({"volumePools": ["x"]}, "volumePools/0", "Not a valid mapping type."),
+    ],
+)
+def test_wrong_types_name_the_field(fields: dict[str, Any], field: str, message: str) -> None:
+    assert _problems(_take(**fields)) == [(f"/0/{TAKE}/{field}", message)]
+
+
+def test_missing_fields_are_each_named() -> None:
+    problems = _problems([{TAKE: {"vmName": "i-2-3-VM"}}])
+    assert sorted(problems) == [
+        (f"/0/{TAKE}/{name}", "Missing data for required field.")
+        for name in ("backupPath", "backupRepoAddress", "backupRepoType")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("fields", "message"),
+    [
+        ({"mode": "differential"}, "Unknown backup mode: differential"),
+        (
+            {"mode": "incremental", "bitmapParent": "b-1", "parentPaths": ["p"]},
+            "incremental mode requires bitmapNew",
+        ),
+        (
+            {"mode": "incremental", "bitmapNew": "b-2", "parentPaths": ["p"]},
+            "incremental mode requires bitmapParent",
+        ),
+        (
+            {"mode": "incremental", "bitmapNew": "b-2", "bitmapParent": "b-1"},
+            "incremental mode requires parentPaths",
+        ),
+        (
+            {"mode": "full"},
+            "full mode requires bitmapNew (the bitmap to create for the next incremental)",
+        ),
+        ({"mode": "full", "bitmapNew": "bad/name"}, "invalid bitmap name: 'bad/name'"),
+        ({"vmName": "-rf"}, "invalid VM name: '-rf'"),
+        ({"mountOptions": "-o remount"}, "invalid mount options: they may not start with '-'"),
+    ],
+)
+def test_the_java_wrappers_messages(fields: dict[str, Any], message: str) -> None:
+    assert _problems(_take(**fields)) == [(f"/0/{TAKE}", message)]
+
+
+@pytest.mark.parametrize(
+    ("data", "field", "message"),
+    [
+        ({}, "", "an envelope is a JSON array of {class name: command} objects"),
+        ([], "", "the envelope holds no command"),
+        ([5], "/0", "must be an object with exactly one key: a command class"),
+        ([{"a": {}, "b": {}}], "/0", "must be an object with exactly one key: a command class"),
+        (
+            [{"com.cloud.agent.api.StopCommand": {}}],
+            "/0/com.cloud.agent.api.StopCommand",
+            "unknown command class",
+        ),
+        ([{TAKE: []}], f"/0/{TAKE}", "Invalid input type."),
+    ],
+)
+def test_malformed_envelopes(data: Any, field: str, message: str) -> None:
+    assert _problems(data) == [(field, message)]
+
+
+def test_every_problem_of_every_command_is_reported() -> None:
+    stats = "org.apache.cloudstack.backup.GetBackupStorageStatsCommand"
+    problems = _problems([*_take(wait="x"), {stats: {"backupRepoType": "nfs"}}])
+    assert problems == [
+        (f"/0/{TAKE}/wait", "Not a valid integer."),
+        (f"/1/{stats}/backupRepoAddress", "Missing data for required field."),
+    ]
+
+
+# -- commands to requests -----------------------------------------------------------------------
+def test_take_backup_maps_to_the_request_the_dropin_builds() -> None:
+    (seed,) = load_commands(
+        _take(mode="incremental", bitmapNew="b-2", bitmapParent="b-1", parentPath="i-2-3-VM/a")
+    )
+    assert seed.to_request() == BackupRequest(
+        vm="i-2-3-VM",
+        repository=Repository("nfs", "10.0.0.1:/backup", ""),
+        path="i-2-3-VM/b",
+        mode="incremental",
+        bitmap_new="b-2",
+        bitmap_parent="b-1",
+        parent_path="i-2-3-VM/a",
+    )
+    (merged,) = load_commands(
+        _take(
+            mode="full",
+            bitmapNew="b-2",
+            parentPaths=[],
+            volumePaths=["/mnt/p/v1", "/mnt/p/v2"],
+            quiesce=True,
+            mountOptions="vers=4.1",
+        )
+    )
+    request = merged.to_request()
+    assert isinstance(request, BackupRequest)
+    assert request.disk_paths == ("/mnt/p/v1", "/mnt/p/v2") and request.quiesce is True
+    assert request.parent_paths == () and request.repository.options == "vers=4.1"
+    assert merged.vm == "i-2-3-VM" and merged.is_backup
+
+
+def test_the_other_commands_map_to_their_requests() -> None:
+    repo = Repository("nfs", "10.0.0.1:/backup", "")
+    fields = {"backup_repo_type": "nfs", "backup_repo_address": "10.0.0.1:/backup"}
+    assert DeleteBackupCommand(backup_path="v/b", **fields).to_request() == (
+        operations.DeleteRequest(repo, "v/b")
+    )
+    assert RebaseBackupCommand(target_path="t", new_backing_path="n", **fields).to_request() == (
+        operations.RebaseRequest(repo, target="t", new_backing="n")
+    )
+    assert GetBackupStorageStatsCommand(**fields).to_request() == operations.StatsRequest(repo)
+    assert GetBackupStorageStatsCommand(**fields).vm is None
+    restore = RestoreBackupCommand(
+        backup_path="v/b",
+        vm_name="v",
+        backup_volumes_uuids=["u1", "u2"],
+        restore_volume_paths=["/mnt/p/u1", "/mnt/p/u2"],
+        volume_paths=["/old/u1", "/old/u2"],
+        **fields,
+    )
+    assert restore.to_request() == operations.RestoreRequest(
+        repo,
+        backup_path="v/b",
+        targets=("/mnt/p/u1", "/mnt/p/u2"),
+        backup_files=("root.u1.qcow2", "datadisk.u2.qcow2"),
+        vm="v",
+    )
+    legacy = RestoreBackupCommand(backup_path="v/b", volume_paths=["/mnt/p/u1"], **fields)
+    assert legacy.to_request() == operations.RestoreRequest(
+        repo, backup_path="v/b", targets=("/mnt/p/u1",)
+    )
+    named = RestoreBackupCommand(
+        backup_path="v/b", volume_paths=["/t"], backup_files=["x.qcow2"], **fields
+    )
+    assert named.to_request().backup_files == ("x.qcow2",)
+
+
+def test_a_restore_without_volumes_is_refused_with_its_reason() -> None:
+    restore = "org.apache.cloudstack.backup.RestoreBackupCommand"
+    problems = _problems([{restore: {"backupPath": "v/b", **REPO}}])
+    assert problems == [(f"/0/{restore}", "restore needs restoreVolumePaths or volumePaths")]
+
+
+# -- results to answers -------------------------------------------------------------------------
+def _command(**fields: Any) -> TakeBackupCommand:
+    (command,) = load_commands(_take(**fields))
+    assert isinstance(command, TakeBackupCommand)
+    return command
+
+
+def test_a_running_backups_answer_is_what_java_derives_from_stdout() -> None:
+    outcome = BackupOutcome(
+        size=9000, file_sizes=(4000, 3000), bitmap_created="b-2", incremental_fallback=True
+    )
+    stdout = "INCREMENTAL_FALLBACK=true\nBITMAP_CREATED=b-2\nJob type: Completed\n\n9000\n"
+    answer = _command(mode="full", bitmapNew="b-2").answer(Result(stdout, outcome))
+    assert answer == BackupAnswer(
+        result=True,
+        details=stdout,
+        size=9000,
+        bitmap_created="b-2",
+        incremental_fallback=True,
+        needs_cleanup=False,
+    )
+
+
+def test_a_stopped_backups_answer_sums_the_files_and_has_no_markers() -> None:
+    outcome = BackupOutcome(size=9000, file_sizes=(4000, 3000), bitmap_created="b-2")
+    command = _command(mode="full", bitmapNew="b-2", volumePaths=["/mnt/p/v1", "/mnt/p/v2"])
+    answer = command.answer(Result("4000\n3000\n", outcome))
+    assert (answer.size, answer.details, answer.bitmap_created) == (7000, "4000\n3000\n", None)
+    assert answer.incremental_fallback is False
+
+
+def test_failures_and_cleanup_failures() -> None:
+    failed = _command().failure("backup job failed:\nENOSPC", 1)
+    assert failed == BackupAnswer(
+        result=False, details="backup job failed: ENOSPC\n", needs_cleanup=False
+    )
+    body = dump([failed])[0]["org.apache.cloudstack.backup.BackupAnswer"]
+    assert "size" not in body and "incrementalFallback" not in body
+    unclean = _command().failure("cannot unmount /tmp/csbackup.x", 20)
+    assert unclean.needs_cleanup is True and unclean.details == "Backup cleanup failed\n"
+
+
+def test_delete_stats_rebase_and_restore_answers() -> None:
+    fields = {"backup_repo_type": "nfs", "backup_repo_address": "a"}
+    delete = DeleteBackupCommand(backup_path="v/b", **fields).answer(Result(""))
+    assert delete.details is None and delete.result is True
+    assert "details" not in dump([delete])[0]["org.apache.cloudstack.backup.BackupAnswer"]
+    rebase = RebaseBackupCommand(target_path="t", new_backing_path="n", **fields)
+    assert rebase.answer(Result("")).details == ""
+    stats = GetBackupStorageStatsCommand(**fields)
+    answer = stats.answer(Result("/tmp/m\n100 40\n", StorageStats("/tmp/m", 100, 40)))
+    assert answer == BackupStorageStatsAnswer(
+        result=True, details="/tmp/m\n100 40\n", total_size=102400, used_size=40960
+    )
+    assert stats.failure("Failed to mount nfs store", 1) == BackupStorageStatsAnswer(
+        result=False, details="Failed to mount nfs store\n"
+    )
+    restore = RestoreBackupCommand(backup_path="v/b", volume_paths=["/t"], **fields)
+    assert restore.answer(Result("/t 1024\n")).details == "/t 1024\n"
+
+
+def test_describe_never_shows_credentials() -> None:
+    text = _command(mountOptions="username=u,password=hunter2").describe()
+    assert "hunter2" not in text and "password=***" in text and "TakeBackupCommand" in text
