@@ -14,7 +14,7 @@ import json
 import logging
 import socket
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import Any
 
 from aiohttp import web
@@ -53,13 +53,16 @@ class BadRequest(Exception):
 
 
 def error_response(
-    status: int, error: str, problems: list[Problem] | None = None, **headers: str
+    status: int,
+    error: str,
+    problems: list[Problem] | None = None,
+    headers: Mapping[str, str] | None = None,
 ) -> web.Response:
     """A JSON error body: ``{"error": ..., "problems": [{"field", "message"}]}``."""
     body = ErrorSchema().dump(
         {"error": error, "problems": [vars(p) for p in problems] if problems else []}
     )
-    return web.json_response(body, status=status, headers=headers or None)
+    return web.json_response(body, status=status, headers=headers)
 
 
 def _over_unix_socket(request: web.Request) -> bool:
@@ -80,7 +83,7 @@ async def authenticate(request: web.Request, handler: Handler) -> web.StreamResp
             or not hmac.compare_digest(given.strip().encode(), token.encode())
         ):
             return error_response(
-                401, "a valid bearer token is required", WWW_Authenticate="Bearer"
+                401, "a valid bearer token is required", headers={"WWW-Authenticate": "Bearer"}
             )
     return await handler(request)
 
