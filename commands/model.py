@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from shim import contract, operations
-from shim.backup import BackupRequest
 from shim.contract import BackupOutcome, StorageStats
 from shim.errors import EXIT_CLEANUP_FAILED, UsageError
 from shim.nas import Repository, redact_options
@@ -128,9 +127,9 @@ class TakeBackupCommand(RepositoryCommand):
         """A backup: it counts against the concurrent-backup limit."""
         return True
 
-    def to_request(self) -> BackupRequest:
+    def to_request(self) -> operations.BackupRequest:
         """The BackupRequest the drop-in would build from the same values (empty = absent)."""
-        return BackupRequest(
+        return operations.BackupRequest(
             vm=self.vm_name,
             repository=self.repository,
             path=self.backup_path,

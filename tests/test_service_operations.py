@@ -1,10 +1,5 @@
-"""The fixtures of the operations the engine gains on main (stopped-VM backups, delete,
-rebase, restore), posted to the running service against the lab.
-
-They need ``shim.operations.run`` to implement DeleteRequest, RebaseRequest,
-RestoreRequest and BackupRequest with ``disk_paths``; until main has them these tests fail
-(the service answers ``internal error: NotImplementedError``). They never skip.
-"""
+"""The fixtures of the chain operations and stopped-VM backups (delete, rebase, restore,
+``volumePaths``), posted to the running service against the lab."""
 
 from __future__ import annotations
 
@@ -17,6 +12,7 @@ import pytest
 from shim import qemu_img
 from shim.lab import Lab, LabVM, MiB
 from shim.lab.leaks import leaks
+from shim.manifest import MANIFEST
 from tests.envelopes import all_cases, fill, mismatches, read
 from tests.service_support import FixtureRun, Running, backup_directories, running
 from tests.support import disk_files, verify_backup
@@ -55,8 +51,10 @@ async def test_stopped_vm_fixture(lab: Lab, service: Running, generation: str) -
     values = run.values()
     expected, answers = await _post(service, generation, "stopped", values)
     assert all(body["result"] for item in answers for body in item.values()), answers
-    files = disk_files(run.repo_dir, values["backupPath"], vm)
-    sizes = [f.stat().st_size for f in files]
+    # One integer per file written, in the order the engine wrote them: the manifest last.
+    directory = run.repo_dir / values["backupPath"]
+    names = [*sorted(p.name for p in directory.iterdir() if p.name != MANIFEST), MANIFEST]
+    sizes = [(directory / name).stat().st_size for name in names]
     values.update(fileSizeLines="".join(f"{s}\n" for s in sizes), fileSizeSum=sum(sizes))
     assert mismatches(expected, answers, values) == []
     # A stopped VM's disks are the truth to compare with.
@@ -99,7 +97,7 @@ async def test_rebase_fixture_repairs_the_chain_before_a_delete(lab: Lab, servic
     expected, answers = await _post(service, "seed", "rebase", values)
     assert mismatches(expected, answers, values) == []
     for file in disk_files(run.repo_dir, last, run.vm):
-        assert first in str(qemu_img.info(file).backing_filename)
+        assert qemu_img.info(file).backing_filename == f"../{Path(first).name}/{file.name}"
     # The middle backup can go: the last one restores without it.
     delete_values = {**values, "backupPath": middle}
     expected, answers = await _post(service, "seed", "delete", delete_values)
