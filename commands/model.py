@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
+from pathlib import PurePosixPath
 from typing import Any, ClassVar
 
 from shim import contract, operations
@@ -43,11 +44,22 @@ class Command(Message):
     """A command the agent runs: one engine request, one answer."""
 
     VM_FIELD: ClassVar[str | None] = None
+    """The field naming the VM; else the first component of this path field names it."""
+    VM_PATH_FIELD: ClassVar[str | None] = None
 
     @property
     def vm(self) -> str | None:
-        """The VM the command works on (for per-VM serialization), if any."""
-        return getattr(self, self.VM_FIELD) if self.VM_FIELD else None
+        """The VM the command works on (for per-VM serialization), if any.
+
+        Backup paths are ``<vm>/<backup>``: a delete or a rebase works on that VM's backups
+        (and the engine takes that VM's lock for it).
+        """
+        if self.VM_FIELD:
+            return getattr(self, self.VM_FIELD) or None
+        if self.VM_PATH_FIELD:
+            parts = PurePosixPath(getattr(self, self.VM_PATH_FIELD)).parts
+            return parts[0] if len(parts) > 1 else None
+        return None
 
     @property
     def is_backup(self) -> bool:
@@ -173,6 +185,7 @@ class DeleteBackupCommand(RepositoryCommand):
     """``DeleteBackupCommand``: remove one backup."""
 
     JAVA_CLASS: ClassVar[str] = f"{PACKAGE}.DeleteBackupCommand"
+    VM_PATH_FIELD: ClassVar[str | None] = "backup_path"
 
     backup_path: str
 
@@ -190,6 +203,7 @@ class RebaseBackupCommand(RepositoryCommand):
     """``RebaseBackupCommand`` (seed generation): re-point a backup file onto a new parent."""
 
     JAVA_CLASS: ClassVar[str] = f"{PACKAGE}.RebaseBackupCommand"
+    VM_PATH_FIELD: ClassVar[str | None] = "target_path"
 
     target_path: str
     new_backing_path: str

@@ -22,7 +22,6 @@ from commands import (
     load_commands,
 )
 from shim import operations
-from shim.backup import BackupRequest
 from shim.contract import BackupOutcome, StorageStats
 from shim.nas import Repository
 from shim.operations import Result
@@ -223,7 +222,7 @@ def test_take_backup_maps_to_the_request_the_dropin_builds() -> None:
     (seed,) = load_commands(
         _take(mode="incremental", bitmapNew="b-2", bitmapParent="b-1", parentPath="i-2-3-VM/a")
     )
-    assert seed.to_request() == BackupRequest(
+    assert seed.to_request() == operations.BackupRequest(
         vm="i-2-3-VM",
         repository=Repository("nfs", "10.0.0.1:/backup", ""),
         path="i-2-3-VM/b",
@@ -243,7 +242,7 @@ def test_take_backup_maps_to_the_request_the_dropin_builds() -> None:
         )
     )
     request = merged.to_request()
-    assert isinstance(request, BackupRequest)
+    assert isinstance(request, operations.BackupRequest)
     assert request.disk_paths == ("/mnt/p/v1", "/mnt/p/v2") and request.quiesce is True
     assert request.parent_paths == () and request.repository.options == "vers=4.1"
     assert merged.vm == "i-2-3-VM" and merged.is_backup
@@ -260,6 +259,13 @@ def test_the_other_commands_map_to_their_requests() -> None:
     )
     assert GetBackupStorageStatsCommand(**fields).to_request() == operations.StatsRequest(repo)
     assert GetBackupStorageStatsCommand(**fields).vm is None
+    # Serialized with the VM whose backups they touch.
+    assert DeleteBackupCommand(backup_path="v/b", **fields).vm == "v"
+    assert (
+        RebaseBackupCommand(target_path="v/b/root.x.qcow2", new_backing_path="n", **fields).vm
+        == "v"
+    )
+    assert DeleteBackupCommand(backup_path="b", **fields).vm is None
     restore = RestoreBackupCommand(
         backup_path="v/b",
         vm_name="v",

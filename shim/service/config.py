@@ -79,12 +79,15 @@ def parse_tcp_address(text: str) -> TcpAddress:
     return TcpAddress(str(address), int(port_text))
 
 
-def _loose(st: os.stat_result, forbidden: int) -> str | None:
+def _refuse_loose(st: os.stat_result, forbidden: int, what: str) -> None:
+    """Refuse ``what`` unless it is ours and has none of the ``forbidden`` mode bits."""
     if st.st_uid != os.geteuid():
-        return f"owned by uid {st.st_uid}, not {os.geteuid()}"
-    if stat.S_IMODE(st.st_mode) & forbidden:
-        return f"mode {stat.S_IMODE(st.st_mode):04o}"
-    return None
+        problem = f"owned by uid {st.st_uid}, not {os.geteuid()}"
+    elif stat.S_IMODE(st.st_mode) & forbidden:
+        problem = f"mode {stat.S_IMODE(st.st_mode):04o}"
+    else:
+        return
+    raise StartupRefused(f"refusing to start: {what} has loose permissions ({problem})")
 
 
 def read_token(path: Path) -> str:
@@ -96,9 +99,7 @@ def read_token(path: Path) -> str:
         raise StartupRefused(f"cannot read the token file {path}: {exc.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
         raise StartupRefused(f"the token file {path} is not a regular file")
-    problem = _loose(st, 0o077)
-    if problem:
-        raise StartupRefused(f"refusing the token file {path}: loose permissions ({problem})")
+    _refuse_loose(st, 0o077, f"the token file {path}")
     token = text.strip()
     if not token or any(c.isspace() for c in token):
         raise StartupRefused(f"the token file {path} must hold one token, no white space")
@@ -112,11 +113,7 @@ def _check_directory(directory: Path) -> None:
     if not stat.S_ISDIR(st.st_mode):
         raise StartupRefused(f"{directory} is not a directory")
     # Someone who can write to the directory can replace the socket with their own.
-    problem = _loose(st, 0o022)
-    if problem:
-        raise StartupRefused(
-            f"refusing to start: the socket directory {directory} has loose permissions ({problem})"
-        )
+    _refuse_loose(st, 0o022, f"the socket directory {directory}")
 
 
 def _listening(path: Path) -> bool:
@@ -135,11 +132,7 @@ def _check_existing_socket(path: Path) -> None:
         return
     if not stat.S_ISSOCK(st.st_mode):
         raise StartupRefused(f"refusing to start: {path} exists and is not a socket")
-    problem = _loose(st, 0o077)
-    if problem:
-        raise StartupRefused(
-            f"refusing to start: the existing socket {path} has loose permissions ({problem})"
-        )
+    _refuse_loose(st, 0o077, f"the existing socket {path}")
     if _listening(path):
         raise StartupRefused(f"refusing to start: another service listens on {path}")
     path.unlink()  # a stale socket of a service that died
