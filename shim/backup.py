@@ -24,7 +24,7 @@ from shim.chain import relative_backing, resolve_parents
 from shim.contract import BackupOutcome
 from shim.errors import BackupFailed, CleanupFailed, ShimError, VirtError
 from shim.lock import VmLock
-from shim.manifest import Manifest, disk_records
+from shim.manifest import Manifest, checksum_algorithm, disk_records
 from shim.nas import MountSession
 from shim.offline import OfflineBackup
 from shim.request import FULL, INCREMENTAL, BackupRequest
@@ -228,6 +228,7 @@ class LiveBackup:
         for name, text in host.describe(self.dom).items():
             (self.directory.work / name).write_text(text, encoding="utf-8")
         mode = self.request.effective_mode
+        algorithm = checksum_algorithm()
         manifest = Manifest(
             vm=self.request.vm,
             mode=INCREMENTAL if plan.incremental_from else (FULL if plan.checkpoint else mode),
@@ -238,7 +239,9 @@ class LiveBackup:
             disks=disk_records(
                 self.directory.work,
                 [(d.role, d.volume_id, d.backup_name, d.source) for d in disks],
+                algorithm,
             ),
+            checksum_algorithm=algorithm,
         )
         return self.directory.publish(manifest)
 

@@ -24,7 +24,7 @@ from shim.backupdir import BackupDirectory, parent_dir_name
 from shim.chain import relative_backing, resolve_parents
 from shim.contract import BackupOutcome
 from shim.errors import BackupFailed, CommandFailed, InputError, VirtError
-from shim.manifest import Manifest, disk_records
+from shim.manifest import Manifest, checksum_algorithm, disk_records
 from shim.nas import MountSession
 from shim.request import BackupRequest
 from shim.storage_daemon import QmpError, StorageDaemon, node_bitmaps
@@ -285,6 +285,7 @@ class OfflineBackup:
             mode = "incremental"
         else:
             mode = "full" if plan.checkpoint else request.effective_mode
+        algorithm = checksum_algorithm()
         manifest = Manifest(
             vm=request.vm,
             mode=mode,
@@ -295,6 +296,8 @@ class OfflineBackup:
             disks=disk_records(
                 self.directory.work,
                 [(d.role, d.volume_id, d.backup_name, d.source) for d in disks],
+                algorithm,
             ),
+            checksum_algorithm=algorithm,
         )
         return self.directory.publish(manifest)

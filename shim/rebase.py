@@ -18,7 +18,7 @@ from shim import proc, qemu_img
 from shim.chain import backup_files, parse_backup_file_name, relative_backing, vm_dir_of
 from shim.errors import InputError
 from shim.lock import VmLock
-from shim.manifest import read_manifest, sha256_of, write_manifest
+from shim.manifest import checksums, read_manifest, write_manifest
 from shim.nas import MountSession, Repository
 from shim.request import RebaseRequest
 
@@ -73,7 +73,7 @@ def _update_manifest(directory: Path, rebased: list[Path]) -> None:
     manifest = read_manifest(directory)
     if manifest is None:
         return
-    digests = sha256_of(rebased)
+    digests = checksums(rebased, manifest.checksum_algorithm)
     names = {f.name: f for f in rebased}
     disks = []
     parent = manifest.parent
@@ -86,7 +86,7 @@ def _update_manifest(directory: Path, rebased: list[Path]) -> None:
         parent = Path(backing).parent.name if backing else None
         disks.append(
             dataclasses.replace(
-                record, sha256=digests[file], stored_size=file.stat().st_size, backing=backing
+                record, checksum=digests[file], stored_size=file.stat().st_size, backing=backing
             )
         )
     write_manifest(directory, dataclasses.replace(manifest, disks=disks, parent=parent))

@@ -1,7 +1,7 @@
 """``-o verify``: prove a backup and its whole chain sound, reading only metadata and hashes.
 
 Every file of the backup and of its backing chain: ``qemu-img check`` clean; every backing
-link relative, qcow2, and resolving inside the VM's directory; every file's SHA-256 equal
+link relative, qcow2, and resolving inside the VM's directory; every file's checksum equal
 to the one its directory's manifest recorded. A directory without a manifest is an
 incomplete backup. stdout lists each file verified; the first problem fails the operation
 (all of them are logged).
@@ -16,7 +16,7 @@ from pathlib import Path
 from shim import qemu_img
 from shim.chain import backup_files, vm_dir_of
 from shim.errors import BackupFailed, CommandFailed
-from shim.manifest import Manifest, read_manifest, sha256_of
+from shim.manifest import Manifest, checksums, read_manifest
 from shim.nas import MountSession, Repository
 
 log = logging.getLogger(__name__)
@@ -90,15 +90,24 @@ def _check_digests(files: list[Path], problems: list[str]) -> None:
             continue
         if manifests[directory] is None:
             problems.append(f"{directory.name} has no manifest: an incomplete backup")
-    digests = sha256_of(files)
+    by_algorithm: dict[str, list[Path]] = {}
     for file in files:
         manifest = manifests.get(file.parent)
-        if manifest is None:
-            continue
-        recorded = {d.file: d.sha256 for d in manifest.disks}.get(file.name)
+        if manifest is not None:
+            by_algorithm.setdefault(manifest.checksum_algorithm, []).append(file)
+    digests: dict[Path, str] = {}
+    for algorithm, group in by_algorithm.items():
+        try:
+            digests.update(checksums(group, algorithm))
+        except ValueError as exc:
+            problems.append(f"{group[0].parent.name}/manifest.json: {exc}")
+    for file, digest in digests.items():
+        manifest = manifests[file.parent]
+        assert manifest is not None  # noqa: S101 - grouped above
+        recorded = {d.file: d.checksum for d in manifest.disks}.get(file.name)
         if recorded is None:
             problems.append(f"{file.parent.name}/{file.name} is not in its manifest")
-        elif recorded != digests[file]:
+        elif recorded != digest:
             problems.append(f"{file.parent.name}/{file.name}: checksum differs from the manifest")
 
 

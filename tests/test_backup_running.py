@@ -16,7 +16,7 @@ from shim.contract import jobinfo_text
 from shim.lab import Lab, LabVM, MiB
 from shim.lab.leaks import leaks
 from shim.lab.system import mount_points
-from shim.manifest import read_manifest, sha256_of
+from shim.manifest import checksums, read_manifest
 from shim.nas import Repository
 from tests.support import (
     DROPIN,
@@ -359,7 +359,7 @@ def test_manifest_describes_the_backup(chain: Chain) -> None:
     assert [d.file for d in manifest.disks] == [f.name for f in files]
     assert [d.role for d in manifest.disks] == ["root", "datadisk"]
     for record, file, disk in zip(manifest.disks, files, chain.vm.disks, strict=True):
-        assert record.sha256 == sha256_of([file])[file]
+        assert record.checksum == checksums([file], manifest.checksum_algorithm)[file]
         assert record.stored_size == file.stat().st_size
         assert record.virtual_size == disk.size and record.source == str(disk.path)
         assert record.backing == f"../{Path(first).name}/{file.name}"
@@ -382,3 +382,23 @@ def test_shim_killed_mid_backup_is_recovered_by_the_next_run(lab: Lab, tmp_path:
     assert job.vm.checkpoints() == [chain.bitmaps[-1]]
     assert leaks(lab) == []
     verify_backup(lab, chain.repo_dir, path, job.vm, job.vm.reference_backup())
+
+
+def test_sha256_checksums_when_asked(chain: Chain, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("NASBACKUP_SHIM_CHECKSUM", "sha256")
+    _, path = chain.backup("full")
+    manifest = read_manifest(chain.repo_dir / path)
+    assert manifest is not None and manifest.checksum_algorithm == "sha256"
+    file = disk_files(chain.repo_dir, path, chain.vm)[0]
+    sha = subprocess.run(["sha256sum", str(file)], capture_output=True, text=True, check=True)
+    assert manifest.disks[0].checksum == sha.stdout.split()[0]
+    monkeypatch.delenv("NASBACKUP_SHIM_CHECKSUM")
+    chain.vm.write(0, 0, 1 * MiB, pattern=0x12)
+    _, second = chain.backup("incremental")  # a cksum backup on a sha256 parent
+    verified = run_dropin(
+        build_argv(
+            "", {"operation": "verify", **repo_values(chain.repo), "path": second}, "verify"
+        ),
+        log_file=chain.log,
+    )
+    assert verified.returncode == 0, verified.stdout

@@ -633,3 +633,20 @@ async def test_a_cleanup_failure_sets_needs_cleanup() -> None:
 def _load_one(envelope: list[Any]) -> Any:
     (command,) = load_commands(envelope)
     return command
+
+
+@pytest.mark.lab
+async def test_concurrent_stats_of_one_repository_share_one_run(lab: Lab, service: Running) -> None:
+    repository = lab.repository()
+    command = GetBackupStorageStatsCommand(
+        backup_repo_type=repository.type,
+        backup_repo_address=repository.address,
+        mount_options=repository.options,
+    )
+    results = await asyncio.gather(*(service.post(dump([command])) for _ in range(20)))
+    assert all(status == 200 for status, _ in results)
+    answers = [next(iter(body[0].values())) for _, body in results]
+    assert all(a["result"] and a["totalSize"] > 0 for a in answers)
+    # Twenty requests at once need far fewer mounts than twenty (one per wave).
+    assert len(service.engine.calls) < 20
+    assert leaks(lab) == []
