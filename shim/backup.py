@@ -24,7 +24,7 @@ from shim.chain import relative_backing, resolve_parents
 from shim.contract import BackupOutcome
 from shim.errors import BackupFailed, CleanupFailed, ShimError, VirtError
 from shim.lock import VmLock
-from shim.manifest import Manifest, checksum_algorithm, disk_records
+from shim.manifest import DiskFile, Manifest, checksum_algorithm, disk_records
 from shim.nas import MountSession
 from shim.offline import OfflineBackup
 from shim.request import FULL, INCREMENTAL, BackupRequest
@@ -89,6 +89,8 @@ class LiveBackup:
         self.session = session
         self.on_job = on_job
         self.directory = BackupDirectory(session, request.path)
+        self.headers: dict[str, list[str]] = {}
+        self.capacities: dict[str, int] = {}
 
     def run(self) -> BackupOutcome:
         """Plan, back up, and publish the directory; clean up after any failure."""
@@ -96,6 +98,9 @@ class LiveBackup:
         if not disks:
             raise BackupFailed(f"VM {self.request.vm} has no disks")
         abort_stale_job(self.conn, self.dom)
+        # The images' bitmap directories, read once: kept up to date as bitmaps are removed
+        # (bitmaps this QEMU creates reach the header only when it stops).
+        self.headers = checkpoints.header_bitmaps(disks)
         job: BackupJob | None = None
         plan = _Plan(checkpoint=None, incremental_from=None, parents={}, fallback=False)
         try:
@@ -112,8 +117,8 @@ class LiveBackup:
             self._cleanup(plan, job, exc)
             raise
         warnings = (
-            checkpoints.retire_all_except(self.dom, disks, plan.checkpoint)
-            if (plan.checkpoint)
+            checkpoints.retire_all_except(self.dom, disks, plan.checkpoint, self.headers)
+            if plan.checkpoint
             else []
         )
         if warnings:
@@ -147,7 +152,7 @@ class LiveBackup:
                 plan.parents = {}
         if checkpoint:
             # A retry may reuse the name of a checkpoint a failed run could not remove.
-            problems = checkpoints.discard(self.dom, disks, checkpoint)
+            problems = checkpoints.discard(self.dom, disks, checkpoint, self.headers)
             if problems:
                 raise BackupFailed(
                     f"stale checkpoint {checkpoint} cannot be removed: {problems[0]}"
@@ -184,11 +189,10 @@ class LiveBackup:
     def _create_targets(self, disks: list[DomainDisk], plan: _Plan) -> None:
         for disk in disks:
             target = self.directory.work / disk.backup_name
-            capacity = self.dom.blockInfo(disk.target)[0]
-            parent = plan.parents.get(disk.target)
-            if parent is not None:
+            capacity = self.capacities[disk.target] = self.dom.blockInfo(disk.target)[0]
+            backing = self._backing(plan, disk)
+            if backing is not None:
                 # Backed by this disk's own parent, relative: a valid chain from now on.
-                backing = relative_backing(parent, self.directory.final)
                 qemu_img.create(target, capacity, backing=backing, backing_fmt="qcow2")
             else:
                 qemu_img.create(target, capacity)
@@ -238,12 +242,26 @@ class LiveBackup:
             fallback=plan.fallback,
             disks=disk_records(
                 self.directory.work,
-                [(d.role, d.volume_id, d.backup_name, d.source) for d in disks],
+                [
+                    DiskFile(
+                        d.role,
+                        d.volume_id,
+                        d.backup_name,
+                        d.source,
+                        self.capacities[d.target],
+                        self._backing(plan, d),
+                    )
+                    for d in disks
+                ],
                 algorithm,
             ),
             checksum_algorithm=algorithm,
         )
         return self.directory.publish(manifest)
+
+    def _backing(self, plan: _Plan, disk: DomainDisk) -> str | None:
+        parent = plan.parents.get(disk.target)
+        return relative_backing(parent, self.directory.final) if parent is not None else None
 
     def _cleanup(self, plan: _Plan, job: BackupJob | None, error: BaseException) -> None:
         log.error("backup of %s failed: %s", self.request.vm, error)

@@ -24,7 +24,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from shim import proc, qemu_img
+from shim import proc
 from shim.chain import fsync_dir
 
 MANIFEST = "manifest.json"
@@ -98,29 +98,36 @@ def checksums(paths: Sequence[Path], algorithm: str) -> dict[Path, str]:
     return {p: _digest(out, algorithm) for p, out in zip(paths, outputs, strict=True)}
 
 
-def disk_records(
-    directory: Path, disks: Sequence[tuple[str, str, str, str]], algorithm: str
-) -> list[DiskRecord]:
-    """Records of the disk files in ``directory``; ``disks`` are (role, volume id, file
-    name, source) in disk order; checksums with ``algorithm``."""
-    paths = [directory / name for _, _, name, _ in disks]
+@dataclass(frozen=True)
+class DiskFile:
+    """What the backup itself knows of a disk file it wrote (no need to ask qemu-img)."""
+
+    role: str
+    volume_id: str
+    file: str
+    source: str
+    virtual_size: int
+    backing: str | None
+
+
+def disk_records(directory: Path, disks: Sequence[DiskFile], algorithm: str) -> list[DiskRecord]:
+    """Records of the disk files in ``directory``, in disk order; checksums with
+    ``algorithm``, stored sizes from the files."""
+    paths = [directory / d.file for d in disks]
     digests = checksums(paths, algorithm)
-    records = []
-    for (role, volume_id, name, source), path in zip(disks, paths, strict=True):
-        info = qemu_img.info(path, fmt="qcow2")
-        records.append(
-            DiskRecord(
-                role=role,
-                volume_id=volume_id,
-                file=name,
-                source=source,
-                virtual_size=info.virtual_size,
-                stored_size=path.stat().st_size,
-                checksum=digests[path],
-                backing=info.backing_filename,
-            )
+    return [
+        DiskRecord(
+            role=d.role,
+            volume_id=d.volume_id,
+            file=d.file,
+            source=d.source,
+            virtual_size=d.virtual_size,
+            stored_size=path.stat().st_size,
+            checksum=digests[path],
+            backing=d.backing,
         )
-    return records
+        for d, path in zip(disks, paths, strict=True)
+    ]
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:

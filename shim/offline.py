@@ -24,7 +24,7 @@ from shim.backupdir import BackupDirectory, parent_dir_name
 from shim.chain import relative_backing, resolve_parents
 from shim.contract import BackupOutcome
 from shim.errors import BackupFailed, CommandFailed, InputError, VirtError
-from shim.manifest import Manifest, checksum_algorithm, disk_records
+from shim.manifest import DiskFile, Manifest, checksum_algorithm, disk_records
 from shim.nas import MountSession
 from shim.request import BackupRequest
 from shim.storage_daemon import QmpError, StorageDaemon, node_bitmaps
@@ -92,6 +92,7 @@ class OfflineBackup:
         self.session = session
         self.dom = dom
         self.directory = BackupDirectory(session, request.path)
+        self.sizes: dict[str, int] = {}
 
     def run(self) -> BackupOutcome:
         """Copy every disk, publish the directory; clean up after any failure."""
@@ -127,7 +128,10 @@ class OfflineBackup:
         if not local:
             return plan
         # Sizes first: once the daemon holds the images, even qemu-img info is locked out.
-        sizes = {d.target: qemu_img.info(d.source, fmt=d.driver_type).virtual_size for d in local}
+        sizes = self.sizes
+        sizes.update(
+            {d.target: qemu_img.info(d.source, fmt=d.driver_type).virtual_size for d in local}
+        )
         blockdevs = []
         for i, disk in enumerate(local):
             driver = "host_device" if disk.source_type == "block" else "file"
@@ -269,6 +273,7 @@ class OfflineBackup:
         # rbd: no image lock to hold and no bitmap to keep; qemu-img reads it as raw.
         target = self.directory.work / disk.backup_name
         qemu_img.convert(disk.source, target, source_fmt="raw")
+        self.sizes[disk.target] = qemu_img.info(target).virtual_size
 
     def _forget_libvirt_checkpoints(self, dom: libvirt.virDomain) -> None:
         # A defined (stopped) domain's checkpoint metadata no longer matches its bitmaps;
@@ -295,7 +300,19 @@ class OfflineBackup:
             fallback=plan.fallback,
             disks=disk_records(
                 self.directory.work,
-                [(d.role, d.volume_id, d.backup_name, d.source) for d in disks],
+                [
+                    DiskFile(
+                        d.role,
+                        d.volume_id,
+                        d.backup_name,
+                        d.source,
+                        self.sizes[d.target],
+                        relative_backing(plan.parents[d.target], self.directory.final)
+                        if d.target in plan.parents
+                        else None,
+                    )
+                    for d in disks
+                ],
                 algorithm,
             ),
             checksum_algorithm=algorithm,

@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from shim import contract
-from shim.backup import JobObserver, take_backup
 from shim.contract import BackupOutcome, RestoreOutcome, StorageStats
-from shim.delete import delete_backup
-from shim.rebase import rebase_backup
 from shim.request import (
     BackupRequest,
     DeleteRequest,
@@ -25,9 +23,9 @@ from shim.request import (
     StatsRequest,
     VerifyRequest,
 )
-from shim.restore import restore_backup
-from shim.stats import storage_stats
-from shim.verify import verify_backup
+
+if TYPE_CHECKING:
+    from shim.backup import JobObserver
 
 __all__ = [
     "BackupRequest",
@@ -66,9 +64,15 @@ def validate(request: Request) -> None:
 
 
 def run(request: Request, *, on_job: JobObserver | None = None) -> Result:
-    """Run one operation to completion; raise a ShimError on failure."""
+    """Run one operation to completion; raise a ShimError on failure.
+
+    Each operation's module is imported when it runs: the drop-in starts on every agent
+    call, and a delete has no use for libvirt.
+    """
     validate(request)
     if isinstance(request, BackupRequest):
+        from shim.backup import take_backup
+
         outcome = take_backup(request, on_job=on_job)
         text = contract.backup_stdout(
             outcome,
@@ -77,18 +81,28 @@ def run(request: Request, *, on_job: JobObserver | None = None) -> Result:
         )
         return Result(text, outcome)
     if isinstance(request, StatsRequest):
+        from shim.stats import storage_stats
+
         stats = storage_stats(request.repository)
         return Result(
             contract.stats_stdout(stats.mount_point, stats.total_kib, stats.used_kib), stats
         )
     if isinstance(request, DeleteRequest):
+        from shim.delete import delete_backup
+
         delete_backup(request.repository, request.path)
         return Result("")
     if isinstance(request, RebaseRequest):
+        from shim.rebase import rebase_backup
+
         rebase_backup(request.repository, request.target, request.new_backing)
         return Result("")
     if isinstance(request, RestoreRequest):
+        from shim.restore import restore_backup
+
         restored = restore_backup(request)
         return Result(contract.restore_stdout(restored), restored)
+    from shim.verify import verify_backup
+
     report = verify_backup(request.repository, request.path)
     return Result("".join(f"{line}\n" for line in report))

@@ -262,7 +262,7 @@ class Bench:
 
     def rebase_against_flatten(self) -> Metric:
         vm = self.lab.create_vm(disks=(1 * GiB,))
-        vm.write(0, 0, 256 * MiB, pattern=0x11)
+        vm.write(0, 0, 1 * GiB, pattern=0x11)  # a full disk: what a flatten must copy
         self.backup("full", vm)
         grandparent = self.backups[-1]
         for offset in self.rng.sample(range(1024), 16):

@@ -140,17 +140,27 @@ def header_bitmaps(disks: Sequence[DomainDisk]) -> dict[str, list[str]]:
     return found
 
 
-def discard(dom: libvirt.virDomain, disks: Sequence[DomainDisk], name: str) -> list[str]:
+def discard(
+    dom: libvirt.virDomain,
+    disks: Sequence[DomainDisk],
+    name: str,
+    headers: dict[str, list[str]] | None = None,
+) -> list[str]:
     """Remove checkpoint ``name`` and its bitmap from every disk, whatever state they are in.
 
-    Returns warnings instead of raising: housekeeping must never make the next backup
-    impossible (a half-failed delete is the classic way to block every later backup).
+    ``headers`` is a :func:`header_bitmaps` reading to use (and keep up to date) instead of
+    reading every image again. Returns warnings instead of raising: housekeeping must never
+    make the next backup impossible (a half-failed delete is the classic way to block every
+    later backup).
     """
+    if headers is None:
+        headers = header_bitmaps(disks)
     warnings: list[str] = []
     targets = [d.target for d in disks]
     if any(c.name == name for c in listed(dom)):
         try:
             delete(dom, name)
+            headers.pop(name, None)  # a deleted bitmap leaves the header at once
         except VirtError as exc:
             log.info("checkpoint %s: %s; removing its metadata and stray bitmaps", name, exc)
             try:
@@ -158,11 +168,12 @@ def discard(dom: libvirt.virDomain, disks: Sequence[DomainDisk], name: str) -> l
             except VirtError as meta_exc:
                 warnings.append(f"checkpoint {name}: {meta_exc}")
                 return warnings
-    carriers = header_bitmaps(disks).get(name)
+    carriers = headers.get(name)
     if carriers:
         try:
             redefine(dom, name, carriers, targets, validate=False)
             delete(dom, name)
+            headers.pop(name, None)
         except VirtError as exc:
             warnings.append(f"bitmap {name} on {', '.join(carriers)}: {exc}")
             with contextlib.suppress(VirtError):
@@ -171,10 +182,18 @@ def discard(dom: libvirt.virDomain, disks: Sequence[DomainDisk], name: str) -> l
 
 
 def retire_all_except(
-    dom: libvirt.virDomain, disks: Sequence[DomainDisk], keep: str | None
+    dom: libvirt.virDomain,
+    disks: Sequence[DomainDisk],
+    keep: str | None,
+    headers: dict[str, list[str]] | None = None,
 ) -> list[str]:
-    """Leave ``keep`` as the only checkpoint and bitmap; return what could not be removed."""
-    names = [c.name for c in listed(dom)] + sorted(header_bitmaps(disks))
+    """Leave ``keep`` as the only checkpoint and bitmap; return what could not be removed.
+
+    ``headers``: as for :func:`discard`.
+    """
+    if headers is None:
+        headers = header_bitmaps(disks)
+    names = [c.name for c in listed(dom)] + sorted(headers)
     warnings: list[str] = []
     seen: set[str] = set()
     for name in names:  # oldest first: nothing is merged into a checkpoint about to go
@@ -182,7 +201,7 @@ def retire_all_except(
             continue
         seen.add(name)
         log.info("retiring checkpoint %s", name)
-        warnings += discard(dom, disks, name)
+        warnings += discard(dom, disks, name, headers)
     for warning in warnings:
         log.warning("housekeeping: %s", warning)
     return warnings
