@@ -10,6 +10,7 @@ NAS unmounted. Earlier backups are only ever read.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,11 +30,14 @@ from shim.nas import MountSession
 from shim.offline import OfflineBackup
 from shim.request import FULL, INCREMENTAL, BackupRequest
 from shim.virt import checkpoints, host
-from shim.virt.connection import open_connection
+from shim.virt.connection import open_connection, reconnect
 from shim.virt.disks import DomainDisk, parse_disks
 from shim.virt.jobs import BackupJob, abort_stale_job, is_active
 
 log = logging.getLogger(__name__)
+
+RECONNECT_SECONDS = 60
+"""How long a failed backup waits for a restarting libvirtd before it gives up cleaning."""
 
 JobObserver = Callable[[BackupJob], None]
 """Called with the libvirt job once it exists (progress, abort)."""
@@ -46,6 +50,7 @@ def take_backup(request: BackupRequest, *, on_job: JobObserver | None = None) ->
     request.validate()
     with VmLock(request.vm):
         conn = open_connection()
+        live: LiveBackup | None = None
         try:
             dom = host.find_domain(conn, request.vm)
             if dom is not None and dom.isActive():
@@ -53,7 +58,8 @@ def take_backup(request: BackupRequest, *, on_job: JobObserver | None = None) ->
                 # live backup is the safe one; stdout still follows the -d form.
                 host.check_versions(conn)
                 with MountSession(request.repository) as session:
-                    return LiveBackup(conn, dom, request, session, on_job).run()
+                    live = LiveBackup(conn, dom, request, session, on_job)
+                    return live.run()
             if not request.disk_paths:
                 raise BackupFailed(
                     f"VM {request.vm} is not running on this host and no disk paths were given"
@@ -61,7 +67,9 @@ def take_backup(request: BackupRequest, *, on_job: JobObserver | None = None) ->
             with MountSession(request.repository) as session:
                 return OfflineBackup(request, session, dom).run()
         finally:
-            conn.close()
+            # The live backup may have reconnected (libvirtd restarted): close what is open.
+            with contextlib.suppress(libvirt.libvirtError):
+                (live.conn if live is not None else conn).close()
 
 
 @dataclass
@@ -90,6 +98,7 @@ class LiveBackup:
         self.on_job = on_job
         self.directory = BackupDirectory(session, request.path)
         self.headers: dict[str, list[str]] = {}
+        self.paused_before = False
         self.capacities: dict[str, int] = {}
 
     def run(self) -> BackupOutcome:
@@ -98,6 +107,7 @@ class LiveBackup:
         if not disks:
             raise BackupFailed(f"VM {self.request.vm} has no disks")
         abort_stale_job(self.conn, self.dom)
+        self.paused_before = host.is_paused(self.dom)
         # The images' bitmap directories, read once: kept up to date as bitmaps are removed
         # (bitmaps this QEMU creates reach the header only when it stops).
         self.headers = checkpoints.header_bitmaps(disks)
@@ -266,14 +276,23 @@ class LiveBackup:
     def _cleanup(self, plan: _Plan, job: BackupJob | None, error: BaseException) -> None:
         log.error("backup of %s failed: %s", self.request.vm, error)
         problems: list[str] = []
-        if job is not None and job.io_error_pause and host.is_paused(self.dom):
+        if self._reconnect_if_lost(problems):
             try:
-                self.dom.resume()
-                log.info("resumed %s, paused by an I/O error during the backup", self.request.vm)
-            except libvirt.libvirtError as exc:
-                problems.append(f"cannot resume the VM: {exc.get_error_message()}")
-        if plan.checkpoint:
-            problems += self._delete_orphan_checkpoint(plan.checkpoint)
+                # After a lost connection the job may still run: nobody will wait for it.
+                abort_stale_job(self.conn, self.dom)
+            except VirtError as exc:
+                problems.append(str(exc))
+            if not self.paused_before and (
+                (job is not None and job.io_error_pause) or host.paused_by_io_error(self.dom)
+            ):
+                # Push mode copies before a guest write: a failing NAS pauses the guest.
+                try:
+                    self.dom.resume()
+                    log.info("resumed %s, paused by an I/O error of the backup", self.request.vm)
+                except libvirt.libvirtError as exc:
+                    problems.append(f"cannot resume the VM: {exc.get_error_message()}")
+            if plan.checkpoint:
+                problems += self._delete_orphan_checkpoint(plan.checkpoint)
         try:
             self.directory.discard()
         except OSError as exc:
@@ -285,19 +304,39 @@ class LiveBackup:
                 error if isinstance(error, ShimError) else None
             )
 
+    def _reconnect_if_lost(self, problems: list[str]) -> bool:
+        """Make ``conn`` and ``dom`` usable again after libvirtd restarted; False when the
+        domain is gone (a transient domain that stopped takes its checkpoints with it)."""
+        try:
+            alive = bool(self.conn.isAlive())
+        except libvirt.libvirtError:
+            alive = False
+        if not alive:
+            log.warning("the connection to libvirt was lost: reconnecting to clean up")
+            try:
+                conn = reconnect(RECONNECT_SECONDS)
+            except VirtError as exc:
+                problems.append(f"cannot reach libvirt again to clean up: {exc}")
+                return False
+            with contextlib.suppress(libvirt.libvirtError):
+                self.conn.close()
+            self.conn = conn
+            try:
+                self.dom = conn.lookupByUUIDString(self.dom.UUIDString())
+            except libvirt.libvirtError:
+                return False
+        return is_active(self.dom)
+
     def _delete_orphan_checkpoint(self, name: str) -> list[str]:
         # The checkpoint exists from the job's start: it must never become the next parent.
         try:
             names = [c.name for c in checkpoints.listed(self.dom)]
-        except VirtError:
-            return []  # a transient domain that stopped took its checkpoints with it
+        except VirtError as exc:
+            return [f"cannot list the checkpoints: {exc}"]
         if name not in names:
             return []
-        # A stopped (persistent) domain's bitmaps cannot be touched: drop the metadata; the
-        # stale bitmap is retired by the next successful backup.
-        running = is_active(self.dom)
         try:
-            checkpoints.delete(self.dom, name, metadata_only=not running)
+            checkpoints.delete(self.dom, name)
             log.info("deleted the new checkpoint %s of the failed backup", name)
         except VirtError as exc:
             try:

@@ -14,8 +14,11 @@ import os
 import random
 import shutil
 import signal
+import subprocess
+import sys
 import tempfile
 import threading
+import time
 import uuid
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
@@ -28,6 +31,7 @@ from lxml import etree
 from shim import proc, qemu_img
 from shim.errors import CommandFailed, LabError
 from shim.lab import system
+from shim.lab.flakyfs import FAIL_FLAG
 from shim.nas import Repository
 from shim.virt.connection import DEFAULT_URI, open_connection
 from shim.virt.disks import parse_disks
@@ -309,6 +313,23 @@ class LabVM:
         return files
 
 
+@dataclass
+class FlakyNas:
+    """A repository served through :mod:`shim.lab.flakyfs`: its writes fail on command."""
+
+    repository: Repository
+    backing: Path
+    process: subprocess.Popen[bytes]
+
+    def fail_writes(self) -> None:
+        """From now on every write and fsync on this NAS fails with EIO."""
+        (self.backing / FAIL_FLAG).touch()
+
+    def heal(self) -> None:
+        """Writes work again."""
+        (self.backing / FAIL_FLAG).unlink(missing_ok=True)
+
+
 class Lab:
     """A set of throwaway domains, volumes and repositories, removed by :meth:`close`."""
 
@@ -321,6 +342,7 @@ class Lab:
         self.conn = open_connection(uri)
         self.vms: list[LabVM] = []
         self._counter = 0
+        self._processes: list[subprocess.Popen[bytes]] = []
 
     def __enter__(self) -> Lab:
         return self
@@ -381,6 +403,22 @@ class Lab:
             proc.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "labnas", str(export)])
         return Repository(type="none", address=str(export), options="bind")
 
+    def flaky_repository(self) -> FlakyNas:
+        """A repository whose writes can be made to fail with EIO (a FUSE passthrough)."""
+        backing = self.new_dir("flaky-backing")
+        export = self.new_dir("nas")
+        process = subprocess.Popen(
+            [sys.executable, "-m", "shim.lab.flakyfs", str(backing), str(export)],
+            stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )  # fmt: skip
+        self._processes.append(process)
+        deadline = time.monotonic() + 30
+        while export not in system.mount_points():  # the lab waiting for its own FUSE server
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise LabError("the flaky NAS did not mount")
+            time.sleep(0.01)
+        return FlakyNas(Repository("none", str(export), "bind"), backing, process)
+
     def close(self) -> None:
         """Remove every domain, checkpoint, mount and file of this lab."""
         problems: list[str] = []
@@ -390,6 +428,12 @@ class Lab:
         for mount in system.mounts_under(self.dir):
             with _collect(problems, f"mount {mount}"):
                 _unmount(mount)
+        for process in self._processes:
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                process.wait(timeout=10)
+            if process.poll() is None:
+                process.kill()
+                process.wait()
         with _collect(problems, f"directory {self.dir}"):
             shutil.rmtree(self.dir)
         with contextlib.suppress(libvirt.libvirtError):

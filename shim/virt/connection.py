@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 import libvirt
 
@@ -60,3 +61,17 @@ def open_connection(uri: str = DEFAULT_URI) -> libvirt.virConnect:
     except libvirt.libvirtError:
         log.debug("keep-alive not supported on %s", uri)
     return conn
+
+
+def reconnect(within_seconds: float, uri: str = DEFAULT_URI) -> libvirt.virConnect:
+    """Open a connection, retrying with backoff while libvirtd restarts (bounded)."""
+    deadline = time.monotonic() + within_seconds
+    delay = 0.1
+    while True:
+        try:
+            return open_connection(uri)
+        except VirtError:
+            if time.monotonic() + delay > deadline:
+                raise
+            time.sleep(delay)  # a daemon coming back: nothing to wait on but the retry
+            delay = min(delay * 2, 2.0)

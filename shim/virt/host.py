@@ -71,6 +71,15 @@ def is_paused(dom: libvirt.virDomain) -> bool:
         return False
 
 
+def paused_by_io_error(dom: libvirt.virDomain) -> bool:
+    """Whether the guest is paused because a write failed (e.g. a full backup target)."""
+    try:
+        state, reason = dom.state()
+    except libvirt.libvirtError:
+        return False
+    return state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR
+
+
 def freeze(dom: libvirt.virDomain) -> bool:
     """Freeze the guest's filesystems through its agent; False (crash-consistent) without one."""
     try:

@@ -1,0 +1,152 @@
+"""The drop-in as a CloudStack agent runs it, and backup chains checked as the Java restore
+reads them: shared by the tests, the fault suite and ``scripts/fault-report``."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from shim import qemu_img
+from shim.lab.lab import Lab, LabVM, compare, flatten
+from shim.nas import Repository
+
+ROOT = Path(__file__).resolve().parents[2]
+DROPIN = ROOT / "scripts" / "nasbackup.sh"
+FIXTURES = ROOT / "fixtures"
+GENERATIONS = json.loads((FIXTURES / "argv" / "generations.json").read_text())
+BACKUP_GENERATIONS = [g for g in GENERATIONS if not g.startswith(("_", "other"))]
+MODE_GENERATIONS = [g for g in BACKUP_GENERATIONS if GENERATIONS[g]["modes"]]
+PARSERS = sorted({GENERATIONS[g]["parser"] for g in BACKUP_GENERATIONS})
+
+
+@dataclass(frozen=True)
+class Run:
+    """One run of the drop-in: exit code and stdout (all the agent reads) and stderr."""
+
+    returncode: int
+    stdout: str
+    stderr: str
+
+
+def run_dropin(argv: Sequence[str], *, log_file: Path, timeout: float = 300) -> Run:
+    """Run ``scripts/nasbackup.sh`` with an argv list, reading stdout as the agent does."""
+    env = {**os.environ, "NASBACKUP_SHIM_LOG": str(log_file)}
+    done = subprocess.run(
+        [str(DROPIN), *argv], capture_output=True, text=True, env=env, timeout=timeout, check=False
+    )
+    return Run(done.returncode, done.stdout, done.stderr)
+
+
+def build_argv(generation: str, values: Mapping[str, str], operation: str = "backup") -> list[str]:
+    """The argv ``generation`` builds for ``operation`` from ``values`` (fixture order)."""
+    spec = GENERATIONS[generation] if operation == "backup" else GENERATIONS["other-operations"]
+    argv: list[str] = []
+    for item in spec[operation]:
+        option, name = item[0], item[1]
+        value = values.get(name, "")
+        if len(item) > 2 and item[2] == "nonempty" and not value:
+            continue
+        argv += [option, value]
+    return argv
+
+
+def repo_values(repo: Repository) -> dict[str, str]:
+    """The -t/-s/-m values of a repository."""
+    return {"type": repo.type, "address": repo.address, "options": repo.options}
+
+
+# -- verification as the Java restore does it -------------------------------------------------
+def disk_files(repo_dir: Path, backup: str, vm: LabVM) -> list[Path]:
+    """The backup files of each of ``vm``'s disks, in disk order."""
+    names = [
+        f"{'root' if i == 0 else 'datadisk'}.{d.volume_id}.qcow2" for i, d in enumerate(vm.disks)
+    ]
+    return [repo_dir / backup / name for name in names]
+
+
+def verify_backup(lab: Lab, repo_dir: Path, backup: str, vm: LabVM, refs: Sequence[Path]) -> None:
+    """Every disk's chain: relative qcow2 backing links, clean checks, and its flattened
+    content (qemu-img convert, as the Java restore) identical to the reference."""
+    vm_dir = (repo_dir / backup).parent.resolve()
+    for file, ref in zip(disk_files(repo_dir, backup, vm), refs, strict=True):
+        assert file.is_file(), f"missing {file}"
+        links = qemu_img.chain(file)
+        for link in links:
+            assert qemu_img.check(link.filename).clean, f"qemu-img check: {link.filename}"
+            assert Path(link.filename).resolve().parent.parent == vm_dir
+            if link.backing_filename is not None:
+                assert not link.backing_filename.startswith("/"), link.backing_filename
+                assert link.backing_format == "qcow2"
+        flat = lab.dir / f"flat-{file.name}"
+        flatten(file, flat)
+        assert compare(flat, ref), f"{file} does not restore to the reference"
+        flat.unlink()
+
+
+@dataclass
+class Chain:
+    """A VM, its repository, and the backups taken so far."""
+
+    lab: Lab
+    vm: LabVM
+    repo: Repository
+    log: Path
+    generation: str = "merged"
+    backups: list[str] = field(default_factory=list)
+    bitmaps: list[str] = field(default_factory=list)
+    counter: int = 0
+
+    @property
+    def repo_dir(self) -> Path:
+        return Path(self.repo.address)
+
+    def parent_values(self, style: str) -> dict[str, str]:
+        parent = self.backups[-1]
+        files = [
+            p.relative_to(self.repo_dir)
+            for p in disk_files(self.repo_dir, parent, self.vm)
+            if p.exists()
+        ]
+        if style == "paths":
+            return {"parent_paths": ",".join(map(str, files))}
+        if style == "dir":
+            return {"parent_path": parent}
+        return {"parent_path": str(files[0])}  # the seed's first form: the root disk's file
+
+    def backup(
+        self,
+        mode: str = "",
+        *,
+        parent_style: str = "paths",
+        disks: str = "",
+        quiesce: str = "false",
+        expect_exit: int = 0,
+    ) -> tuple[Run, str]:
+        self.counter += 1
+        path = f"{self.vm.name}/2026.10.{self.counter:02d}.00.00.00"
+        values = {
+            "operation": "backup",
+            "vm": self.vm.name,
+            "path": path,
+            "quiesce": quiesce,
+            "disks": disks,
+            "mode": mode,
+            **repo_values(self.repo),
+        }
+        bitmap = f"backup-{1790000000 + self.counter}"
+        if mode in ("full", "incremental"):
+            values["bitmap_new"] = bitmap
+        if mode == "incremental":
+            values["bitmap_parent"] = self.bitmaps[-1]
+            values.update(self.parent_values(parent_style))
+        run = run_dropin(build_argv(self.generation, values), log_file=self.log)
+        assert run.returncode == expect_exit, run.stdout + run.stderr
+        if expect_exit == 0:
+            self.backups.append(path)
+            if mode in ("full", "incremental"):
+                self.bitmaps.append(bitmap)
+        return run, path
