@@ -15,7 +15,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shim.errors import InputError
+from shim import qemu_img
+from shim.errors import CommandFailed, InputError
 from shim.nas import MountSession
 from shim.virt.disks import DomainDisk
 
@@ -104,6 +105,13 @@ def _unusable(parent: Path) -> str | None:
         return f"{parent.name} is missing"
     if not is_qcow2(parent):
         return f"{parent.name} is not a qcow2 image"
+    # Metadata only (refcounts, tables): a corrupted parent must not get children.
+    try:
+        result = qemu_img.check(parent)
+    except CommandFailed as exc:
+        return f"{parent.name} cannot be checked: {exc}"
+    if result.corruptions or result.check_errors:
+        return f"{parent.name} is corrupted ({result.corruptions} corruption(s))"
     return None
 
 

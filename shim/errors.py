@@ -68,6 +68,10 @@ class BackupFailed(ShimError):
     """The backup job failed, was aborted, or its result is unusable."""
 
 
+class StorageFailed(ShimError):
+    """The repository or a volume failed under an operation (EIO, ENOSPC, gone)."""
+
+
 class Interrupted(ShimError):
     """A termination signal arrived (the agent's timeout sends SIGTERM)."""
 

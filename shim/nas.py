@@ -216,6 +216,10 @@ class MountSession:
         if self._root is None:
             return
         root = self._root
+        if self._mounted and root not in mount_points():
+            # Someone unmounted the NAS under us: nothing to unmount, the directory remains.
+            log.warning("%s is no longer mounted", root)
+            self._mounted = False
         if self._mounted:
             try:
                 proc.run(["umount", str(root)], timeout=UNMOUNT_TIMEOUT_SECONDS)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 
 from shim import contract
 from shim.contract import BackupOutcome, RestoreOutcome, StorageStats
+from shim.errors import StorageFailed
 from shim.request import (
     BackupRequest,
     DeleteRequest,
@@ -67,9 +68,19 @@ def run(request: Request, *, on_job: JobObserver | None = None) -> Result:
     """Run one operation to completion; raise a ShimError on failure.
 
     Each operation's module is imported when it runs: the drop-in starts on every agent
-    call, and a delete has no use for libvirt.
+    call, and a delete has no use for libvirt. An OSError escaping an operation (the NAS
+    vanished or failed under it) becomes a one-line failure like any other; the operation
+    has cleaned up what it could on its way out.
     """
     validate(request)
+    try:
+        return _run(request, on_job)
+    except OSError as exc:
+        where = f" ({exc.filename})" if exc.filename else ""
+        raise StorageFailed(f"storage error: {exc.strerror or exc}{where}") from exc
+
+
+def _run(request: Request, on_job: JobObserver | None) -> Result:
     if isinstance(request, BackupRequest):
         from shim.backup import take_backup
 

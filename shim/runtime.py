@@ -15,11 +15,16 @@ MOUNT_REGISTRY = RUN_DIR / "mounts"
 
 
 def pid_alive(pid: int) -> bool:
-    """Whether a process with this pid exists."""
+    """Whether a process with this pid exists and has not exited (a zombie has)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return True
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    # The state follows the command name, which may hold spaces and parentheses.
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

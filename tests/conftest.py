@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -16,8 +17,17 @@ from tests.support import Chain
 
 
 @pytest.fixture(scope="session")
-def hypervisor() -> Iterator[libvirt.virConnect]:
-    """A connection to the lab's libvirtd; the run fails (it never skips) without one."""
+def _lab_swept() -> None:
+    """Leftovers of killed runs removed, once per session."""
+    removed = sweep_stale_labs()
+    if removed:
+        print(f"removed leftovers of earlier runs: {', '.join(removed)}")
+
+
+@pytest.fixture
+def hypervisor(_lab_swept: None) -> Iterator[libvirt.virConnect]:
+    """A connection to the lab's libvirtd (per test: the fault suite restarts libvirtd);
+    the run fails, it never skips, without one."""
     try:
         conn = open_connection()
     except VirtError as exc:
@@ -25,11 +35,9 @@ def hypervisor() -> Iterator[libvirt.virConnect]:
             f"the lab hypervisor is not reachable ({exc}); run scripts/setup-host as root",
             pytrace=False,
         )
-    removed = sweep_stale_labs()
-    if removed:
-        print(f"removed leftovers of earlier runs: {', '.join(removed)}")
     yield conn
-    conn.close()
+    with contextlib.suppress(libvirt.libvirtError):
+        conn.close()
 
 
 @pytest.fixture

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -106,10 +107,13 @@ class Chain:
 
     def parent_values(self, style: str) -> dict[str, str]:
         parent = self.backups[-1]
+        # The server names the files the parent holds: not a disk attached since. (A parent
+        # directory that vanished on the NAS is still named in full.)
+        gone = not (self.repo_dir / parent).exists()
         files = [
             p.relative_to(self.repo_dir)
             for p in disk_files(self.repo_dir, parent, self.vm)
-            if p.exists()
+            if gone or p.exists()
         ]
         if style == "paths":
             return {"parent_paths": ",".join(map(str, files))}
@@ -117,15 +121,15 @@ class Chain:
             return {"parent_path": parent}
         return {"parent_path": str(files[0])}  # the seed's first form: the root disk's file
 
-    def backup(
+    def argv(
         self,
         mode: str = "",
         *,
         parent_style: str = "paths",
         disks: str = "",
         quiesce: str = "false",
-        expect_exit: int = 0,
-    ) -> tuple[Run, str]:
+    ) -> tuple[list[str], str, str]:
+        """The next backup's argv (this chain's generation), its path and its bitmap."""
         self.counter += 1
         path = f"{self.vm.name}/2026.10.{self.counter:02d}.00.00.00"
         values = {
@@ -143,10 +147,62 @@ class Chain:
         if mode == "incremental":
             values["bitmap_parent"] = self.bitmaps[-1]
             values.update(self.parent_values(parent_style))
-        run = run_dropin(build_argv(self.generation, values), log_file=self.log)
+        return build_argv(self.generation, values), path, bitmap
+
+    def record(self, mode: str, path: str, bitmap: str) -> None:
+        """Remember a backup that succeeded (the next incremental's parent)."""
+        self.backups.append(path)
+        if mode in ("full", "incremental"):
+            self.bitmaps.append(bitmap)
+
+    def backup(
+        self,
+        mode: str = "",
+        *,
+        parent_style: str = "paths",
+        disks: str = "",
+        quiesce: str = "false",
+        expect_exit: int = 0,
+    ) -> tuple[Run, str]:
+        """Run the next backup with the drop-in; assert its exit code."""
+        argv, path, bitmap = self.argv(mode, parent_style=parent_style, disks=disks,
+                                       quiesce=quiesce)  # fmt: skip
+        run = run_dropin(argv, log_file=self.log)
         assert run.returncode == expect_exit, run.stdout + run.stderr
         if expect_exit == 0:
-            self.backups.append(path)
-            if mode in ("full", "incremental"):
-                self.bitmaps.append(bitmap)
+            self.record(mode, path, bitmap)
         return run, path
+
+    def start(self, mode: str, log: Path, **kwargs: str) -> InFlight:
+        """Start the next backup in the background; :meth:`InFlight.wait_for` its log."""
+        argv, path, bitmap = self.argv(mode, **kwargs)
+        env = {**os.environ, "NASBACKUP_SHIM_LOG": str(log)}
+        proc = subprocess.Popen([str(DROPIN), *argv], stdout=subprocess.PIPE, text=True, env=env)
+        return InFlight(self, proc, log, mode, path, bitmap)
+
+
+@dataclass
+class InFlight:
+    """A backup running in the background."""
+
+    chain: Chain
+    proc: subprocess.Popen[str]
+    log: Path
+    mode: str
+    path: str
+    bitmap: str
+
+    def wait_for(self, text: str, timeout: float = 60) -> None:
+        """Block until the run's log says ``text`` (it must not end first)."""
+        deadline = time.monotonic() + timeout
+        while text not in (self.log.read_text() if self.log.exists() else ""):
+            assert self.proc.poll() is None, f"the run ended before it logged {text!r}"
+            assert time.monotonic() < deadline, f"no {text!r} in {timeout} s"
+            time.sleep(0.01)  # a test watching a log: there is no event to wait on
+
+    def finish(self, timeout: float = 180) -> Run:
+        """Wait for the run; remember the backup if it succeeded."""
+        out, _ = self.proc.communicate(timeout=timeout)
+        if self.proc.returncode == 0:
+            self.chain.record(self.mode, self.path, self.bitmap)
+        return Run(self.proc.returncode, out, "")

@@ -33,7 +33,7 @@ from shim.errors import CommandFailed, LabError
 from shim.lab import system
 from shim.lab.flakyfs import FAIL_FLAG
 from shim.nas import Repository
-from shim.virt.connection import DEFAULT_URI, open_connection
+from shim.virt.connection import DEFAULT_URI, open_connection, reconnect
 from shim.virt.disks import parse_disks
 from shim.virt.jobs import BackupJob
 
@@ -350,6 +350,12 @@ class Lab:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
+    def reconnect(self) -> None:
+        """A fresh connection (after libvirtd restarted, the old one is dead)."""
+        with contextlib.suppress(libvirt.libvirtError):
+            self.conn.close()
+        self.conn = reconnect(_STOP_TIMEOUT_SECONDS)
+
     def new_dir(self, prefix: str) -> Path:
         """A fresh directory inside the lab."""
         self._counter += 1
@@ -525,3 +531,18 @@ def sweep_stale_labs(base: Path = LAB_BASE, uri: str = DEFAULT_URI) -> list[str]
         shutil.rmtree(lab_dir, ignore_errors=True)
         removed.append(f"directory {lab_dir}")
     return removed
+
+
+def restart_libvirtd() -> None:
+    """Stop libvirtd (SIGTERM, as a service manager would) and start it again; running
+    domains live on, connections to it die. Only ever on a lab hypervisor."""
+    pids = [int(p) for p in proc.run(["pgrep", "-x", "libvirtd"], check=False).stdout.split()]
+    for pid in pids:
+        os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + _STOP_TIMEOUT_SECONDS
+    while any(system.pid_alive(pid) for pid in pids):  # a daemon going down: no event here
+        if time.monotonic() > deadline:
+            raise LabError("libvirtd did not stop")
+        time.sleep(0.05)
+    proc.run(["libvirtd", "-d"])
+    reconnect(_STOP_TIMEOUT_SECONDS).close()
