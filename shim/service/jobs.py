@@ -35,7 +35,6 @@ from shim.virt.jobs import BackupJob
 log = logging.getLogger(__name__)
 
 ABORTED_MESSAGE = "aborted before it started"
-_ABORT_RETRY_SECONDS = 0.2
 
 Runner = Callable[..., operations.Result]
 """What runs a request: :func:`shim.operations.run` (the engine), a test's spy around it."""
@@ -86,6 +85,8 @@ class Job:
     def attach(self, backup_job: BackupJob) -> None:
         """The engine's ``on_job``: the libvirt job now exists (progress, abort)."""
         self._backup_job = backup_job
+        if self.abort_requested:
+            backup_job.abort()  # asked before the job existed: it will not begin
 
     # -- progress and abort (threads) -------------------------------------------------------
     def read_progress(self) -> Progress:
@@ -101,16 +102,16 @@ class Job:
         return self.progress
 
     def abort_running(self) -> None:
-        """Abort the running command's libvirt job, until the command has returned.
+        """Abort the running command's libvirt job and wait until the command returned.
 
-        The job may not have begun yet when asked (the engine creates it, then begins it):
-        abort again until the engine's call returns. Aborting a finished job does nothing.
+        ``abort_requested`` is set first: a job the engine has not created yet is aborted
+        by :meth:`attach`, one it has not begun yet refuses to begin.
         """
-        while not self._command_done.is_set():
-            backup_job = self._backup_job
-            if backup_job is not None:
-                backup_job.abort()
-            self._command_done.wait(_ABORT_RETRY_SECONDS)
+        self.abort_requested = True
+        backup_job = self._backup_job
+        if backup_job is not None:
+            backup_job.abort()
+        self._command_done.wait()
 
     # -- state ------------------------------------------------------------------------------
     async def wait(self) -> list[Answer]:

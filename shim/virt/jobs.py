@@ -64,6 +64,7 @@ class BackupJob:
         self.conn = conn
         self.dom = dom
         self._outcome = _Outcome()
+        self._abort_requested = False
         self._callbacks: list[int] = []
         self._close_registered = False
         self._running = False
@@ -130,13 +131,21 @@ class BackupJob:
         return self._outcome.io_error_pause
 
     def begin(self, backup_xml: str, checkpoint_xml: str | None = None, flags: int = 0) -> None:
-        """Start the push backup (and create the checkpoint with it, atomically)."""
+        """Start the push backup (and create the checkpoint with it, atomically).
+
+        An :meth:`abort` that came first (from another thread) stops it here, or at once
+        after it started if it came while the job was starting.
+        """
+        if self._abort_requested:
+            raise BackupFailed("the backup was aborted before it began")
         log.debug("backupBegin flags=%d\n%s\n%s", flags, backup_xml, checkpoint_xml or "")
         try:
             self.dom.backupBegin(backup_xml, checkpoint_xml, flags)
         except libvirt.libvirtError as exc:
             raise BackupFailed(f"backup could not start: {exc.get_error_message()}") from None
         self._running = True
+        if self._abort_requested:
+            self.abort()
 
     def wait(self) -> JobStats:
         """Block until the job ends; return the completed statistics or raise BackupFailed."""
@@ -174,7 +183,9 @@ class BackupJob:
             raise VirtError(f"cannot read job statistics: {exc.get_error_message()}") from None
 
     def abort(self) -> None:
-        """Abort the job if it still runs and wait (bounded) for libvirt to confirm."""
+        """Abort the job if it runs and wait (bounded) for libvirt to confirm; before the
+        job began, make :meth:`begin` refuse to begin it. Safe from any thread."""
+        self._abort_requested = True
         if not self._running:
             return
         log.info("aborting the backup job of %s", self.dom.name())
