@@ -135,6 +135,8 @@ def _parse_json(body: bytes) -> Any:
         return json.loads(body.decode("utf-8"), parse_constant=_no_constants)
     except UnicodeDecodeError as exc:
         raise BadRequest("malformed JSON", [Problem("", f"not UTF-8: {exc.reason}")]) from None
+    except RecursionError:  # json's recursive decoder: about a thousand levels of nesting
+        raise BadRequest("malformed JSON", [Problem("", "nested too deeply")]) from None
     except ValueError as exc:  # JSONDecodeError is one
         raise BadRequest("malformed JSON", [Problem("", str(exc))]) from None
 
