@@ -60,6 +60,10 @@ class BackupRequest:
         validate_vm_name(self.vm)
         if not self.path:
             raise UsageError("missing backup path (-p)")
+        # Checked again once mounted (symlinks); refused here, nothing is locked or mounted.
+        validate_relative(self.path, "backup path")
+        for parent in (*self.parent_paths, *([self.parent_path] if self.parent_path else [])):
+            validate_relative(parent, "parent path")
         for bitmap in (self.bitmap_new, self.bitmap_parent):
             if bitmap is not None:
                 validate_bitmap_name(bitmap)
