@@ -1,0 +1,24 @@
+"""Every bad input of :mod:`shim.lab.badinputs` on the lab: refused with one clear line
+(exit 1, or an HTTP 4xx with a JSON body), nothing written outside what existed, no secret
+echoed in stdout, stderr, the HTTP body or the log."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from shim.lab import Lab
+from shim.lab.badinputs import BAD_INPUTS
+from shim.lab.scenarios import Scenario
+
+
+def test_the_names_are_unique() -> None:
+    names = [scenario.name for scenario in BAD_INPUTS]
+    assert len(set(names)) == len(names)
+
+
+@pytest.mark.lab
+@pytest.mark.parametrize("scenario", BAD_INPUTS, ids=[s.name for s in BAD_INPUTS])
+def test_bad_input_is_refused(scenario: Scenario, lab: Lab, tmp_path: Path) -> None:
+    scenario.run(lab, tmp_path)
