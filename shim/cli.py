@@ -11,6 +11,7 @@ Imports are lazy: ``-h`` and argument errors must not pay for libvirt and lxml.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -209,18 +210,29 @@ def _on_signal(signum: int, _frame: FrameType | None) -> None:
     raise Interrupted(f"interrupted by signal {signal.Signals(signum).name}")
 
 
+def _emit(text: str) -> None:
+    """Print ``text`` for the agent. A reader that went away (a closed pipe) is logged, not
+    a traceback on stderr; the exit code still tells what happened."""
+    try:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # so that the interpreter's last flush is quiet
+        log.warning("stdout was closed by its reader")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point: parse, run, print the contract's stdout, return the exit code."""
     argv = list(sys.argv[1:] if argv is None else argv)
-    out = sys.stdout
     try:
         args = parse(argv)
         request = request_for(args)
     except _Usage as usage:
-        out.write((usage.message + "\n" if usage.message else "") + USAGE)
+        _emit((usage.message + "\n" if usage.message else "") + USAGE)
         return EXIT_ERROR
     except ShimError as exc:
-        out.write(error_stdout(exc.message))
+        _emit(error_stdout(exc.message))
         return EXIT_ERROR
 
     from shim import log as shim_log
@@ -238,13 +250,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if exc.__cause__ is not None:
             log.error("caused by: %s", exc.__cause__)
         log.error("%s failed (exit %d): %s", operation, code, exc)
-        out.write(failure_stdout(exc.message, code))
+        _emit(failure_stdout(exc.message, code))
         return code
     except Exception as exc:  # a bug: still one line and exit 1, never a traceback on stdout
         log.exception("unexpected error")
-        out.write(error_stdout(f"internal error: {type(exc).__name__}: {exc}"))
+        _emit(error_stdout(f"internal error: {type(exc).__name__}: {exc}"))
         return EXIT_ERROR
-    out.write(text)
+    _emit(text)
     log.info("%s succeeded", operation)
     return 0
 

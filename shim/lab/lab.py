@@ -46,6 +46,7 @@ LAB_BASE = Path(os.environ.get("SHIM_LAB_DIR", "/var/tmp/nasbackup-shim-lab"))
 LAB_NS = "urn:cloudstack-nasbackup-shim:lab"
 _OWNER_FILE = "owner.pid"
 _STOP_TIMEOUT_SECONDS = 30
+_LIBVIRTD_STOP_SECONDS = 60
 _SECTOR = 512
 
 
@@ -535,14 +536,28 @@ def sweep_stale_labs(base: Path = LAB_BASE, uri: str = DEFAULT_URI) -> list[str]
 
 def restart_libvirtd() -> None:
     """Stop libvirtd (SIGTERM, as a service manager would) and start it again; running
-    domains live on, connections to it die. Only ever on a lab hypervisor."""
+    domains live on, connections to it die. Only ever on a lab hypervisor.
+
+    libvirtd may take its time to stop (it waits for its workers); past a minute it is
+    killed. It is started again whatever happened, so that one scenario cannot take the
+    hypervisor away from the ones after it.
+    """
     pids = [int(p) for p in proc.run(["pgrep", "-x", "libvirtd"], check=False).stdout.split()]
-    for pid in pids:
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + _STOP_TIMEOUT_SECONDS
-    while any(system.pid_alive(pid) for pid in pids):  # a daemon going down: no event here
-        if time.monotonic() > deadline:
-            raise LabError("libvirtd did not stop")
-        time.sleep(0.05)
-    proc.run(["libvirtd", "-d"])
+    try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + _LIBVIRTD_STOP_SECONDS
+        while any(system.pid_alive(pid) for pid in pids):  # a daemon going down: no event
+            if time.monotonic() > deadline:
+                log.warning("libvirtd did not stop in %d s: killing it", _LIBVIRTD_STOP_SECONDS)
+                for pid in pids:
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                deadline = time.monotonic() + _STOP_TIMEOUT_SECONDS
+            time.sleep(0.05)
+    finally:
+        if not any(system.pid_alive(int(p)) for p in
+                   proc.run(["pgrep", "-x", "libvirtd"], check=False).stdout.split()):  # fmt: skip
+            proc.run(["libvirtd", "-d"])
     reconnect(_STOP_TIMEOUT_SECONDS).close()
