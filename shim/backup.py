@@ -20,12 +20,11 @@ import libvirt
 from lxml import etree
 
 from shim import qemu_img
-from shim.backupdir import BackupDirectory, parent_dir_name
+from shim.backupdir import BackupDirectory
 from shim.chain import relative_backing, resolve_parents
 from shim.contract import BackupOutcome
 from shim.errors import BackupFailed, CleanupFailed, ShimError, VirtError
 from shim.lock import VmLock
-from shim.manifest import DiskFile, Manifest, checksum_algorithm, disk_records
 from shim.nas import MountSession
 from shim.offline import OfflineBackup
 from shim.request import FULL, INCREMENTAL, BackupRequest
@@ -241,33 +240,17 @@ class LiveBackup:
     def _publish(self, disks: list[DomainDisk], plan: _Plan) -> list[str]:
         for name, text in host.describe(self.dom).items():
             (self.directory.work / name).write_text(text, encoding="utf-8")
-        mode = self.request.effective_mode
-        algorithm = checksum_algorithm()
-        manifest = Manifest(
+        return self.directory.publish(
             vm=self.request.vm,
-            mode=INCREMENTAL if plan.incremental_from else (FULL if plan.checkpoint else mode),
+            requested_mode=self.request.effective_mode,
             offline=False,
+            checkpoint=plan.checkpoint,
             bitmap=plan.checkpoint,
-            parent=parent_dir_name(plan.parents),
+            parents=plan.parents,
             fallback=plan.fallback,
-            disks=disk_records(
-                self.directory.work,
-                [
-                    DiskFile(
-                        d.role,
-                        d.volume_id,
-                        d.backup_name,
-                        d.source,
-                        self.capacities[d.target],
-                        self._backing(plan, d),
-                    )
-                    for d in disks
-                ],
-                algorithm,
-            ),
-            checksum_algorithm=algorithm,
+            disks=disks,
+            sizes=self.capacities,
         )
-        return self.directory.publish(manifest)
 
     def _backing(self, plan: _Plan, disk: DomainDisk) -> str | None:
         parent = plan.parents.get(disk.target)

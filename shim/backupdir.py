@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 from shim.chain import (
@@ -17,13 +18,22 @@ from shim.chain import (
     fsync_dir,
     fsync_tree,
     partial_dir,
+    relative_backing,
     remove_tree,
     sweep_dead_work,
 )
 from shim.contract import BackupOutcome
 from shim.errors import InputError
-from shim.manifest import MANIFEST, Manifest, write_manifest
+from shim.manifest import (
+    MANIFEST,
+    DiskFile,
+    Manifest,
+    checksum_algorithm,
+    disk_records,
+    write_manifest,
+)
 from shim.nas import MountSession
+from shim.virt.disks import DomainDisk
 
 log = logging.getLogger(__name__)
 
@@ -48,11 +58,45 @@ class BackupDirectory:
             self._created_parent = self.final.parent
         self.work.mkdir(parents=True)
 
-    def publish(self, manifest: Manifest) -> list[str]:
+    def publish(
+        self,
+        *,
+        vm: str,
+        requested_mode: str,
+        offline: bool,
+        checkpoint: str | None,
+        bitmap: str | None,
+        parents: dict[str, Path],
+        fallback: bool,
+        disks: Sequence[DomainDisk],
+        sizes: dict[str, int],
+    ) -> list[str]:
         """Write the manifest last, make everything durable, rename into place.
 
-        Returns the names of the files written, the manifest last.
+        ``checkpoint`` is the one created (it makes the mode ``full``), ``bitmap`` the one
+        the manifest records (None where not every disk could carry it); ``parents`` maps
+        disk targets to their parent files, ``sizes`` to their virtual sizes. Returns the
+        names of the files written, the manifest last.
         """
+        mode = "incremental" if parents else ("full" if checkpoint else requested_mode)
+        algorithm = checksum_algorithm()
+        files = [
+            DiskFile(
+                d.role, d.volume_id, d.backup_name, d.source, sizes[d.target],
+                relative_backing(parents[d.target], self.final) if d.target in parents else None,
+            )
+            for d in disks
+        ]  # fmt: skip
+        manifest = Manifest(
+            vm=vm,
+            mode=mode,
+            offline=offline,
+            bitmap=bitmap,
+            parent=parent_dir_name(parents),
+            fallback=fallback,
+            disks=disk_records(self.work, files, algorithm),
+            checksum_algorithm=algorithm,
+        )
         write_manifest(self.work, manifest)
         fsync_tree(self.work)
         if self.final.exists():

@@ -20,11 +20,10 @@ from pathlib import Path
 import libvirt
 
 from shim import qemu_img
-from shim.backupdir import BackupDirectory, parent_dir_name
+from shim.backupdir import BackupDirectory
 from shim.chain import relative_backing, resolve_parents
 from shim.contract import BackupOutcome
 from shim.errors import BackupFailed, CommandFailed, InputError, VirtError
-from shim.manifest import DiskFile, Manifest, checksum_algorithm, disk_records
 from shim.nas import MountSession
 from shim.request import BackupRequest
 from shim.storage_daemon import QmpError, StorageDaemon, node_bitmaps
@@ -285,36 +284,14 @@ class OfflineBackup:
             log.warning("cannot clear the checkpoint metadata of %s: %s", self.request.vm, exc)
 
     def _publish(self, disks: list[DomainDisk], plan: _Plan) -> list[str]:
-        request = self.request
-        if plan.parents:
-            mode = "incremental"
-        else:
-            mode = "full" if plan.checkpoint else request.effective_mode
-        algorithm = checksum_algorithm()
-        manifest = Manifest(
-            vm=request.vm,
-            mode=mode,
+        return self.directory.publish(
+            vm=self.request.vm,
+            requested_mode=self.request.effective_mode,
             offline=True,
+            checkpoint=plan.checkpoint,
             bitmap=plan.checkpoint if all(_carries_bitmaps(d) for d in disks) else None,
-            parent=parent_dir_name(plan.parents),
+            parents=plan.parents,
             fallback=plan.fallback,
-            disks=disk_records(
-                self.directory.work,
-                [
-                    DiskFile(
-                        d.role,
-                        d.volume_id,
-                        d.backup_name,
-                        d.source,
-                        self.sizes[d.target],
-                        relative_backing(plan.parents[d.target], self.directory.final)
-                        if d.target in plan.parents
-                        else None,
-                    )
-                    for d in disks
-                ],
-                algorithm,
-            ),
-            checksum_algorithm=algorithm,
+            disks=disks,
+            sizes=self.sizes,
         )
-        return self.directory.publish(manifest)
