@@ -31,7 +31,7 @@ from shim.request import FULL, INCREMENTAL, BackupRequest
 from shim.virt import checkpoints, host
 from shim.virt.connection import open_connection, reconnect
 from shim.virt.disks import DomainDisk, parse_disks
-from shim.virt.jobs import BackupJob, abort_stale_job, is_active
+from shim.virt.jobs import BackupJob, is_active, recover_interrupted_job
 
 log = logging.getLogger(__name__)
 
@@ -105,7 +105,7 @@ class LiveBackup:
         disks = parse_disks(self.dom.XMLDesc())
         if not disks:
             raise BackupFailed(f"VM {self.request.vm} has no disks")
-        abort_stale_job(self.conn, self.dom)
+        recover_interrupted_job(self.conn, self.dom, [d.target for d in disks])
         self.paused_before = host.is_paused(self.dom)
         # The images' bitmap directories, read once: kept up to date as bitmaps are removed
         # (bitmaps this QEMU creates reach the header only when it stops).
@@ -123,7 +123,7 @@ class LiveBackup:
                 stats = job.wait()
             files = self._publish(disks, plan)
         except BaseException as exc:
-            self._cleanup(plan, job, exc)
+            self._cleanup(disks, plan, job, exc)
             raise
         warnings = (
             checkpoints.retire_all_except(self.dom, disks, plan.checkpoint, self.headers)
@@ -256,13 +256,16 @@ class LiveBackup:
         parent = plan.parents.get(disk.target)
         return relative_backing(parent, self.directory.final) if parent is not None else None
 
-    def _cleanup(self, plan: _Plan, job: BackupJob | None, error: BaseException) -> None:
+    def _cleanup(
+        self, disks: list[DomainDisk], plan: _Plan, job: BackupJob | None, error: BaseException
+    ) -> None:
         log.error("backup of %s failed: %s", self.request.vm, error)
         problems: list[str] = []
         if self._reconnect_if_lost(problems):
             try:
-                # After a lost connection the job may still run: nobody will wait for it.
-                abort_stale_job(self.conn, self.dom)
+                # After a lost connection the job may still run (nobody will wait for it),
+                # or have left libvirt's temporary bitmaps behind.
+                recover_interrupted_job(self.conn, self.dom, [d.target for d in disks])
             except VirtError as exc:
                 problems.append(str(exc))
             if not self.paused_before and (

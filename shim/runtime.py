@@ -1,4 +1,5 @@
-"""Where the shim keeps its runtime state: locks and the registry of its mounts.
+"""Where the shim keeps its runtime state: locks, the registry of its mounts, and markers of
+the backup jobs whose end libvirt has not yet confirmed.
 
 Everything lives under ``/run/cloudstack-nasbackup-shim`` (``NASBACKUP_SHIM_RUN_DIR``
 overrides it): a tmpfs on real hosts, so nothing survives a reboot that should not.
@@ -12,6 +13,7 @@ from pathlib import Path
 RUN_DIR = Path(os.environ.get("NASBACKUP_SHIM_RUN_DIR", "/run/cloudstack-nasbackup-shim"))
 LOCK_DIR = RUN_DIR / "lock"
 MOUNT_REGISTRY = RUN_DIR / "mounts"
+JOB_MARKERS = RUN_DIR / "jobs"
 
 
 def pid_alive(pid: int) -> bool:

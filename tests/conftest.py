@@ -12,6 +12,7 @@ import pytest
 
 from shim.errors import VirtError
 from shim.lab import Lab, MiB, sweep_stale_labs
+from shim.lab.lab import start_libvirtd_if_down
 from shim.virt.connection import open_connection
 from tests.support import Chain
 
@@ -42,9 +43,18 @@ def hypervisor(_lab_swept: None) -> Iterator[libvirt.virConnect]:
 
 @pytest.fixture
 def lab(hypervisor: libvirt.virConnect) -> Iterator[Lab]:
-    """A fresh lab, closed (everything removed) after the test whatever its outcome."""
+    """A fresh lab, closed (everything removed) after the test whatever its outcome.
+
+    A libvirtd that died during the test fails it, and is started again so that the tests
+    after it run against a hypervisor.
+    """
     with Lab() as the_lab:
         yield the_lab
+        died = start_libvirtd_if_down()
+        if died:
+            the_lab.reconnect()
+    if died:
+        pytest.fail("libvirtd died during this test (started again)", pytrace=False)
 
 
 @pytest.fixture

@@ -26,7 +26,7 @@ from pathlib import Path
 from shim.errors import ShimError
 from shim.lab.badinputs import BAD_INPUTS
 from shim.lab.faults import FAULTS
-from shim.lab.lab import Lab, sweep_stale_labs
+from shim.lab.lab import Lab, start_libvirtd_if_down, sweep_stale_labs
 from shim.lab.load import LoadResult, run_load
 from shim.lab.scenarios import Scenario
 
@@ -52,6 +52,10 @@ def run_scenario(scenario: Scenario) -> str | None:
         except Exception as exc:
             problem = _one_line(f"{type(exc).__name__}: {exc}")
         finally:
+            if start_libvirtd_if_down():
+                problem = problem or "libvirtd died during the scenario (started again)"
+                if lab is not None:
+                    lab.reconnect()
             try:
                 if lab is not None:
                     lab.close()

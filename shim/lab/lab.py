@@ -35,6 +35,7 @@ from shim.lab.flakyfs import FAIL_FLAG
 from shim.nas import Repository
 from shim.virt.connection import DEFAULT_URI, open_connection, reconnect
 from shim.virt.disks import parse_disks
+from shim.virt.host import qemu_monitor
 from shim.virt.jobs import BackupJob
 
 log = logging.getLogger(__name__)
@@ -293,6 +294,25 @@ class LabVM:
     def bitmaps(self, disk: int) -> tuple[str, ...]:
         """The persistent bitmaps in a disk's qcow2 (read with -U while QEMU runs)."""
         return qemu_img.info(self.disks[disk].path, fmt="qcow2", force_share=True).bitmaps
+
+    def leave_temporary_bitmap(self, disk: int) -> None:
+        """Leave in QEMU the temporary bitmap (``backup-<target>``, not persistent) that
+        libvirt 9.0 forgets when libvirtd restarts while the disk's backup block job ends."""
+        target = self.disks[disk].target
+        path = str(self.disks[disk].path)
+        nodes = qemu_monitor(self.dom, "query-named-block-nodes", flat=True)
+        node = next(n["node-name"] for n in nodes if n["drv"] == "qcow2" and n["file"] == path)
+        name = f"backup-{target}"
+        qemu_monitor(self.dom, "block-dirty-bitmap-add", node=node, name=name, persistent=False)
+
+    def temporary_bitmaps(self) -> list[str]:
+        """Names of the non-persistent bitmaps QEMU holds on this VM's disks."""
+        return [
+            b["name"]
+            for n in qemu_monitor(self.dom, "query-named-block-nodes", flat=True)
+            for b in n.get("dirty-bitmaps", [])
+            if not b.get("persistent")
+        ]
 
     def reference_backup(self, dest: Path | None = None) -> list[Path]:
         """A full push backup of every disk, with no checkpoint: the truth to compare with.
@@ -557,7 +577,15 @@ def restart_libvirtd() -> None:
                 deadline = time.monotonic() + _STOP_TIMEOUT_SECONDS
             time.sleep(0.05)
     finally:
-        if not any(system.pid_alive(int(p)) for p in
-                   proc.run(["pgrep", "-x", "libvirtd"], check=False).stdout.split()):  # fmt: skip
-            proc.run(["libvirtd", "-d"])
+        start_libvirtd_if_down()
     reconnect(_STOP_TIMEOUT_SECONDS).close()
+
+
+def start_libvirtd_if_down() -> bool:
+    """Start libvirtd when none runs (after a restart, or a crash); True if it had to. Only
+    ever on a lab hypervisor."""
+    found = proc.run(["pgrep", "-x", "libvirtd"], check=False).stdout.split()
+    if any(system.pid_alive(int(pid)) for pid in found):
+        return False
+    proc.run(["libvirtd", "-d"])
+    return True

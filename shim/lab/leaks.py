@@ -12,6 +12,7 @@ from pathlib import Path
 from shim.lab import system
 from shim.lab.lab import Lab
 from shim.lock import LOCK_DIR
+from shim.virt.jobs import JobMarker
 
 
 def held_locks(vm_names: Iterable[str], lock_dir: Path = LOCK_DIR) -> list[str]:
@@ -34,9 +35,10 @@ def leaks(lab: Lab) -> list[str]:
     """Everything an operation of the shim must not leave behind, as readable lines.
 
     Mounts and directories named ``csbackup.*`` in the temporary directory, paused lab VMs,
-    held locks of lab VMs, partial backup directories in the lab's repositories, and shim
-    processes this process started that still run. All scoped to this process and lab, so
-    that two test runs on one host do not see each other's work as leaks.
+    held locks and unconfirmed job markers of lab VMs, partial backup directories in the
+    lab's repositories, and shim processes this process started that still run. All scoped
+    to this process and lab, so that two test runs on one host do not see each other's work
+    as leaks.
     """
     tmp = Path(tempfile.gettempdir())
     found = [
@@ -48,5 +50,6 @@ def leaks(lab: Lab) -> list[str]:
     found += [f"paused VM {vm.name}" for vm in lab.vms if vm.is_paused()]
     found += [f"held lock {name}" for name in held_locks(vm.name for vm in lab.vms)]
     found += [f"partial directory {p}" for p in glob.glob(f"{lab.dir}/nas-*/*/*.partial")]
+    found += [f"job marker {vm.name}" for vm in lab.vms if JobMarker(vm.name).present]
     found += [f"process {pid}" for pid in system.descendants_running("shim.cli")]
     return found

@@ -4,19 +4,27 @@ Completion is signalled by libvirt's job-completed event; a domain that stops or
 or a connection that closes (libvirtd restarted), ends the wait too. Nothing polls. The
 job's files are touched only after :meth:`BackupJob.wait` returns: it waits for libvirt to
 finish with the targets before it reads the completed statistics.
+
+A job whose end libvirt never confirmed (libvirtd restarted under it, or the run died) is
+marked in the runtime directory; :func:`recover_interrupted_job` clears up after it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import threading
+from collections.abc import Iterable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import libvirt
 
 from shim.errors import BackupFailed, VirtError
+from shim.runtime import JOB_MARKERS
+from shim.virt.host import qemu_monitor
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +53,35 @@ class JobStats:
         return int(self.params.get("disk_total", 0))
 
 
+class JobMarker:
+    """Present while a backup job of the VM runs and libvirt has not confirmed its end.
+
+    Why it exists: libvirt 9.0 forgets a backup's block jobs that end while libvirtd is
+    down, and with them the temporary bitmaps (``backup-<target>``) it merged into QEMU for
+    an incremental; the next incremental backupBegin then fails on the leftover bitmap and
+    libvirtd crashes in its error path (measured on this stack). A marker left behind tells
+    the next run that such leftovers may exist; a clean run never needs to look.
+    """
+
+    def __init__(self, vm: str, directory: Path | None = None) -> None:
+        self.path = (directory or JOB_MARKERS) / vm
+
+    @property
+    def present(self) -> bool:
+        """Whether a job of this VM began and its end was never confirmed."""
+        return self.path.exists()
+
+    def set(self) -> None:
+        """Record that a job is about to begin."""
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        self.path.write_text(f"{os.getpid()}\n", encoding="ascii")
+
+    def clear(self) -> None:
+        """Record that libvirt has confirmed the job's end (or that its leftovers are gone)."""
+        with contextlib.suppress(FileNotFoundError):
+            self.path.unlink()
+
+
 @dataclass
 class _Outcome:
     finished: threading.Event = field(default_factory=threading.Event)
@@ -63,6 +100,7 @@ class BackupJob:
     def __init__(self, conn: libvirt.virConnect, dom: libvirt.virDomain) -> None:
         self.conn = conn
         self.dom = dom
+        self._marker = JobMarker(dom.name())
         self._outcome = _Outcome()
         self._abort_requested = False
         self._callbacks: list[int] = []
@@ -139,9 +177,12 @@ class BackupJob:
         if self._abort_requested:
             raise BackupFailed("the backup was aborted before it began")
         log.debug("backupBegin flags=%d\n%s\n%s", flags, backup_xml, checkpoint_xml or "")
+        self._marker.set()
         try:
             self.dom.backupBegin(backup_xml, checkpoint_xml, flags)
         except libvirt.libvirtError as exc:
+            if _connection_alive(self.conn):
+                self._marker.clear()  # libvirt rolled the start back itself
             raise BackupFailed(f"backup could not start: {exc.get_error_message()}") from None
         self._running = True
         if self._abort_requested:
@@ -151,6 +192,7 @@ class BackupJob:
         """Block until the job ends; return the completed statistics or raise BackupFailed."""
         self._outcome.finished.wait()
         self._running = False
+        self._confirm_end()
         outcome = self._outcome
         if outcome.params is None:
             raise BackupFailed(_ended_reason(outcome.ended_by))
@@ -198,7 +240,14 @@ class BackupJob:
         else:
             with contextlib.suppress(libvirt.libvirtError):
                 self._barrier()
+            self._confirm_end()
         self._running = False
+
+    def _confirm_end(self) -> None:
+        # libvirt's job-completed event comes after it removed its temporary bitmaps; a
+        # stopped QEMU took them along. A lost connection confirms nothing.
+        if self._outcome.params is not None or self._outcome.ended_by == "domain-stopped":
+            self._marker.clear()
 
     def _barrier(self) -> None:
         # The job-completed event is emitted while libvirt still holds the domain's job to
@@ -206,6 +255,55 @@ class BackupJob:
         # waits for that job to end, i.e. until QEMU has released the files. The completed
         # statistics alone are answered at once and are no barrier.
         self.dom.jobStats()
+
+
+def recover_interrupted_job(
+    conn: libvirt.virConnect, dom: libvirt.virDomain, targets: Iterable[str]
+) -> None:
+    """Clear up after a backup job of this VM that no living run waits for: abort it if it
+    still runs and, when libvirt never confirmed its end, remove the temporary bitmaps it
+    may have left in QEMU. Call only while holding the VM's lock; VirtError if it cannot.
+    """
+    marker = JobMarker(dom.name())
+    interrupted = marker.present  # read first: the abort below confirms an end of its own
+    abort_stale_job(conn, dom)
+    if not interrupted:
+        return
+    if is_active(dom):
+        removed = drop_orphan_job_bitmaps(dom, targets)
+        if removed:
+            log.warning(
+                "removed temporary bitmaps libvirt left from an interrupted backup job: %s",
+                ", ".join(removed),
+            )
+    marker.clear()
+
+
+def drop_orphan_job_bitmaps(dom: libvirt.virDomain, targets: Iterable[str]) -> list[str]:
+    """Remove libvirt's temporary backup bitmaps (``backup-<target>``, never persistent)
+    from the running QEMU; only while no backup job runs. Returns what was removed.
+
+    libvirt has no API for this: it goes through QEMU's monitor, which taints the domain,
+    hence only after an interrupted job.
+    """
+    names = {f"backup-{target}" for target in targets}
+    removed = []
+    for node in qemu_monitor(dom, "query-named-block-nodes", flat=True):
+        for bitmap in node.get("dirty-bitmaps", []):
+            if bitmap.get("name") in names and not bitmap.get("persistent"):
+                if bitmap.get("busy"):
+                    raise VirtError(f"bitmap {bitmap['name']} is in use by a block job")
+                where = {"node": node["node-name"], "name": bitmap["name"]}
+                qemu_monitor(dom, "block-dirty-bitmap-remove", **where)
+                removed.append(f"{bitmap['name']} ({node['node-name']})")
+    return removed
+
+
+def _connection_alive(conn: libvirt.virConnect) -> bool:
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
 
 
 def is_active(dom: libvirt.virDomain) -> bool:
