@@ -29,7 +29,7 @@ from shim.nas import MountSession
 from shim.offline import OfflineBackup
 from shim.request import FULL, INCREMENTAL, BackupRequest
 from shim.virt import checkpoints, host
-from shim.virt.connection import open_connection, reconnect
+from shim.virt.connection import is_alive, open_connection, reconnect
 from shim.virt.disks import DomainDisk, parse_disks
 from shim.virt.jobs import BackupJob, is_active, recover_interrupted_job
 
@@ -293,11 +293,7 @@ class LiveBackup:
     def _reconnect_if_lost(self, problems: list[str]) -> bool:
         """Make ``conn`` and ``dom`` usable again after libvirtd restarted; False when the
         domain is gone (a transient domain that stopped takes its checkpoints with it)."""
-        try:
-            alive = bool(self.conn.isAlive())
-        except libvirt.libvirtError:
-            alive = False
-        if not alive:
+        if not is_alive(self.conn):
             log.warning("the connection to libvirt was lost: reconnecting to clean up")
             try:
                 conn = reconnect(RECONNECT_SECONDS)

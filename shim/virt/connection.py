@@ -63,6 +63,14 @@ def open_connection(uri: str = DEFAULT_URI) -> libvirt.virConnect:
     return conn
 
 
+def is_alive(conn: libvirt.virConnect) -> bool:
+    """Whether the connection still reaches libvirtd (False once libvirtd went away)."""
+    try:
+        return bool(conn.isAlive())
+    except libvirt.libvirtError:
+        return False
+
+
 def reconnect(within_seconds: float, uri: str = DEFAULT_URI) -> libvirt.virConnect:
     """Open a connection, retrying with backoff while libvirtd restarts (bounded)."""
     deadline = time.monotonic() + within_seconds

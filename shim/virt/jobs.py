@@ -24,6 +24,7 @@ import libvirt
 
 from shim.errors import BackupFailed, VirtError
 from shim.runtime import JOB_MARKERS
+from shim.virt.connection import is_alive
 from shim.virt.host import qemu_monitor
 
 log = logging.getLogger(__name__)
@@ -181,7 +182,7 @@ class BackupJob:
         try:
             self.dom.backupBegin(backup_xml, checkpoint_xml, flags)
         except libvirt.libvirtError as exc:
-            if _connection_alive(self.conn):
+            if is_alive(self.conn):
                 self._marker.clear()  # libvirt rolled the start back itself
             raise BackupFailed(f"backup could not start: {exc.get_error_message()}") from None
         self._running = True
@@ -297,13 +298,6 @@ def drop_orphan_job_bitmaps(dom: libvirt.virDomain, targets: Iterable[str]) -> l
                 qemu_monitor(dom, "block-dirty-bitmap-remove", **where)
                 removed.append(f"{bitmap['name']} ({node['node-name']})")
     return removed
-
-
-def _connection_alive(conn: libvirt.virConnect) -> bool:
-    try:
-        return bool(conn.isAlive())
-    except libvirt.libvirtError:
-        return False
 
 
 def is_active(dom: libvirt.virDomain) -> bool:
