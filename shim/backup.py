@@ -11,8 +11,9 @@ NAS unmounted. Earlier backups are only ever read.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from shim.errors import BackupFailed, CleanupFailed, ShimError, VirtError
 from shim.lock import VmLock
 from shim.nas import MountSession
 from shim.offline import OfflineBackup
-from shim.request import FULL, INCREMENTAL, BackupRequest
+from shim.request import FULL, INCREMENTAL, BackupRequest, check_volume_id_count
 from shim.virt import checkpoints, host
 from shim.virt.connection import is_alive, open_connection, reconnect
 from shim.virt.disks import DomainDisk, parse_disks
@@ -71,6 +72,19 @@ def take_backup(request: BackupRequest, *, on_job: JobObserver | None = None) ->
                 (live.conn if live is not None else conn).close()
 
 
+def named_disks(disks: list[DomainDisk], volume_ids: Sequence[str]) -> list[DomainDisk]:
+    """``disks`` with the ids ``-u`` gives (disk order) as their volume ids, which name
+    their files and find their parents; unchanged without ``-u``. A count that does not
+    match the domain's disks is refused here, before anything is written or created."""
+    if not volume_ids:
+        return disks
+    check_volume_id_count(volume_ids, len(disks), "disks in the domain")
+    return [
+        dataclasses.replace(disk, volume_id=volume_id)
+        for disk, volume_id in zip(disks, volume_ids, strict=True)
+    ]
+
+
 @dataclass
 class _Plan:
     checkpoint: str | None
@@ -102,7 +116,7 @@ class LiveBackup:
 
     def run(self) -> BackupOutcome:
         """Plan, back up, and publish the directory; clean up after any failure."""
-        disks = parse_disks(self.dom.XMLDesc())
+        disks = named_disks(parse_disks(self.dom.XMLDesc()), self.request.volume_ids)
         if not disks:
             raise BackupFailed(f"VM {self.request.vm} has no disks")
         recover_interrupted_job(self.conn, self.dom, [d.target for d in disks])

@@ -40,7 +40,8 @@ Usage: nasbackup.sh -o <operation> -v|--vm <domain name> -t <storage type> \
 -q|--quiesce <true|false> [-M|--mode <full|incremental|legacy-full>] \
 [--bitmap-new <name>] [--bitmap-parent <name>] [--parent-paths <p1,p2,...>] \
 [--parent-path <path>] [--rebase-target <path>] [--rebase-new-backing <path>] \
-[--backup-files <f1,f2,...>] [--restore-volume-paths <v1,v2,...>]
+[--backup-files <f1,f2,...>] [--restore-volume-paths <v1,v2,...>] \
+[-w|--mount-timeout <seconds, 0 for none>] [-u|--volumeuuids <u1,u2,...>]
 Operations: backup, delete, stats, rebase, restore, verify.
 """
 
@@ -63,6 +64,9 @@ OPTIONS = {
     "--rebase-new-backing": "rebase_new_backing",
     "--backup-files": "backup_files",
     "--restore-volume-paths": "restore_paths",
+    # A downstream distribution's agent: -w on every operation, -u on backups.
+    "-w": "mount_timeout", "--mount-timeout": "mount_timeout",
+    "-u": "volume_ids", "--volumeuuids": "volume_ids",
 }  # fmt: skip
 
 MAX_ARGV_BYTES = 256 * 1024
@@ -125,8 +129,29 @@ def _repository(args: Arguments) -> Repository:
         if not args.text(name):
             raise UsageError(f"missing {option} ({name})")
     return Repository(
-        type=args.text("type"), address=args.text("storage"), options=args.text("mount")
+        type=args.text("type"),
+        address=args.text("storage"),
+        options=args.text("mount"),
+        mount_timeout=_mount_timeout(args),
     )
+
+
+def _mount_timeout(args: Arguments) -> int | None:
+    # Empty like any other option's value: the default, as when -w is absent.
+    value = args.get("mount_timeout")
+    if not value:
+        return None
+    if not (value.isascii() and value.isdigit()):
+        raise UsageError(f"-w takes a whole number of seconds (0 for no timeout), not {value!r}")
+    if len(value) > 18:  # int() would refuse 4300 digits; the range is checked later
+        raise UsageError(f"-w is too large: {value[:20]}...")
+    return int(value)
+
+
+def _volume_ids(args: Arguments) -> tuple[str, ...]:
+    # Split keeping empty items: "a,,b" is refused as an empty id, not read as "a,b".
+    value = args.get("volume_ids")
+    return tuple(value.split(",")) if value else ()
 
 
 def _quiesce(args: Arguments) -> bool:
@@ -152,6 +177,7 @@ def _backup(args: Arguments) -> Request:
         bitmap_parent=args.get("bitmap_parent") or None,
         parent_paths=tuple(_split(args.get("parent_paths"))),
         parent_path=args.get("parent_path") or None,
+        volume_ids=_volume_ids(args),
     )
 
 

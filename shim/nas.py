@@ -24,6 +24,9 @@ log = logging.getLogger(__name__)
 
 UNMOUNT_TIMEOUT_SECONDS = 60
 MOUNT_TIMEOUT_SECONDS = 120
+"""How long a mount may take when the caller does not say (``Repository.mount_timeout``)."""
+MAX_MOUNT_TIMEOUT_SECONDS = 7 * 24 * 3600
+"""Beyond this a timeout is surely a mistake (and overflows the poll() of the wait)."""
 
 _FSTYPE = re.compile(r"^[a-z0-9][a-z0-9._+-]*$")
 # Option keys whose values are credentials or name them: never logged.
@@ -68,14 +71,18 @@ def validate_relative(relative: str, what: str = "path") -> None:
 
 @dataclass(frozen=True)
 class Repository:
-    """A backup repository as the agent names it: ``-t TYPE -s ADDRESS -m OPTIONS``."""
+    """A backup repository as the agent names it: ``-t TYPE -s ADDRESS -m OPTIONS``, and
+    the downstream generation's ``-w SECONDS`` (how long mounting it may take)."""
 
     type: str
     address: str
     options: str = ""
+    mount_timeout: int | None = None
+    """Seconds the mount may take: None for :data:`MOUNT_TIMEOUT_SECONDS`, 0 for no limit."""
 
     def validate(self) -> None:
-        """Refuse values that mount would misread (an option in disguise, a bare newline)."""
+        """Refuse values that mount would misread (an option in disguise, a bare newline),
+        and a mount timeout that is not a whole number of seconds >= 0."""
         if not _FSTYPE.match(self.type or ""):
             raise InputError(f"invalid repository type: {self.type!r}")
         if not self.address or self.address.startswith("-"):
@@ -84,6 +91,23 @@ class Repository:
         if self.options.startswith("-"):
             raise InputError("invalid mount options: they may not start with '-'")
         _reject_control(self.options, "mount options")
+        timeout = self.mount_timeout
+        if timeout is not None and (
+            isinstance(timeout, bool)
+            or not isinstance(timeout, int)
+            or not 0 <= timeout <= MAX_MOUNT_TIMEOUT_SECONDS
+        ):
+            raise InputError(
+                f"invalid mount timeout: {timeout!r} (seconds from 0, no timeout, "
+                f"to {MAX_MOUNT_TIMEOUT_SECONDS})"
+            )
+
+    @property
+    def mount_timeout_seconds(self) -> int | None:
+        """The timeout to run mount under: None for none (``mount_timeout`` 0)."""
+        if self.mount_timeout is None:
+            return MOUNT_TIMEOUT_SECONDS
+        return self.mount_timeout or None
 
     @property
     def mount_options(self) -> str:
@@ -179,6 +203,10 @@ class MountSession:
         return self._root
 
     def __enter__(self) -> MountSession:
+        if self._root is not None:
+            # Entered already (``__enter__()`` then ``with session``): a second mount would
+            # be left behind, as only the last one is unmounted.
+            return self
         repo = self.repository
         recover_stale_mounts()
         self._root = Path(tempfile.mkdtemp(prefix="csbackup.", dir=self._tmp_dir))
@@ -193,13 +221,21 @@ class MountSession:
             self._root,
             repo.redacted_options or "none",
         )
+        timeout = repo.mount_timeout_seconds
         try:
-            proc.run(argv, timeout=MOUNT_TIMEOUT_SECONDS, secrets=_secret_values(repo.options))
+            proc.run(argv, timeout=timeout, secrets=_secret_values(repo.options))
         except CommandFailed as exc:
-            log.error("mount failed: %s", exc)
-            self._remove_dir()
-            self._unregister()
+            if exc.timed_out:
+                log.error("mount timed out after %s s: %s", timeout, exc)
+            else:
+                log.error("mount failed: %s", exc)
+            self._abandon()
             raise MountError(f"Failed to mount {repo.type} store") from None
+        except BaseException as exc:
+            # Interrupted while mounting (the agent's SIGTERM, a cancelled operation).
+            log.error("mount interrupted: %s", exc)
+            self._abandon()
+            raise
         self._mounted = True
         return self
 
@@ -232,6 +268,21 @@ class MountSession:
             self._mounted = False
             log.info("unmounted %s", root)
         self._remove_dir()
+        self._unregister(root)
+
+    def _abandon(self) -> None:
+        """Undo a mount that did not succeed: detach it if the kernel finished it after all
+        (the helper killed by a timeout or a signal), remove the directory, unregister."""
+        root = self._root
+        if root is None:
+            return
+        if root in mount_points():
+            try:
+                proc.run(["umount", "-l", str(root)], timeout=UNMOUNT_TIMEOUT_SECONDS)
+                log.info("detached %s, mounted after all by the failed mount", root)
+            except CommandFailed as exc:
+                log.error("cannot detach %s: %s", root, exc)
+        self._remove_dir()  # forgets the root: unregister it by name
         self._unregister(root)
 
     def _entry(self, root: Path) -> Path:

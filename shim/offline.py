@@ -14,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +26,7 @@ from shim.chain import relative_backing, resolve_parents
 from shim.contract import BackupOutcome
 from shim.errors import BackupFailed, CommandFailed, InputError, VirtError
 from shim.nas import MountSession
-from shim.request import BackupRequest
+from shim.request import BackupRequest, check_volume_id_count
 from shim.storage_daemon import QmpError, StorageDaemon, node_bitmaps
 from shim.virt import checkpoints
 from shim.virt.disks import DATADISK, ROOT, DomainDisk, volume_id_of
@@ -33,18 +34,21 @@ from shim.virt.disks import DATADISK, ROOT, DomainDisk, volume_id_of
 log = logging.getLogger(__name__)
 
 
-def source_disks(paths: list[str] | tuple[str, ...]) -> list[DomainDisk]:
-    """The disks named by ``-d``, in order, with their kind and format.
+def source_disks(paths: Sequence[str], volume_ids: Sequence[str] = ()) -> list[DomainDisk]:
+    """The disks named by ``-d``, in order, with their kind and format, named after
+    ``volume_ids`` (``-u``, one per path) when given, else after the sources' basenames.
 
     A file's format is probed, then held to one rule: a qcow2's backing chain must stay in
     its own directory (CloudStack templates live beside the volumes), so a raw volume whose
     guest wrote a qcow2 header cannot make the backup read another file of the host.
     """
+    if volume_ids:
+        check_volume_id_count(volume_ids, len(paths), "disk paths (-d)")
     disks = []
     for index, source in enumerate(paths):
         role = ROOT if index == 0 else DATADISK
         target = f"disk{index}"
-        volume_id = volume_id_of(source)
+        volume_id = volume_ids[index] if volume_ids else volume_id_of(source)
         if source.startswith("rbd:"):
             disks.append(DomainDisk(target, role, "network", source, "raw", volume_id))
             continue
@@ -95,7 +99,7 @@ class OfflineBackup:
 
     def run(self) -> BackupOutcome:
         """Copy every disk, publish the directory; clean up after any failure."""
-        disks = source_disks(self.request.disk_paths)
+        disks = source_disks(self.request.disk_paths, self.request.volume_ids)
         self.directory.prepare()
         try:
             plan = self._copy(disks)

@@ -34,6 +34,9 @@ class BackupRequest:
     bitmap_parent: str | None = None
     parent_paths: Sequence[str] = ()
     parent_path: str | None = None
+    volume_ids: Sequence[str] = ()
+    """The downstream generation's ``-u``: the ids that name the disks' files, in disk
+    order, in place of the sources' basenames (empty: the basenames)."""
 
     @property
     def effective_mode(self) -> str:
@@ -67,7 +70,45 @@ class BackupRequest:
         for bitmap in (self.bitmap_new, self.bitmap_parent):
             if bitmap is not None:
                 validate_bitmap_name(bitmap)
+        validate_volume_ids(self.volume_ids, self.disk_paths)
         self.repository.validate()
+
+
+def validate_volume_ids(volume_ids: Sequence[str], disk_paths: Sequence[str]) -> None:
+    """Refuse ``-u`` ids that are not distinct plain names, one per ``-d`` source when
+    given (a running VM's disks are counted once known, before anything is written)."""
+    for volume_id in volume_ids:
+        validate_volume_id(volume_id)
+    if len(set(volume_ids)) != len(volume_ids):
+        raise InputError("duplicate volume id in --volumeuuids")
+    if volume_ids and disk_paths:
+        check_volume_id_count(volume_ids, len(disk_paths), "disk paths (-d)")
+
+
+def validate_volume_id(volume_id: str) -> None:
+    """Refuse a volume id that would not be one plain file name component."""
+    if not volume_id:
+        raise InputError("invalid volume id: empty")
+    if (
+        "/" in volume_id
+        or ".." in volume_id
+        or volume_id.startswith(("-", "."))
+        or not volume_id.isprintable()
+        or len(volume_id.encode()) > MAX_VOLUME_ID_BYTES
+    ):
+        raise InputError(f"invalid volume id: {volume_id!r}")
+
+
+MAX_VOLUME_ID_BYTES = 200
+"""``datadisk.<id>.qcow2`` must fit a file name (255 bytes)."""
+
+
+def check_volume_id_count(volume_ids: Sequence[str], disks: int, what: str) -> None:
+    """Refuse ``-u`` ids that do not name every disk exactly once."""
+    if len(volume_ids) != disks:
+        raise InputError(
+            f"--volumeuuids names {len(volume_ids)} volume(s) but there are {disks} {what}"
+        )
 
 
 def validate_bitmap_name(name: str) -> None:
@@ -140,6 +181,13 @@ class RestoreRequest:
     targets: Sequence[str]
     backup_files: Sequence[str] = ()
     vm: str | None = None
+    """The VM whose volumes these are (its lock is held while they are written)."""
+    volume_uuids: Sequence[str] = ()
+    """How errors name each volume (the Java restore's messages); default: the target's id."""
+    create_size: int | None = None
+    """A block or ``rbd:`` target that does not exist yet is created with this many bytes."""
+    attach_to: str | None = None
+    """Attach the (single) restored volume to this running VM afterwards."""
 
     def validate(self) -> None:
         """Refuse what can be refused without touching anything."""
@@ -149,6 +197,16 @@ class RestoreRequest:
             validate_relative(name, "backup file")
         if not self.targets:
             raise UsageError("missing target volume paths (--restore-volume-paths)")
+        if self.volume_uuids and len(self.volume_uuids) != len(self.targets):
+            raise UsageError("one volume uuid per target volume")
+        if self.create_size is not None and self.create_size <= 0:
+            raise InputError(f"invalid size for the new volume: {self.create_size}")
+        if self.attach_to is not None:
+            validate_vm_name(self.attach_to)
+            if len(self.targets) != 1:
+                raise UsageError("only a single restored volume can be attached to a VM")
+            if self.targets[0].startswith("rbd:"):
+                raise UsageError("attaching a restored Ceph volume is not supported here")
         for target in self.targets:
             if not target.startswith(("/", "rbd:")):
                 raise InputError(f"target volume must be an absolute path or rbd: {target}")

@@ -39,6 +39,7 @@ __all__ = [
     "assert_size_parses",
     "build_argv",
     "disk_files",
+    "downstream_stats_parse",
     "java_parse",
     "repo_values",
     "run_dropin",
@@ -98,6 +99,20 @@ def java_parse(parser: str, stdout: str, *, disks_given: bool) -> Parsed:
             raise ValueError("no output")
         size = _java_long(lines[-1])
     return Parsed(size=size, bitmap_created=bitmap, incremental_fallback=fallback)
+
+
+def downstream_stats_parse(stdout: str) -> tuple[int, int]:
+    """Model of the downstream generation's stats wrapper: the one line holding exactly two
+    integers is ``<total> <used>`` in KiB, returned in bytes; none, or a second such line,
+    fails it (ValueError)."""
+    found = []
+    for line in _java_lines(stdout):
+        tokens = line.split()
+        if len(tokens) == 2 and all(t.isdigit() for t in tokens):
+            found.append((int(tokens[0]) * 1024, int(tokens[1]) * 1024))
+    if len(found) != 1:
+        raise ValueError(f"{len(found)} line(s) of two integers in {stdout!r}")
+    return found[0]
 
 
 def assert_size_parses(parser: str, stdout: str, directory: Path, *, disks_given: bool) -> Parsed:

@@ -229,7 +229,9 @@ def test_running_vm_with_disk_paths_prints_integers_only(chain: Chain) -> None:
 def test_quiesce_without_guest_agent_is_crash_consistent(lab: Lab, tmp_path: Path) -> None:
     for with_channel in (False, True):
         vm = lab.create_vm(disks=(16 * MiB,), guest_agent=with_channel)
-        chain = Chain(lab=lab, vm=vm, repo=lab.repository(), log=tmp_path / "a.log")
+        # A log per iteration: the second check must not be satisfied by the first run's line.
+        log = tmp_path / f"agent-{with_channel}.log"
+        chain = Chain(lab=lab, vm=vm, repo=lab.repository(), log=log)
         vm.write(0, 0, 1 * MiB)
         run, path = chain.backup("full", quiesce="true")
         _after_backup(chain, run, path)
@@ -402,3 +404,54 @@ def test_sha256_checksums_when_asked(chain: Chain, monkeypatch: pytest.MonkeyPat
         log_file=chain.log,
     )
     assert verified.returncode == 0, verified.stdout
+
+
+DOWNSTREAM_IDS = ("0c9a1c3e-root-volume-uuid", "7d2c4b1a-data-volume-uuid")
+
+
+def test_downstream_volume_ids_name_the_files_and_the_chain_continues(chain: Chain) -> None:
+    chain.generation, chain.volume_ids, chain.mount_timeout = "downstream", DOWNSTREAM_IDS, "30"
+    names = ["root.0c9a1c3e-root-volume-uuid.qcow2", "datadisk.7d2c4b1a-data-volume-uuid.qcow2"]
+    _write_round(chain.vm, 0)
+    run, first = chain.backup("full")
+    for k in (1, 2):
+        if k == 2:
+            chain.mount_timeout = "0"  # no timeout at all
+        argv_tail = chain.argv("incremental")[0][-4:]
+        chain.counter -= 1  # that argv was only looked at
+        assert argv_tail == ["-w", chain.mount_timeout, "-u", ",".join(DOWNSTREAM_IDS)]
+        _write_round(chain.vm, k)
+        run, path = chain.backup("incremental")
+        assert "INCREMENTAL_FALLBACK" not in run.stdout
+        refs = chain.vm.reference_backup()
+        # Named after the ids, never the sources' basenames; restores identical.
+        disk_names = sorted(p.name for p in (chain.repo_dir / path).glob("*.qcow2"))
+        assert disk_names == sorted(names)
+        verify_backup(chain.lab, chain.repo_dir, path, chain.vm, refs, volume_ids=DOWNSTREAM_IDS)
+        parsed = assert_size_parses("merged", run.stdout, chain.repo_dir / path, disks_given=False)
+        assert parsed.bitmap_created == chain.bitmaps[-1]
+        # Each file is backed by its own disk's -u named parent: the chain continued.
+        parent = Path(chain.backups[-2]).name
+        files = disk_files(chain.repo_dir, path, chain.vm, DOWNSTREAM_IDS)
+        assert [qemu_img.info(f).backing_filename for f in files] == [
+            f"../{parent}/{name}" for name in names
+        ]
+        assert sum(f.stat().st_size for f in files) < 6 * MiB
+        manifest = read_manifest(chain.repo_dir / path)
+        assert manifest is not None and manifest.mode == "incremental"
+        assert [d.volume_id for d in manifest.disks] == list(DOWNSTREAM_IDS)
+        assert [d.source for d in manifest.disks] == [str(d.path) for d in chain.vm.disks]
+    assert (chain.repo_dir / first / names[0]).is_file()
+    assert chain.vm.checkpoints() == chain.bitmaps[-1:]
+    assert leaks(chain.lab) == []
+
+
+def test_downstream_volume_id_count_must_match_the_domain(chain: Chain) -> None:
+    chain.generation = "downstream"
+    chain.volume_ids = ("only-one",)
+    run, _ = chain.backup("full", expect_exit=1)
+    assert run.stdout == ("--volumeuuids names 1 volume(s) but there are 2 disks in the domain\n")
+    # Refused before anything was written or any checkpoint created.
+    assert chain.vm.checkpoints() == []
+    assert os.listdir(chain.repo_dir) == []
+    assert leaks(chain.lab) == []

@@ -311,3 +311,83 @@ def test_sigterm_during_an_offline_incremental_keeps_the_parent(lab: Lab, tmp_pa
     manifest = read_manifest(chain.repo_dir / path)
     assert manifest is not None and not manifest.fallback and manifest.mode == "incremental"
     verify_backup(lab, chain.repo_dir, path, vm, _truth(vm))
+
+
+def test_downstream_volume_ids_name_offline_files_and_live_continues(chain: Chain) -> None:
+    vm = chain.vm
+    ids = ("5e6f-root-volume-uuid", "9a8b-data-volume-uuid")
+    chain.generation, chain.volume_ids = "downstream", ids
+    names = [f"root.{ids[0]}.qcow2", f"datadisk.{ids[1]}.qcow2"]
+    vm.write(0, 0, 4 * MiB, pattern=0x71)
+    vm.write(1, 1 * MiB, 1 * MiB, pattern=0x72)
+    vm.stop()
+    _, full = _offline(chain, "full")
+    assert sorted(p.name for p in (chain.repo_dir / full).glob("*.qcow2")) == sorted(names)
+    verify_backup(chain.lab, chain.repo_dir, full, vm, _truth(vm), volume_ids=ids)
+    manifest = read_manifest(chain.repo_dir / full)
+    assert manifest is not None and [d.volume_id for d in manifest.disks] == list(ids)
+    # An offline incremental with -u finds its parents by the ids.
+    vm.start()
+    vm.write(0, 8 * MiB, 1 * MiB, pattern=0x73)
+    vm.stop()
+    _, incremental = _offline(chain, "incremental")
+    files = disk_files(chain.repo_dir, incremental, vm, ids)
+    assert [qemu_img.info(f).backing_filename for f in files] == [
+        f"../{Path(full).name}/{name}" for name in names
+    ]
+    verify_backup(chain.lab, chain.repo_dir, incremental, vm, _truth(vm), volume_ids=ids)
+    # ... and a live one after it too.
+    vm.start()
+    vm.write(1, 4 * MiB, 1 * MiB, pattern=0x74)
+    run, live = chain.backup("incremental")
+    assert "INCREMENTAL_FALLBACK" not in run.stdout
+    assert sorted(p.name for p in (chain.repo_dir / live).glob("*.qcow2")) == sorted(names)
+    verify_backup(chain.lab, chain.repo_dir, live, vm, vm.reference_backup(), volume_ids=ids)
+    assert qemu_img.info(disk_files(chain.repo_dir, live, vm, ids)[1]).backing_filename == (
+        f"../{Path(incremental).name}/{names[1]}"
+    )
+    assert leaks(chain.lab) == []
+
+
+def test_downstream_restore_and_verify_of_volume_id_files(chain: Chain) -> None:
+    vm = chain.vm
+    ids = ("5e6f-root-volume-uuid", "9a8b-data-volume-uuid")
+    chain.generation, chain.volume_ids = "downstream", ids
+    names = [f"root.{ids[0]}.qcow2", f"datadisk.{ids[1]}.qcow2"]
+    vm.write(0, 0, 2 * MiB, pattern=0x75)
+    chain.backup("full")
+    vm.write(1, 0, 1 * MiB, pattern=0x76)
+    _, path = chain.backup("incremental")
+    refs = vm.reference_backup()
+    common = {"path": path, "mount_timeout": "0", **repo_values(chain.repo)}
+    verified = run_dropin(
+        build_argv("downstream", {"operation": "verify", **common}, "verify"), log_file=chain.log
+    )
+    assert verified.returncode == 0, verified.stdout
+    lines = verified.stdout.splitlines()
+    assert all(line.startswith("ok ") for line in lines), verified.stdout
+    assert {f"ok {backup}/{n}" for backup in chain.backups for n in names} <= set(lines)
+    # The shim's own restore (downstream argv, -w) flattens them into fresh volumes.
+    volumes = chain.lab.new_dir("restored")
+    targets = [volumes / "r0", volumes / "r1"]
+    for target, disk in zip(targets, vm.disks, strict=True):
+        qemu_img.create(target, disk.size)
+    values = {
+        "operation": "restore",
+        "backup_files": ",".join(names),
+        "restore_paths": ",".join(map(str, targets)),
+        **common,
+    }
+    restored = run_dropin(build_argv("downstream", values, "restore"), log_file=chain.log)
+    assert restored.returncode == 0, restored.stdout
+    assert all(compare(t, r) for t, r in zip(targets, refs, strict=True))
+    assert leaks(chain.lab) == []
+
+
+def test_downstream_volume_id_count_must_match_the_disk_paths(chain: Chain) -> None:
+    chain.vm.stop()
+    chain.generation, chain.volume_ids = "downstream", ("a", "b", "c")
+    run, _ = chain.backup("full", disks=_disks(chain.vm), expect_exit=1)
+    assert run.stdout == "--volumeuuids names 3 volume(s) but there are 2 disk paths (-d)\n"
+    assert os.listdir(chain.repo_dir) == [] and chain.vm.bitmaps(0) == ()
+    assert not chain.log.exists()  # refused before anything, even the log

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from shim.cli import parse
+from shim.cli import parse, request_for
 from shim.lab import Lab, MiB
 from shim.lab.leaks import leaks
 from shim.lab.system import mount_points
+from shim.request import BackupRequest
 from tests.support import FIXTURES, GENERATIONS, build_argv, repo_values, run_dropin
 
 INVALID = json.loads((FIXTURES / "argv" / "invalid.json").read_text())["cases"]
@@ -62,9 +63,35 @@ def test_every_generation_argv_parses_with_empty_values() -> None:
         args = parse(build_argv(generation, values))
         assert args.get("mount") == ""
         assert args.text("vm") == "i-2-3-VM"
-    for operation in ("delete", "stats", "rebase"):
-        args = parse(build_argv("", {**values, "operation": operation}, operation))
-        assert args.text("operation") == operation
+        request = request_for(args)
+        assert isinstance(request, BackupRequest) and request.repository.mount_timeout is None
+        # Each generation's other operations (the downstream one has its own, with -w).
+        for operation in ("delete", "stats", "rebase"):
+            argv = build_argv(generation, {**values, "operation": operation}, operation)
+            assert parse(argv).text("operation") == operation
+            assert ("-w" in argv) is (generation == "downstream")
+
+
+def test_downstream_generation_parses_with_w_and_u() -> None:
+    values = {
+        "operation": "backup",
+        "vm": "i-2-3-VM",
+        "type": "nfs",
+        "address": "10.0.0.1:/b",
+        "path": "i-2-3-VM/t",
+        "quiesce": "false",
+        "disks": "/mnt/p/v1,/mnt/p/v2",
+        "mount_timeout": "0",
+        "volume_ids": "U1,U2",
+    }
+    request = request_for(parse(build_argv("downstream", values)))
+    assert isinstance(request, BackupRequest)
+    assert request.repository.mount_timeout == 0 and request.volume_ids == ("U1", "U2")
+    for operation in ("delete", "stats", "rebase", "restore", "verify"):
+        extra = {"rebase_target": "i-2-3-VM/t", "rebase_new_backing": "i-2-3-VM/s",
+                 "restore_paths": "/mnt/p/v1", "mount_timeout": "15"}  # fmt: skip
+        argv = build_argv("downstream", {**values, **extra, "operation": operation}, operation)
+        assert request_for(parse(argv)).repository.mount_timeout == 15
 
 
 @pytest.mark.lab

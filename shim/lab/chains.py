@@ -43,8 +43,13 @@ def run_dropin(argv: Sequence[str], *, log_file: Path, timeout: float = 300) -> 
 
 
 def build_argv(generation: str, values: Mapping[str, str], operation: str = "backup") -> list[str]:
-    """The argv ``generation`` builds for ``operation`` from ``values`` (fixture order)."""
-    spec = GENERATIONS[generation] if operation == "backup" else GENERATIONS["other-operations"]
+    """The argv ``generation`` builds for ``operation`` from ``values`` (fixture order): a
+    generation's own ``operations`` when it has them, else the shared ones."""
+    own = GENERATIONS.get(generation, {}).get("operations", {})
+    if operation == "backup":
+        spec = GENERATIONS[generation]
+    else:
+        spec = own if operation in own else GENERATIONS["other-operations"]
     argv: list[str] = []
     for item in spec[operation]:
         option, name = item[0], item[1]
@@ -61,19 +66,29 @@ def repo_values(repo: Repository) -> dict[str, str]:
 
 
 # -- verification as the Java restore does it -------------------------------------------------
-def disk_files(repo_dir: Path, backup: str, vm: LabVM) -> list[Path]:
-    """The backup files of each of ``vm``'s disks, in disk order."""
-    names = [
-        f"{'root' if i == 0 else 'datadisk'}.{d.volume_id}.qcow2" for i, d in enumerate(vm.disks)
-    ]
+def disk_files(
+    repo_dir: Path, backup: str, vm: LabVM, volume_ids: Sequence[str] = ()
+) -> list[Path]:
+    """The backup files of each of ``vm``'s disks, in disk order (named after
+    ``volume_ids`` when the backup was taken with ``-u``)."""
+    ids = list(volume_ids) or [d.volume_id for d in vm.disks]
+    names = [f"{'root' if i == 0 else 'datadisk'}.{v}.qcow2" for i, v in enumerate(ids)]
     return [repo_dir / backup / name for name in names]
 
 
-def verify_backup(lab: Lab, repo_dir: Path, backup: str, vm: LabVM, refs: Sequence[Path]) -> None:
+def verify_backup(
+    lab: Lab,
+    repo_dir: Path,
+    backup: str,
+    vm: LabVM,
+    refs: Sequence[Path],
+    *,
+    volume_ids: Sequence[str] = (),
+) -> None:
     """Every disk's chain: relative qcow2 backing links, clean checks, and its flattened
     content (qemu-img convert, as the Java restore) identical to the reference."""
     vm_dir = (repo_dir / backup).parent.resolve()
-    for file, ref in zip(disk_files(repo_dir, backup, vm), refs, strict=True):
+    for file, ref in zip(disk_files(repo_dir, backup, vm, volume_ids), refs, strict=True):
         assert file.is_file(), f"missing {file}"
         links = qemu_img.chain(file)
         for link in links:
@@ -97,6 +112,10 @@ class Chain:
     repo: Repository
     log: Path
     generation: str = "merged"
+    volume_ids: tuple[str, ...] = ()
+    """Sent as ``-u`` by generations that have it (the files are then named after them)."""
+    mount_timeout: str = "0"
+    """Sent as ``-w`` by generations that have it."""
     backups: list[str] = field(default_factory=list)
     bitmaps: list[str] = field(default_factory=list)
     counter: int = 0
@@ -112,7 +131,7 @@ class Chain:
         gone = not (self.repo_dir / parent).exists()
         files = [
             p.relative_to(self.repo_dir)
-            for p in disk_files(self.repo_dir, parent, self.vm)
+            for p in disk_files(self.repo_dir, parent, self.vm, self.volume_ids)
             if gone or p.exists()
         ]
         if style == "paths":
@@ -139,6 +158,8 @@ class Chain:
             "quiesce": quiesce,
             "disks": disks,
             "mode": mode,
+            "mount_timeout": self.mount_timeout,
+            "volume_ids": ",".join(self.volume_ids),
             **repo_values(self.repo),
         }
         bitmap = f"backup-{1790000000 + self.counter}"
