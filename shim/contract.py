@@ -15,6 +15,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
 from shim.errors import EXIT_CLEANUP_FAILED
+from shim.redact import redact
 
 FALLBACK_MARKER = "INCREMENTAL_FALLBACK=true"
 BITMAP_CREATED_PREFIX = "BITMAP_CREATED="
@@ -133,8 +134,9 @@ def stats_stdout(mount_point: str, total_kib: int, used_kib: int) -> str:
 
 
 def error_stdout(message: str) -> str:
-    """stdout of a failed operation: one line, which the agent shows the operator."""
-    return " ".join(message.split()) + "\n"
+    """stdout of a failed operation: one line, which the agent shows the operator (a Ceph
+    key inside it masked)."""
+    return redact(" ".join(message.split())) + "\n"
 
 
 def failure_stdout(message: str, exit_code: int) -> str:

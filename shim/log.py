@@ -8,9 +8,12 @@ shown there too, as progress for a person; the agent never reads stderr.
 from __future__ import annotations
 
 import logging
+import logging.handlers
 import os
 import sys
 from pathlib import Path
+
+from shim.redact import RedactingFilter
 
 DEFAULT_LOG_FILE = Path("/var/log/cloudstack/agent/agent.log")
 LOG_FILE_ENV = "NASBACKUP_SHIM_LOG"
@@ -41,13 +44,19 @@ def setup(verbose: bool = False) -> None:
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         # mode "a": the log is only ever appended to (upstream's ">" truncated agent.log).
-        handler: logging.Handler = logging.FileHandler(path, mode="a", encoding="utf-8")
+        # Watched: the agent's logrotate renames agent.log daily, and a long-running service
+        # must go on writing to the current file, not to the renamed (compressed) one.
+        handler: logging.Handler = logging.handlers.WatchedFileHandler(
+            path, mode="a", encoding="utf-8"
+        )
     except OSError:
         handler, to_file = logging.StreamHandler(sys.stderr), False
     handler.setFormatter(_Formatter())
+    handler.addFilter(RedactingFilter())
     logger.addHandler(handler)
     if to_file and sys.stderr.isatty():
         terminal = logging.StreamHandler(sys.stderr)
         terminal.setLevel(logging.INFO)
         terminal.setFormatter(logging.Formatter("%(message)s"))
+        terminal.addFilter(RedactingFilter())
         logger.addHandler(terminal)

@@ -1,0 +1,47 @@
+"""The shim's log: appended to, follows the agent's log rotation, never holds a Ceph key."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import pytest
+
+from shim import log as shim_log
+from shim.contract import error_stdout
+from shim.redact import redact
+
+SOURCE = "rbd:pool/img:mon_host=10.0.0.1\\:6789:auth_supported=cephx:id=admin:key=AQBsecret=="
+
+
+@pytest.fixture
+def agent_log(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    path = tmp_path / "agent.log"
+    path.write_text("a line of the agent's\n")
+    monkeypatch.setenv(shim_log.LOG_FILE_ENV, str(path))
+    shim_log.setup()
+    return path
+
+
+def test_the_log_is_appended_to_and_follows_rotation(agent_log: Path) -> None:
+    logger = logging.getLogger("shim.test")
+    logger.info("before rotation")
+    assert agent_log.read_text().startswith("a line of the agent's\n")
+    rotated = agent_log.with_name("agent.log.1")
+    agent_log.rename(rotated)  # what logrotate does each day
+    logger.info("after rotation")
+    assert "after rotation" in agent_log.read_text()
+    assert "after rotation" not in rotated.read_text()
+
+
+def test_no_ceph_key_reaches_the_log_or_an_error_line(agent_log: Path) -> None:
+    logger = logging.getLogger("shim.test")
+    logger.error("disk %s: cannot open", SOURCE)
+    try:
+        raise OSError(f"cannot open {SOURCE}")
+    except OSError:
+        logger.exception("failed")
+    text = agent_log.read_text()
+    assert "AQBsecret" not in text and "key=***" in text
+    assert "AQBsecret" not in error_stdout(f"disk {SOURCE} failed")
+    assert redact("keyring=/etc/ceph/x.keyring,monkey=1") == "keyring=***,monkey=1"
