@@ -9,13 +9,14 @@ reported at once, each as a :class:`Problem` naming where it is by JSON pointer
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 from marshmallow import Schema, ValidationError
 
 from commands import model
 from commands.schemas import ANSWER_SCHEMAS, COMMAND_SCHEMAS, JavaSchema
+from commands.wrappers import DEFAULT_GENERATION, Generation, infer_generation
 
 _SCHEMA_LEVEL = "_schema"
 
@@ -84,9 +85,35 @@ def _load(data: Any, schemas: Mapping[str, type[JavaSchema]], kind: str) -> list
     return loaded
 
 
-def load_commands(data: Any) -> list[model.Command]:
-    """The commands of an envelope, in order; raise EnvelopeError naming every problem."""
-    return _load(data, COMMAND_SCHEMAS, "command")
+def load_commands(
+    data: Any,
+    *,
+    generation: Generation | None = None,
+    default: Generation = DEFAULT_GENERATION,
+) -> list[model.Command]:
+    """The commands of an envelope, in order; raise EnvelopeError naming every problem.
+
+    Each command belongs to ``generation`` when the caller says so; else to the one
+    generation that sends a field it carries (``parentPath``: the seed); else to
+    ``default``. A field that contradicts the stated generation is a problem.
+    """
+    commands = _load(data, COMMAND_SCHEMAS, "command")
+    problems = []
+    typed = []
+    for index, (item, command) in enumerate(zip(data, commands, strict=True)):
+        ((class_name, body),) = item.items()
+        inferred = infer_generation([str(key) for key in body])
+        if generation is not None and inferred not in (None, generation):
+            problems.append(
+                Problem(
+                    _pointer(index, class_name),
+                    f"carries a field of the {inferred.value} generation, not {generation.value}",
+                )
+            )
+        typed.append(replace(command, generation=generation or inferred or default))
+    if problems:
+        raise EnvelopeError(problems)
+    return typed
 
 
 def load_answers(data: Any) -> list[model.Answer]:

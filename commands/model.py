@@ -5,21 +5,53 @@ Each class mirrors one Java class of ``org.apache.cloudstack.backup`` field for 
 A command turns into exactly one request of :mod:`shim.operations`
 (:meth:`Command.to_request`) and makes its answer from that request's
 :class:`~shim.operations.Result` (:meth:`Command.answer`) or from a failure
-(:meth:`Command.failure`): the answer carries what the Java wrapper would have derived
-from the drop-in's stdout, and that stdout itself as ``details``.
+(:meth:`Command.failure`), or from a run past its deadline (:meth:`Command.timed_out`):
+each answer is what the Java wrapper of the command's :class:`~commands.wrappers.Generation`
+builds from the drop-in's exit code and stdout for the same run (contract §7,
+:mod:`commands.wrappers`).
 """
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import PurePosixPath
 from typing import Any, ClassVar
 
+from commands import pools as pools_
+from commands import wrappers
+from commands.wrappers import DEFAULT_GENERATION, TIMEOUT_EXIT, TIMEOUT_STDOUT, Generation
 from shim import contract, operations
-from shim.contract import BackupOutcome, StorageStats
-from shim.errors import EXIT_CLEANUP_FAILED, UsageError
+from shim.errors import UsageError
 from shim.nas import Repository, redact_options
+from shim.virt.disks import DATADISK, ROOT, volume_id_of
+
+log = logging.getLogger("shim.commands")
+
+
+def _ceph_auth(pool_uuid: str) -> pools_.CephAuth | None:
+    from shim.virt.connection import open_connection  # noqa: PLC0415 - Ceph volumes only
+
+    conn = open_connection()
+    try:
+        return pools_.ceph_auth(conn, pool_uuid)
+    finally:
+        conn.close()
+
+
+def _sources(paths: Sequence[str], pools: Sequence[OpaqueObject]) -> tuple[str, ...]:
+    # Volume i's path as the agent passes it: as it is, or for a Ceph RBD store (pool i),
+    # the rbd: string it builds.
+    sources = []
+    for index, path in enumerate(paths):
+        pool = pools[index] if index < len(pools) else None
+        if pool is not None and pools_.is_rbd(pool):
+            sources.append(pools_.rbd_source(pool, path, _ceph_auth(str(pool.get("uuid")))))
+        else:
+            sources.append(path)
+    return tuple(sources)
+
 
 PACKAGE = "org.apache.cloudstack.backup"
 """The Java package of every command and answer here."""
@@ -47,6 +79,10 @@ class Command(Message):
     """The field naming the VM; else the first component of this path field names it."""
     VM_PATH_FIELD: ClassVar[str | None] = None
 
+    generation: Generation = DEFAULT_GENERATION
+    """Whose agent this command came from: its answer is that generation's (not a Java
+    field: the service sets it per request)."""
+
     @property
     def vm(self) -> str | None:
         """The VM the command works on (for per-VM serialization), if any.
@@ -70,25 +106,46 @@ class Command(Message):
         """The engine's request for this command (raises UsageError when it cannot be built)."""
         raise NotImplementedError
 
+    def from_run(self, exit_code: int, stdout: str) -> Answer:
+        """The answer this command's Java wrapper builds from a run's exit code and stdout."""
+        raise NotImplementedError
+
     def answer(self, result: operations.Result) -> Answer:
-        """The answer to a successful run: ``details`` is the drop-in's stdout."""
-        return BackupAnswer(result=True, details=result.stdout, needs_cleanup=False)
+        """The answer to a successful run."""
+        return self._safely(0, result.stdout)
 
     def failure(self, message: str, exit_code: int) -> Answer:
-        """The answer to a failed run: the drop-in's failure stdout, needsCleanup on exit 20."""
-        return BackupAnswer(
-            result=False,
-            details=contract.failure_stdout(message, exit_code),
-            needs_cleanup=exit_code == EXIT_CLEANUP_FAILED,
-        )
+        """The answer to a failed run: from the drop-in's failure stdout for ``exit_code``."""
+        return self._safely(exit_code, contract.failure_stdout(message, exit_code))
+
+    def timed_out(self) -> Answer:
+        """The answer to a run stopped at its deadline: the agent's ``Script`` reports exit
+        -1 and stdout ``timeout``, and the wrapper builds its answer from that."""
+        return self._safely(TIMEOUT_EXIT, TIMEOUT_STDOUT)
+
+    def _safely(self, exit_code: int, stdout: str) -> Answer:
+        try:
+            return self.from_run(exit_code, stdout)
+        except wrappers.JavaParseError as exc:
+            # The Java wrapper would throw here: the run broke the stdout contract.
+            log.error("%s: stdout the Java wrapper cannot parse: %s", self.JAVA_CLASS, exc)
+            return BackupAnswer(result=False, details=str(exc))
 
     def describe(self) -> str:
-        """One log line naming the command and its values, credentials redacted."""
-        shown = {
-            name: value
-            for name, value in vars(self).items()
-            if value not in (None, (), [], {}) and name not in ("context_map",)
-        }
+        """One log line naming the command, its generation and values, with no secret:
+        mount options redacted, primary stores shown by uuid and type only (their URLs
+        and details can carry credentials), the agent's log id first."""
+        shown: dict[str, object] = {}
+        if self.context_map.get("logid"):
+            shown["logid"] = self.context_map["logid"]
+        shown["generation"] = self.generation.value
+        for name, value in vars(self).items():
+            if value in (None, (), [], {}) or name in ("context_map", "generation"):
+                continue
+            if name.endswith("pools"):
+                shown[name] = [f"{p.get('uuid')}/{p.get('poolType')}" for p in value]
+            else:
+                shown[name] = value
         if "mount_options" in shown:
             shown["mount_options"] = redact_options(str(shown["mount_options"]))
         return " ".join(
@@ -145,7 +202,7 @@ class TakeBackupCommand(RepositoryCommand):
             vm=self.vm_name,
             repository=self.repository,
             path=self.backup_path,
-            disk_paths=tuple(self.volume_paths or ()),
+            disk_paths=self.disk_sources(),
             quiesce=bool(self.quiesce),
             mode=self.mode or None,
             bitmap_new=self.bitmap_new or None,
@@ -154,30 +211,23 @@ class TakeBackupCommand(RepositoryCommand):
             parent_path=self.parent_path or None,
         )
 
-    def answer(self, result: operations.Result) -> BackupAnswer:
-        """What the Java wrapper derives from the drop-in's stdout for the same backup.
+    def disk_sources(self) -> tuple[str, ...]:
+        """What the agent passes as ``-d``: each volume path, or for a volume whose store is
+        Ceph RBD, the ``rbd:`` string it builds with the pool's monitors, user and key."""
+        return _sources(self.volume_paths or (), self.volume_pools or ())
 
-        The size: the sum of the per-file lines when volumePaths were given, else the
-        directory size (the last line). The markers: only those stdout carries (a
-        stopped VM's stdout is integers only, so Java sees no bitmap there either).
-        """
-        outcome = result.outcome
-        if not isinstance(outcome, BackupOutcome):
-            raise TypeError(f"a backup returned {type(outcome).__name__}")
-        lines = result.stdout.splitlines()
-        created = [
-            line.removeprefix(contract.BITMAP_CREATED_PREFIX)
-            for line in lines
-            if line.startswith(contract.BITMAP_CREATED_PREFIX)
-        ]
-        return BackupAnswer(
-            result=True,
-            details=result.stdout,
-            size=sum(outcome.file_sizes) if self.volume_paths else outcome.size,
-            bitmap_created=created[0] if created else None,
-            incremental_fallback=contract.FALLBACK_MARKER in lines,
-            needs_cleanup=False,
+    def from_run(self, exit_code: int, stdout: str) -> BackupAnswer:
+        """``LibvirtTakeBackupCommandWrapper`` of this generation (contract §7): the merged
+        one sets ``bitmapCreated`` to ``bitmapNew`` whatever stdout says, the seed reads it
+        from the marker, older ones set only ``details`` and ``size``."""
+        fields = wrappers.take_backup_answer(
+            self.generation,
+            exit_code,
+            stdout,
+            disk_paths_given=bool(self.volume_paths),
+            bitmap_new=self.bitmap_new,
         )
+        return BackupAnswer(**vars(fields))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -193,9 +243,10 @@ class DeleteBackupCommand(RepositoryCommand):
         """``-o delete -p PATH``."""
         return operations.DeleteRequest(self.repository, self.backup_path)
 
-    def answer(self, result: operations.Result) -> BackupAnswer:
-        """Java ignores a delete's stdout on success: details are null."""
-        return BackupAnswer(result=True, details=None, needs_cleanup=False)
+    def from_run(self, exit_code: int, stdout: str) -> BackupAnswer:
+        """Null details on success; the untrimmed stdout on failure."""
+        result, details = wrappers.script_answer(exit_code, stdout)
+        return BackupAnswer(result=result, details=details)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -213,6 +264,11 @@ class RebaseBackupCommand(RepositoryCommand):
         return operations.RebaseRequest(
             self.repository, target=self.target_path, new_backing=self.new_backing_path
         )
+
+    def from_run(self, exit_code: int, stdout: str) -> BackupAnswer:
+        """As the delete wrapper: null details on success, stdout on failure."""
+        result, details = wrappers.script_answer(exit_code, stdout)
+        return BackupAnswer(result=result, details=details)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -235,30 +291,68 @@ class RestoreBackupCommand(RepositoryCommand):
     vm_state: str | None = None
     mount_timeout: int | None = None
 
-    def to_request(self) -> operations.RestoreRequest:
-        """The volumes to write are restoreVolumePaths (4.21 on), else volumePaths (4.20).
+    @property
+    def single_volume(self) -> bool:
+        """``vmExists`` absent: one volume is restored (index 0 of every list), into a new
+        volume or one that is not the VM's; true or false: the whole VM, every disk."""
+        return self.vm_exists is None
 
-        The backup files are backupFiles when given; else named after backupVolumesUUIDs as
-        the Java restore names them (``<diskType>.<uuid>.qcow2`` for the first, ``datadisk``
-        for the others); else left to the engine, which names them after the targets.
+    def targets(self) -> tuple[str, ...]:
+        """The volumes to write: restoreVolumePaths (4.21 on), else volumePaths (4.20);
+        a Ceph volume as the ``rbd:`` string the agent builds for its pool."""
+        paths = tuple(self.restore_volume_paths or self.volume_paths or ())
+        return _sources(paths[:1] if self.single_volume else paths, self.restore_volume_pools or ())
+
+    def to_request(self) -> operations.RestoreRequest:
+        """The restore the Java wrapper performs (contract §7).
+
+        Volume *i* is restored from ``<diskType>.<backupFiles[i]>.qcow2``: the middle is
+        the volume's path as CloudStack stores it (else, for generations without
+        backupFiles, its uuid or the target's last path element); ``diskType`` is ``root``
+        then ``datadisk`` for a whole VM, the command's own for a single volume. Errors
+        name ``backupVolumesUUIDs[i]`` for an existing VM, else the uuid in the target path.
         """
-        targets = tuple(self.restore_volume_paths or self.volume_paths or ())
+        targets = self.targets()
         if not targets:
             raise UsageError("restore needs restoreVolumePaths or volumePaths")
-        files: tuple[str, ...] = tuple(self.backup_files or ())
-        if not files and self.backup_volumes_uuids:
-            first = self.disk_type or "root"
-            files = tuple(
-                f"{first if index == 0 else 'datadisk'}.{uuid}.qcow2"
-                for index, uuid in enumerate(self.backup_volumes_uuids)
-            )
+        names, uuids = [], []
+        for index, target in enumerate(targets):
+            if self.single_volume:
+                kind = (self.disk_type or ROOT).lower()
+            else:
+                kind = ROOT if index == 0 else DATADISK
+            own_id = volume_id_of(target)
+            middle = _item(self.backup_files, index) or _item(self.backup_volumes_uuids, index)
+            names.append(f"{kind}.{middle or own_id}.qcow2")
+            given = _item(self.backup_volumes_uuids, index) if self.vm_exists else None
+            uuids.append(given or own_id)
+        sizes = list(self.restore_volume_sizes or ())
         return operations.RestoreRequest(
-            self.repository,
+            replace(self.repository, mount_timeout=self.mount_timeout),
             backup_path=self.backup_path,
             targets=targets,
-            backup_files=files,
+            backup_files=tuple(names),
             vm=self.vm_name or None,
+            volume_uuids=tuple(uuids),
+            create_size=sizes[0] if self.single_volume and sizes else None,
+            attach_to=(
+                self.vm_name or None if self.single_volume and self.vm_state == "Running" else None
+            ),
         )
+
+    def from_run(self, exit_code: int, stdout: str) -> BackupAnswer:
+        """The restore wrapper runs no script: ``details`` is the restored volume's uuid for
+        a single volume (the management server records it as the volume's location), null
+        for a whole VM; a failure's details are its message."""
+        if exit_code != 0:
+            return BackupAnswer(result=False, details=contract.error_stdout(stdout).strip())
+        return BackupAnswer(
+            result=True, details=volume_id_of(self.targets()[0]) if self.single_volume else None
+        )
+
+
+def _item(values: Sequence[str] | None, index: int) -> str | None:
+    return values[index] if values is not None and index < len(values) and values[index] else None
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -271,23 +365,10 @@ class GetBackupStorageStatsCommand(RepositoryCommand):
         """``-o stats``."""
         return operations.StatsRequest(self.repository)
 
-    def answer(self, result: operations.Result) -> BackupStorageStatsAnswer:
-        """Sizes in bytes (stdout, and so ``details``, has them in 1 KiB blocks)."""
-        stats = result.outcome
-        if not isinstance(stats, StorageStats):
-            raise TypeError(f"stats returned {type(stats).__name__}")
-        return BackupStorageStatsAnswer(
-            result=True,
-            details=result.stdout,
-            total_size=stats.total_kib * 1024,
-            used_size=stats.used_kib * 1024,
-        )
-
-    def failure(self, message: str, exit_code: int) -> BackupStorageStatsAnswer:
-        """A failed stats: the failure stdout, no sizes."""
-        return BackupStorageStatsAnswer(
-            result=False, details=contract.failure_stdout(message, exit_code)
-        )
+    def from_run(self, exit_code: int, stdout: str) -> BackupStorageStatsAnswer:
+        """Tokens 1 and 2 of stdout times 1024 (bytes); on failure both 0, as Java's constructor
+        leaves them."""
+        return BackupStorageStatsAnswer(**vars(wrappers.stats_answer(exit_code, stdout)))
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -24,6 +24,7 @@ from marshmallow.validate import Range
 from commands import model
 from shim import operations
 from shim.errors import ShimError
+from shim.redact import redact
 
 log = logging.getLogger("shim.commands")
 
@@ -77,6 +78,50 @@ def _opaque_list(name: str) -> fields.Field:
     return fields.List(fields.Dict(keys=fields.String()), data_key=name, allow_none=True)
 
 
+_ENCRYPTION_KEYS = ("passphrase", "encryptformat")
+_ENCRYPTED = (
+    "encrypted volumes are not supported by this service: their data would reach the "
+    "backup repository in clear; refused"
+)
+# Options some TakeBackupCommand variants carry in a ``details`` map: the ones whose loss
+# changes what is written are refused, the tuning ones logged and dropped.
+_REFUSED_DETAILS = {
+    "encryption": "encrypted backups are not implemented here; refused rather than "
+    "written in clear",
+}
+
+
+def _encryption_fields(value: Any) -> dict[Any, Any]:
+    # Nested like the body, so that each problem is named by its JSON pointer.
+    found: dict[Any, Any] = {}
+    items = value.items() if isinstance(value, Mapping) else enumerate(value)
+    for key, item in items:
+        lowered = str(key).lower()
+        if any(k in lowered for k in _ENCRYPTION_KEYS) and item not in (None, "", [], {}):
+            found[key] = _ENCRYPTED
+        elif isinstance(item, Mapping | list):
+            nested = _encryption_fields(item)
+            if nested:
+                found[key] = nested
+    return found
+
+
+def refused_fields(body: Mapping[str, Any]) -> dict[Any, Any]:
+    """Fields of a command body whose meaning the service does not implement and whose
+    loss would change what happens to data (a passphrase: the volume is encrypted), each
+    with why. Anywhere in the body, the opaque primary store objects included."""
+    refused = _encryption_fields(body)
+    details = body.get("details")
+    if isinstance(details, Mapping):
+        for key, why in _REFUSED_DETAILS.items():
+            if str(details.get(key, "")).lower() == "true":
+                refused.setdefault("details", {})[key] = why
+        tuning = sorted(str(k) for k in details if k not in _REFUSED_DETAILS)
+        if tuning:
+            log.info("ignoring backup options this service does not implement: %s", tuning)
+    return refused
+
+
 class JavaSchema(Schema):
     """Base of every schema here: GSON's handling of unknown fields and nulls."""
 
@@ -95,9 +140,14 @@ class JavaSchema(Schema):
 
     @pre_load
     def drop_unknown(self, data: Any, **_kwargs: Any) -> Any:
-        """Log the fields this class does not know, then drop them."""
+        """Refuse fields whose meaning this service does not implement and whose loss would
+        change what happens to data; log the other fields this class does not know, then
+        drop them (as GSON does)."""
         if not isinstance(data, Mapping):
             return data  # the type error is reported by the load itself
+        refused = refused_fields(data)
+        if refused:
+            raise ValidationError(refused)
         known = {f.data_key or name for name, f in self.load_fields.items()}
         unknown = sorted(str(key) for key in data if key not in known)
         if unknown:
@@ -126,7 +176,7 @@ class CommandSchema(JavaSchema):
         try:
             operations.validate(command.to_request())
         except ShimError as exc:
-            raise ValidationError(exc.message) from None
+            raise ValidationError(redact(exc.message)) from None
         return command
 
 

@@ -15,7 +15,7 @@ import json
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import libvirt
@@ -23,50 +23,100 @@ import libvirt
 from shim import qemu_img
 from shim.chain import backup_files, fsync_dir, vm_dir_of
 from shim.contract import RestoreOutcome
-from shim.errors import BackupFailed, CommandFailed, InputError
+from shim.errors import BackupFailed, CommandFailed, InputError, MountError
 from shim.lock import VmLock
 from shim.manifest import read_manifest
 from shim.nas import MountSession
 from shim.request import RestoreRequest
 from shim.virt.connection import open_connection
-from shim.virt.disks import parse_disks
+from shim.virt.disks import parse_disks, volume_id_of
+from shim.virt.host import attach_volume
 
 log = logging.getLogger(__name__)
 
 
+MOUNT_FAILED = "Failed to mount the backup repository on the KVM host"
+
+
 def restore_backup(request: RestoreRequest) -> RestoreOutcome:
-    """Restore the backup ``request`` names into its target volumes, in disk order."""
+    """Restore the backup ``request`` names into its target volumes, in disk order.
+
+    Failures carry the Java restore's messages (contract §7), naming each volume by its
+    uuid; the cause is in the log.
+    """
+    uuids = list(request.volume_uuids) or [volume_id_of(t) for t in request.targets]
     lock = VmLock(request.vm) if request.vm else contextlib.nullcontext()
-    with lock, MountSession(request.repository) as session:
+    with lock, _mounted(request) as session:
         directory = session.path(request.backup_path, what="backup path")
         if not directory.is_dir():
             raise BackupFailed(f"backup {request.backup_path} does not exist")
-        sources = _sources(session, directory, request.backup_path, request.backup_files)
+        sources = _sources(session, directory, request.backup_path, request.backup_files, uuids)
         if len(sources) != len(request.targets):
             raise InputError(
                 f"{len(sources)} backup file(s) for {len(request.targets)} target volume(s)"
             )
         _refuse_running_disks(request.targets)
+        for source, uuid in zip(sources, uuids, strict=True):
+            if not _chain_is_clean(source):
+                raise BackupFailed(f"Backup qcow2 file for the volume [{uuid}] is corrupt.")
         sizes = []
-        for source, target in zip(sources, request.targets, strict=True):
-            for link in qemu_img.chain(source):
-                if not qemu_img.check(link.filename).clean:
-                    raise BackupFailed(f"backup file {link.filename} fails qemu-img check")
-            sizes.append(_restore_one(source, target))
+        for source, target, uuid in zip(sources, request.targets, uuids, strict=True):
+            try:
+                sizes.append(_restore_one(source, target, request.create_size))
+            except (BackupFailed, CommandFailed) as exc:
+                log.error("restoring %s into %s failed: %s", source, target, exc)
+                raise BackupFailed(
+                    f"Unable to restore contents from the backup volume [{uuid}]."
+                ) from exc
+        if request.attach_to is not None:
+            attach_volume(request.attach_to, request.targets[0])
         return RestoreOutcome(targets=list(request.targets), virtual_sizes=sizes)
 
 
+def _chain_is_clean(source: Path) -> bool:
+    """Whether every file of the chain opens as qcow2 and passes ``qemu-img check``."""
+    try:
+        for link in qemu_img.chain(source):
+            if not qemu_img.check(link.filename).clean:
+                log.error("%s fails qemu-img check", link.filename)
+                return False
+    except CommandFailed as exc:
+        log.error("%s cannot be opened: %s", source, exc)
+        return False
+    return True
+
+
+@contextlib.contextmanager
+def _mounted(request: RestoreRequest) -> Iterator[MountSession]:
+    # The Java restore's message for any mount failure (the cause is in the log).
+    session = MountSession(request.repository)
+    try:
+        session.__enter__()
+    except MountError as exc:
+        raise MountError(MOUNT_FAILED) from exc
+    try:
+        yield session
+    finally:
+        session.close()
+
+
 def _sources(
-    session: MountSession, directory: Path, backup_path: str, given: Sequence[str]
+    session: MountSession,
+    directory: Path,
+    backup_path: str,
+    given: Sequence[str],
+    uuids: Sequence[str],
 ) -> list[Path]:
     vm_root = Path(os.path.realpath(session.root / vm_dir_of(backup_path)))
     files: list[Path] = []
-    for name in given:
+    for index, name in enumerate(given):
         path = session.path(name, what="backup file") if "/" in name else directory / name
         if vm_root not in path.parents:
             raise InputError(f"backup file {name} is not a backup of this VM")
         if not path.is_file():
-            raise BackupFailed(f"backup file {name} does not exist")
+            log.error("backup file %s does not exist", path)
+            uuid = uuids[index] if index < len(uuids) else name
+            raise BackupFailed(f"Backup file for the volume [{uuid}] does not exist.")
         files.append(path)
     if files:
         return files
@@ -104,9 +154,12 @@ def _volume_key(source: str) -> str:
     return os.path.realpath(source)
 
 
-def _restore_one(source: Path, target: str) -> int:
+def _restore_one(source: Path, target: str, create_size: int | None) -> int:
     virtual_size = qemu_img.info(source).virtual_size
     if target.startswith("rbd:"):
+        if create_size is not None:
+            # A new Ceph volume: created at the size the management server gave it.
+            qemu_img.create(target, max(create_size, virtual_size), fmt="raw")
         _write_in_place(source, target, "raw", target, virtual_size)
         return virtual_size
     path = Path(target)
@@ -114,6 +167,8 @@ def _restore_one(source: Path, target: str) -> int:
         mode = path.stat().st_mode
     except FileNotFoundError:
         mode = None
+    if mode is None and target.startswith("/dev/"):
+        raise BackupFailed(f"block volume {target} does not exist on this host")
     if mode is not None and stat.S_ISBLK(mode):
         fd = os.open(target, os.O_RDONLY)
         try:

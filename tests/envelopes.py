@@ -36,9 +36,13 @@ def all_cases() -> list[tuple[str, str]]:
 def read(generation: str, case: str) -> tuple[Any, Any]:
     """The command envelope and the answer envelope templates of one case."""
     base = ENVELOPES / generation / case
-    return json.loads(Path(f"{base}.json").read_text()), json.loads(
-        Path(f"{base}.answer.json").read_text()
-    )
+    expected = json.loads(Path(f"{base}.answer.json").read_text())
+    return json.loads(Path(f"{base}.json").read_text()), expected["answers"]
+
+
+def rule(generation: str, case: str) -> str:
+    """The rule of contract §7 the expected answer of one case follows, as its file says."""
+    return str(json.loads((ENVELOPES / generation / f"{case}.answer.json").read_text())["rule"])
 
 
 def fill(template: Any, values: Mapping[str, Any]) -> Any:
@@ -147,9 +151,13 @@ SAMPLE_VALUES: dict[str, Any] = {
     "rebaseNewBacking1": "i-2-3-VM/2026.10.03.00.00.00/datadisk.1d2e.qcow2",
     "size": 1234567,
     "jobinfo": "Job type:         Completed   \nOperation:        Backup      \n\n",
-    "fileSizeLines": "1000\n2000\n",
+    "fileSizeLines": "1000\n2000",
     "fileSizeSum": 3000,
-    "restoreLines": "/mnt/6b1c/0c9a 67108864\n/mnt/6b1c/1d2e 33554432\n",
+    "wait": 2,
+    "dataVolumeId": "1d2e",
+    "dataVolumeSize": 32 * 1024**2,
+    "newVolumePath": "/mnt/6b1c/5f6a",
+    "newVolumeId": "5f6a",
     "totalKiB": 1024,
     "usedKiB": 512,
     "totalBytes": 1024 * 1024,

@@ -94,7 +94,7 @@ class FixtureRun:
         """Post a running-VM backup fixture; check its answer; return the values used."""
         command, expected = read(generation, case)
         values = self.values()
-        status, answers = await service.post(fill(command, values))
+        status, answers = await service.post(fill(command, values), generation=generation)
         assert status == 200, answers
         path = values["backupPath"]
         values["jobinfo"] = jobinfo(self.vm)

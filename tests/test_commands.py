@@ -4,6 +4,7 @@ the engine's requests and the answers made from its results. No hypervisor neede
 from __future__ import annotations
 
 import logging
+from dataclasses import replace
 from typing import Any
 
 import pytest
@@ -21,13 +22,15 @@ from commands import (
     load_answers,
     load_commands,
 )
+from commands.wrappers import Generation
 from shim import operations
-from shim.contract import BackupOutcome, StorageStats
+from shim.contract import StorageStats
 from shim.nas import Repository
 from shim.operations import Result
-from tests.envelopes import SAMPLE_VALUES, all_cases, cases, fill, mismatches, read
+from tests.envelopes import SAMPLE_VALUES, all_cases, cases, fill, mismatches, read, rule
 
 TAKE = "org.apache.cloudstack.backup.TakeBackupCommand"
+ANSWER = "org.apache.cloudstack.backup.BackupAnswer"
 REPO = {"backupRepoType": "nfs", "backupRepoAddress": "10.0.0.1:/backup"}
 
 
@@ -56,6 +59,8 @@ def test_every_fixture_round_trips_unchanged(generation: str, case: str) -> None
     # Each command maps to one request of the engine, which accepts it.
     for command in commands:
         operations.validate(command.to_request())
+    # Each expected answer says which rule of the contract's §7 it follows.
+    assert rule(generation, case).startswith("§7 ")
 
 
 def test_fields_each_generation_sends() -> None:
@@ -266,29 +271,62 @@ def test_the_other_commands_map_to_their_requests() -> None:
         == "v"
     )
     assert DeleteBackupCommand(backup_path="b", **fields).vm is None
-    restore = RestoreBackupCommand(
+    existing = RestoreBackupCommand(
         backup_path="v/b",
         vm_name="v",
         backup_volumes_uuids=["u1", "u2"],
-        restore_volume_paths=["/mnt/p/u1", "/mnt/p/u2"],
+        restore_volume_paths=["/mnt/p/n1", "/mnt/p/n2"],
         volume_paths=["/old/u1", "/old/u2"],
+        vm_exists=True,
         **fields,
     )
-    assert restore.to_request() == operations.RestoreRequest(
+    # Files named <diskType>.<uuid>.qcow2, errors naming the VM's volume uuids.
+    assert existing.to_request() == operations.RestoreRequest(
         repo,
         backup_path="v/b",
-        targets=("/mnt/p/u1", "/mnt/p/u2"),
+        targets=("/mnt/p/n1", "/mnt/p/n2"),
         backup_files=("root.u1.qcow2", "datadisk.u2.qcow2"),
         vm="v",
+        volume_uuids=("u1", "u2"),
     )
-    legacy = RestoreBackupCommand(backup_path="v/b", volume_paths=["/mnt/p/u1"], **fields)
-    assert legacy.to_request() == operations.RestoreRequest(
-        repo, backup_path="v/b", targets=("/mnt/p/u1",)
+    # backupFiles is the middle of the name (the volume's path as CloudStack stores it).
+    destroyed = RestoreBackupCommand(
+        backup_path="v/b",
+        vm_name="v",
+        backup_volumes_uuids=["u1", "u2"],
+        backup_files=["p1", "p2"],
+        restore_volume_paths=["/mnt/p/n1", "/dev/drbd/by-res/cs-n2/0"],
+        vm_exists=False,
+        mount_timeout=7,
+        **fields,
     )
-    named = RestoreBackupCommand(
-        backup_path="v/b", volume_paths=["/t"], backup_files=["x.qcow2"], **fields
+    request = destroyed.to_request()
+    assert request.backup_files == ("root.p1.qcow2", "datadisk.p2.qcow2")
+    assert request.volume_uuids == ("n1", "n2")  # from the target paths (LINSTOR: cs-<uuid>)
+    assert request.repository.mount_timeout == 7
+    assert request.attach_to is None and request.create_size is None
+    # vmExists absent: one volume, index 0 of every list, the command's own diskType.
+    single = RestoreBackupCommand(
+        backup_path="v/b",
+        vm_name="v",
+        backup_volumes_uuids=["u2", "ignored"],
+        backup_files=["p2", "ignored"],
+        restore_volume_paths=["/mnt/p/new", "/ignored"],
+        restore_volume_sizes=[1048576, 1],
+        disk_type="DATADISK",
+        vm_state="Running",
+        **fields,
     )
-    assert named.to_request().backup_files == ("x.qcow2",)
+    request = single.to_request()
+    assert (request.targets, request.backup_files) == (("/mnt/p/new",), ("datadisk.p2.qcow2",))
+    assert (request.create_size, request.attach_to) == (1048576, "v")
+    assert single.answer(Result("")).details == "new"
+    assert existing.answer(Result("")).details is None
+    # 4.20.0: volumePaths only; the middle is the target's last element.
+    legacy = RestoreBackupCommand(
+        backup_path="v/b", volume_paths=["/mnt/p/u1"], vm_exists=True, **fields
+    )
+    assert legacy.to_request().backup_files == ("root.u1.qcow2",)
 
 
 def test_a_restore_without_volumes_is_refused_with_its_reason() -> None:
@@ -304,58 +342,93 @@ def _command(**fields: Any) -> TakeBackupCommand:
     return command
 
 
-def test_a_running_backups_answer_is_what_java_derives_from_stdout() -> None:
-    outcome = BackupOutcome(
-        size=9000, file_sizes=(4000, 3000), bitmap_created="b-2", incremental_fallback=True
-    )
-    stdout = "INCREMENTAL_FALLBACK=true\nBITMAP_CREATED=b-2\nJob type: Completed\n\n9000\n"
-    answer = _command(mode="full", bitmapNew="b-2").answer(Result(stdout, outcome))
+RUNNING_STDOUT = "INCREMENTAL_FALLBACK=true\nBITMAP_CREATED=b-2\nJob type: Completed\n\n9000\n"
+
+
+def test_the_merged_wrapper_sets_bitmap_created_from_the_command() -> None:
+    answer = _command(mode="full", bitmapNew="b-2").answer(Result(RUNNING_STDOUT))
     assert answer == BackupAnswer(
         result=True,
-        details=stdout,
+        details="BITMAP_CREATED=b-2\nJob type: Completed\n\n9000",
         size=9000,
         bitmap_created="b-2",
         incremental_fallback=True,
-        needs_cleanup=False,
     )
-
-
-def test_a_stopped_backups_answer_sums_the_files_and_has_no_markers() -> None:
-    outcome = BackupOutcome(size=9000, file_sizes=(4000, 3000), bitmap_created="b-2")
+    # A stopped VM's stdout has no marker: the bitmap is still the command's.
     command = _command(mode="full", bitmapNew="b-2", volumePaths=["/mnt/p/v1", "/mnt/p/v2"])
-    answer = command.answer(Result("4000\n3000\n", outcome))
-    assert (answer.size, answer.details, answer.bitmap_created) == (7000, "4000\n3000\n", None)
+    answer = command.answer(Result("4000\n3000\n"))
+    assert (answer.size, answer.details, answer.bitmap_created) == (7000, "4000\n3000", "b-2")
     assert answer.incremental_fallback is False
+    assert _command(mode="legacy-full").answer(Result("9000\n")).bitmap_created is None
 
 
-def test_failures_and_cleanup_failures() -> None:
-    failed = _command().failure("backup job failed:\nENOSPC", 1)
-    assert failed == BackupAnswer(
-        result=False, details="backup job failed: ENOSPC\n", needs_cleanup=False
+def test_the_seed_wrapper_reads_the_markers() -> None:
+    command = replace(_command(mode="full", bitmapNew="b-2"), generation=Generation.SEED)
+    answer = command.answer(Result(RUNNING_STDOUT))
+    assert answer == BackupAnswer(
+        result=True,
+        details=RUNNING_STDOUT.strip(),
+        size=9000,
+        bitmap_created="b-2",
+        incremental_fallback=True,
     )
+    stopped = replace(
+        _command(mode="full", bitmapNew="b-2", volumePaths=["/p/v"]), generation=Generation.SEED
+    )
+    assert stopped.answer(Result("4000\n")).bitmap_created is None
+
+
+@pytest.mark.parametrize("generation", [Generation.V4_20_0, Generation.V4_20_X, Generation.V4_21])
+def test_older_wrappers_set_details_and_size_only(generation: Generation) -> None:
+    command = replace(_command(), generation=generation)
+    answer = command.answer(Result("Job type: Completed\n\n9000\n"))
+    assert answer == BackupAnswer(result=True, details="Job type: Completed\n\n9000", size=9000)
+    unclean = command.failure("cannot unmount", 20)
+    assert unclean.needs_cleanup is (True if generation is not Generation.V4_20_0 else None)
+
+
+def test_failures_cleanup_failures_and_timeouts() -> None:
+    failed = _command().failure("backup job failed:\nENOSPC", 1)
+    assert failed == BackupAnswer(result=False, details="backup job failed: ENOSPC")
     body = dump([failed])[0]["org.apache.cloudstack.backup.BackupAnswer"]
-    assert "size" not in body and "incrementalFallback" not in body
+    assert not {"size", "incrementalFallback", "needsCleanup"} & body.keys()
     unclean = _command().failure("cannot unmount /tmp/csbackup.x", 20)
-    assert unclean.needs_cleanup is True and unclean.details == "Backup cleanup failed\n"
+    assert unclean.needs_cleanup is True and unclean.details == "Backup cleanup failed"
+    assert _command().timed_out() == BackupAnswer(result=False, details="timeout")
+
+
+def test_stdout_java_cannot_parse_is_a_failed_answer() -> None:
+    # A marker line where the merged wrapper sums integers would throw in Java.
+    command = _command(mode="full", bitmapNew="b-2", volumePaths=["/p/v"])
+    answer = command.answer(Result("BITMAP_CREATED=b-2\n4000\n"))
+    assert answer.result is False and "NumberFormatException" in str(answer.details)
 
 
 def test_delete_stats_rebase_and_restore_answers() -> None:
     fields = {"backup_repo_type": "nfs", "backup_repo_address": "a"}
-    delete = DeleteBackupCommand(backup_path="v/b", **fields).answer(Result(""))
-    assert delete.details is None and delete.result is True
-    assert "details" not in dump([delete])[0]["org.apache.cloudstack.backup.BackupAnswer"]
+    delete = DeleteBackupCommand(backup_path="v/b", **fields)
+    assert delete.answer(Result("")) == BackupAnswer(result=True)
+    assert "details" not in dump([delete.answer(Result(""))])[0][ANSWER]
+    # A failed delete's details are stdout as it is (not trimmed).
+    assert delete.failure("in use", 1) == BackupAnswer(result=False, details="in use\n")
     rebase = RebaseBackupCommand(target_path="t", new_backing_path="n", **fields)
-    assert rebase.answer(Result("")).details == ""
+    assert rebase.answer(Result("")) == BackupAnswer(result=True)
     stats = GetBackupStorageStatsCommand(**fields)
     answer = stats.answer(Result("/tmp/m\n100 40\n", StorageStats("/tmp/m", 100, 40)))
     assert answer == BackupStorageStatsAnswer(
         result=True, details="/tmp/m\n100 40\n", total_size=102400, used_size=40960
     )
     assert stats.failure("Failed to mount nfs store", 1) == BackupStorageStatsAnswer(
-        result=False, details="Failed to mount nfs store\n"
+        result=False, details="Failed to mount nfs store\n", total_size=0, used_size=0
     )
-    restore = RestoreBackupCommand(backup_path="v/b", volume_paths=["/t"], **fields)
-    assert restore.answer(Result("/t 1024\n")).details == "/t 1024\n"
+    assert stats.timed_out() == BackupStorageStatsAnswer(
+        result=False, details="timeout", total_size=0, used_size=0
+    )
+    restore = RestoreBackupCommand(backup_path="v/b", volume_paths=["/t"], vm_exists=True, **fields)
+    assert restore.answer(Result("/t 1024\n")) == BackupAnswer(result=True)
+    missing = "Backup file for the volume [t] does not exist."
+    assert restore.failure(missing, 1) == BackupAnswer(result=False, details=missing)
+    assert restore.timed_out() == BackupAnswer(result=False, details="timeout")
 
 
 def test_describe_never_shows_credentials() -> None:

@@ -21,6 +21,7 @@ import pytest
 
 from commands.envelope import dump, load_commands
 from commands.model import GetBackupStorageStatsCommand
+from commands.wrappers import Generation
 from shim.chain import directory_size
 from shim.errors import CleanupFailed
 from shim.lab import Lab, MiB
@@ -90,7 +91,7 @@ async def test_stats_fixture_answers_bytes(lab: Lab, service: Running, generatio
     (Path(repo.address) / "filler").write_bytes(b"\1" * (3 * MiB))
     run = FixtureRun(lab, lab.create_vm(disks=(16 * MiB,), start=False), repo)
     command, expected = read(generation, "stats")
-    status, answers = await service.post(fill(command, run.values()))
+    status, answers = await service.post(fill(command, run.values()), generation=generation)
     total, used = df_kib(Path(repo.address))
     values = {
         "totalKiB": total,
@@ -119,7 +120,6 @@ async def test_a_failed_backup_is_a_failed_answer(lab: Lab, service: Running) ->
         "wait": 0,
         "bypassHostMaintenance": False,
         "result": False,
-        "needsCleanup": False,
     }
     assert leaks(lab) == []
 
@@ -133,7 +133,7 @@ async def test_the_dropins_lock_makes_it_a_failure_saying_so(lab: Lab, service: 
     body = _answer(answers)
     assert body["result"] is False
     assert body["details"] == (
-        f"another operation on VM {run.vm.name} is in progress (pid {os.getpid()})\n"
+        f"another operation on VM {run.vm.name} is in progress (pid {os.getpid()})"
     )
     assert backup_directories(run.repo_dir, run.vm) == []
     assert leaks(lab) == []
@@ -169,7 +169,7 @@ async def test_one_envelope_runs_its_commands_in_order(lab: Lab, service: Runnin
         ANSWER,
     ]
     assert [_answer(answers, i)["result"] for i in range(3)] == [True, True, False]
-    assert _answer(answers, 2)["details"].endswith("already exists\n")
+    assert _answer(answers, 2)["details"].endswith("already exists")
     assert [type(c.request).__name__ for c in service.engine.calls] == [
         "BackupRequest",
         "StatsRequest",
@@ -222,14 +222,14 @@ async def test_async_progress_limit_and_abort(lab: Lab, tmp_path: Path) -> None:
         # Aborting a queued job: it never runs.
         status, aborted = await service.request("DELETE", f"/v1/jobs/{queued_accepted['jobId']}")
         assert status == 200 and aborted["state"] == "aborted"
-        assert _answer(aborted["answers"])["details"] == ABORTED_MESSAGE + "\n"
+        assert _answer(aborted["answers"])["details"] == ABORTED_MESSAGE
 
         # Aborting the running backup: cleaned up as after any failure.
         status, aborted = await service.request("DELETE", f"/v1/jobs/{big_job}")
         assert status == 200 and aborted["state"] == "aborted", aborted
         body = _answer(aborted["answers"])
-        assert body["details"] == "backup job failed: Operation canceled\n"
-        assert body["result"] is False and body["needsCleanup"] is False and "size" not in body
+        assert body["details"] == "backup job failed: Operation canceled"
+        assert body["result"] is False and "needsCleanup" not in body and "size" not in body
         status, again = await service.request("DELETE", f"/v1/jobs/{big_job}")
         assert status == 409 and again["error"] == "the job has already aborted"
 
@@ -624,7 +624,7 @@ async def test_a_cleanup_failure_sets_needs_cleanup() -> None:
         "wait": 0,
         "bypassHostMaintenance": False,
         "result": False,
-        "details": "Backup cleanup failed\n",
+        "details": "Backup cleanup failed",
         "needsCleanup": True,
     }
     await scheduler.shutdown()
@@ -650,3 +650,30 @@ async def test_concurrent_stats_of_one_repository_share_one_run(lab: Lab, servic
     # Twenty requests at once need far fewer mounts than twenty (one per wave).
     assert len(service.engine.calls) < 20
     assert leaks(lab) == []
+
+
+@pytest.mark.lab
+async def test_the_generation_is_asked_shown_or_configured(lab: Lab, tmp_path: Path) -> None:
+    """A request says its generation, or a field shows it, or the service's setting holds."""
+    async with running(tmp_path, generation=Generation.V4_21) as service:
+        run = FixtureRun(lab, lab.create_vm(disks=(16 * MiB,)), lab.repository())
+        status, answers = await service.post(_take(run, "legacy", "4.21"))
+        assert status == 200
+        body = _answer(answers)
+        # The 4.21 wrapper sets details and size only: no incrementalFallback, no bitmap.
+        assert body["result"] is True and "incrementalFallback" not in body
+        status, refused = await service.request(
+            "POST", "/v1/commands?generation=4.22", json_body=_VALID
+        )
+        assert status == 400 and refused["problems"][0]["field"] == "generation"
+        seed_only = [{TAKE: {**_VALID[0][TAKE], "parentPath": "i-2-3-VM/a"}}]
+        status, refused = await service.post(seed_only, generation="merged")
+        assert status == 400 and "seed generation" in refused["problems"][0]["message"]
+    assert leaks(lab) == []
+
+
+def test_scripts_serve_takes_a_generation() -> None:
+    from shim.service.__main__ import config_from, parse_args
+
+    assert config_from(parse_args([])).generation is Generation.MERGED
+    assert config_from(parse_args(["--generation", "seed"])).generation is Generation.SEED

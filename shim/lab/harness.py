@@ -11,6 +11,7 @@ import json
 import logging
 import threading
 import time
+import urllib.parse
 from collections.abc import AsyncIterator, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -119,9 +120,14 @@ class Running:
             raise AssertionError(f"{method} {path}: {reply.content_type} body: {reply.text}")
         return reply.status, json.loads(reply.text)
 
-    async def post(self, envelope: Any, *, run_async: bool = False) -> tuple[int, Any]:
-        """POST an envelope to /v1/commands."""
-        path = "/v1/commands?async=1" if run_async else "/v1/commands"
+    async def post(
+        self, envelope: Any, *, run_async: bool = False, generation: str | None = None
+    ) -> tuple[int, Any]:
+        """POST an envelope to /v1/commands (as ``generation``'s agent, when given)."""
+        query = {"async": "1"} if run_async else {}
+        if generation is not None:
+            query["generation"] = generation
+        path = "/v1/commands" + ("?" + urllib.parse.urlencode(query) if query else "")
         return await self.request("POST", path, json_body=envelope)
 
     async def job(self, job_id: str) -> dict[str, Any]:

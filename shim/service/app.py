@@ -20,6 +20,7 @@ from typing import Any
 from aiohttp import web
 
 from commands.envelope import EnvelopeError, Problem, dump, load_commands
+from commands.wrappers import DEFAULT_GENERATION, Generation
 from shim.errors import VirtError
 from shim.service.jobs import Job, JobState, Scheduler
 from shim.service.schemas import (
@@ -38,6 +39,7 @@ SCHEDULER: web.AppKey[Scheduler] = web.AppKey("scheduler", Scheduler)
 TOKEN = web.AppKey("token", str)  # None: no TCP listener, no token
 MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
+DEFAULT_GENERATION_KEY: web.AppKey[Generation] = web.AppKey("generation", Generation)
 
 _TRUE, _FALSE = ("1", "true"), ("0", "false", "")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -148,12 +150,28 @@ def _async_flag(request: web.Request) -> bool:
     return value in _TRUE
 
 
+def _generation(request: web.Request) -> Generation | None:
+    value = request.query.get("generation")
+    if value is None:
+        return None
+    try:
+        return Generation(value)
+    except ValueError:
+        known = ", ".join(g.value for g in Generation)
+        raise BadRequest(
+            "bad query", [Problem("generation", f"is one of {known}, not {value!r}")]
+        ) from None
+
+
 async def post_commands(request: web.Request) -> web.Response:
     """Run an envelope of commands; answer their envelope (or 202 and a job with async=1)."""
     run_async = _async_flag(request)
+    generation = _generation(request)
     data = _parse_json(await _read_body(request))
     try:
-        commands = load_commands(data)
+        commands = load_commands(
+            data, generation=generation, default=request.app[DEFAULT_GENERATION_KEY]
+        )
     except EnvelopeError as exc:
         raise BadRequest("invalid envelope", exc.problems) from None
     scheduler = request.app[SCHEDULER]
@@ -237,8 +255,18 @@ async def get_openapi(request: web.Request) -> web.Response:
     return web.json_response(request.app[OPENAPI])
 
 
-def make_app(scheduler: Scheduler, *, token: str | None, max_body_bytes: int) -> web.Application:
-    """The application: routes, JSON errors, authentication off the Unix socket."""
+def make_app(
+    scheduler: Scheduler,
+    *,
+    token: str | None,
+    max_body_bytes: int,
+    generation: Generation = DEFAULT_GENERATION,
+) -> web.Application:
+    """The application: routes, JSON errors, authentication off the Unix socket.
+
+    ``generation`` is whose agent the callers are, for envelopes that neither say
+    (``?generation=``) nor show it by their fields: answers are built as its wrappers do.
+    """
     # aiohttp's own limit stays above ours, so that ours (a JSON 400) is the one that speaks.
     app = web.Application(
         middlewares=[json_errors, authenticate], client_max_size=max_body_bytes + 1024
@@ -247,6 +275,7 @@ def make_app(scheduler: Scheduler, *, token: str | None, max_body_bytes: int) ->
     app[TOKEN] = token
     app[MAX_BODY] = max_body_bytes
     app[OPENAPI] = openapi_document()
+    app[DEFAULT_GENERATION_KEY] = generation
     app.router.add_post("/v1/commands", post_commands)
     app.router.add_get("/v1/jobs/{job_id}", get_job)
     app.router.add_delete("/v1/jobs/{job_id}", delete_job)

@@ -196,3 +196,43 @@ def _domblklist(xml: str) -> str:
             src = source.get("file") or source.get("dev") or source.get("name") or "-"
         rows.append([target.get("dev", "-") if target is not None else "-", src])
     return _table(["Target", "Source"], rows)
+
+
+def _next_target(used: set[str]) -> str:
+    # As the agent does: the letter after the VM's last virtio disk (vdb -> vdc).
+    for letter in "abcdefghijklmnopqrstuvwxyz":
+        name = f"vd{letter}"
+        if name not in used and all(u < name for u in used if u.startswith("vd")):
+            return name
+    raise VirtError("no free virtio disk name left on the VM")
+
+
+def attach_volume(vm: str, volume: str) -> str:
+    """Attach ``volume`` (a file, qcow2; or a block device, raw) to running VM ``vm`` as the
+    agent attaches a restored volume: virtio, cache none. Return the guest device name."""
+    from shim.virt.connection import open_connection  # noqa: PLC0415 - restores only
+    from shim.virt.disks import parse_disks  # noqa: PLC0415
+
+    conn = open_connection()
+    try:
+        dom = find_domain(conn, vm)
+        if dom is None or not dom.isActive():
+            raise VirtError(f"Failed to attach volume to VM: {vm} is not running")
+        target = _next_target({d.target for d in parse_disks(dom.XMLDesc())})
+        block = volume.startswith("/dev/")
+        disk = etree.Element("disk", type="block" if block else "file", device="disk")
+        etree.SubElement(
+            disk, "driver", name="qemu", type="raw" if block else "qcow2", cache="none"
+        )
+        etree.SubElement(disk, "source", **{"dev" if block else "file": volume})
+        etree.SubElement(disk, "target", dev=target, bus="virtio")
+        try:
+            dom.attachDeviceFlags(
+                etree.tostring(disk, encoding="unicode"), libvirt.VIR_DOMAIN_AFFECT_LIVE
+            )
+        except libvirt.libvirtError as exc:
+            raise VirtError(f"Failed to attach volume to VM: {exc.get_error_message()}") from None
+        log.info("attached %s to %s as %s", volume, vm, target)
+        return target
+    finally:
+        conn.close()
