@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from shim import contract
+from shim.cancel import CancelToken, bound
 from shim.contract import BackupOutcome, RestoreOutcome, StorageStats
 from shim.errors import StorageFailed
 from shim.request import (
@@ -64,8 +65,13 @@ def validate(request: Request) -> None:
     request.validate()
 
 
-def run(request: Request, *, on_job: JobObserver | None = None) -> Result:
+def run(
+    request: Request, *, on_job: JobObserver | None = None, cancel: CancelToken | None = None
+) -> Result:
     """Run one operation to completion; raise a ShimError on failure.
+
+    ``cancel`` (the socket service's deadline and abort) stops the operation at its next
+    safe point: the program it waits for is killed and it fails, after its usual cleanup.
 
     Each operation's module is imported when it runs: the drop-in starts on every agent
     call, and a delete has no use for libvirt. An OSError escaping an operation (the NAS
@@ -74,7 +80,10 @@ def run(request: Request, *, on_job: JobObserver | None = None) -> Result:
     """
     validate(request)
     try:
-        return _run(request, on_job)
+        # A thread-local, not an argument threaded through every module: any program the
+        # operation runs (shim.proc) is a place where it may stop.
+        with bound(cancel):
+            return _run(request, on_job)
     except OSError as exc:
         where = f" ({exc.filename})" if exc.filename else ""
         raise StorageFailed(f"storage error: {exc.strerror or exc}{where}") from exc

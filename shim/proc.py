@@ -11,14 +11,18 @@ from __future__ import annotations
 import logging
 import os
 import subprocess
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
+from shim import cancel
 from shim.errors import CommandFailed
 
 log = logging.getLogger(__name__)
 
 _ENV = {**os.environ, "LC_ALL": "C", "LANG": "C"}
+_POLL_SECONDS = 0.1
+"""How often a running program's cancellation token is looked at."""
 
 
 @dataclass(frozen=True)
@@ -49,29 +53,73 @@ def run(
     """Run ``argv`` to completion and return its output.
 
     ``secrets`` are masked in the log and in any error raised. With ``check`` (the default)
-    a non-zero exit raises :class:`CommandFailed`; a timeout always does.
+    a non-zero exit raises :class:`CommandFailed`; a timeout always does. When the
+    thread's operation has a cancellation token (:mod:`shim.cancel`) and it is cancelled,
+    the child is killed and :class:`~shim.cancel.Cancelled` (an ``Interrupted``) raised.
     """
     shown = mask(" ".join(argv), secrets)
     log.debug("run: %s", shown)
+    token = cancel.current()
+    if token is not None and token.take():
+        raise cancel.Cancelled(argv, token.reason)  # cancelled in between: stop before it
     try:
-        done = subprocess.run(
+        child = subprocess.Popen(
             list(argv),
             stdin=subprocess.DEVNULL,
-            capture_output=True,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
             text=True,
             errors="replace",
-            timeout=timeout,
             env={**_ENV, **env} if env else _ENV,
-            check=False,
         )
-    except subprocess.TimeoutExpired as exc:
-        stderr = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
-        raise CommandFailed(argv, None, mask(stderr, secrets), timed_out=True) from None
     except FileNotFoundError:
         raise CommandFailed(argv, 127, f"{argv[0]}: command not found") from None
-    stdout, stderr = mask(done.stdout, secrets), mask(done.stderr, secrets)
-    if done.returncode != 0:
-        log.debug("exit %d: %s: %s", done.returncode, shown, stderr.strip())
+    with child:
+        try:
+            out, err = _communicate(child, argv, timeout, token, secrets)
+        except BaseException:
+            # A signal's Interrupted (the drop-in), say: never leave the child running.
+            child.kill()
+            raise
+    stdout, stderr = mask(out, secrets), mask(err, secrets)
+    if child.returncode != 0:
+        log.debug("exit %d: %s: %s", child.returncode, shown, stderr.strip())
         if check:
-            raise CommandFailed(argv, done.returncode, stderr)
-    return Result(done.returncode, stdout, stderr)
+            raise CommandFailed(argv, child.returncode, stderr)
+    return Result(child.returncode, stdout, stderr)
+
+
+def _communicate(
+    child: subprocess.Popen[str],
+    argv: Sequence[str],
+    timeout: float | None,
+    token: cancel.CancelToken | None,
+    secrets: Sequence[str],
+) -> tuple[str, str]:
+    """Wait for ``child`` and take its output; kill it on timeout or cancellation."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while True:
+        remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+        # With a token, wake up now and then to look at it; else only the deadline counts.
+        step = (
+            remaining
+            if token is None or (remaining is not None and remaining < _POLL_SECONDS)
+            else _POLL_SECONDS
+        )
+        try:
+            return child.communicate(timeout=step)
+        except subprocess.TimeoutExpired:
+            pass
+        if token is not None and token.take():
+            _kill(child)
+            log.info("stopped %s: %s", argv[0], token.reason)
+            raise cancel.Cancelled(argv, token.reason) from None
+        if deadline is not None and time.monotonic() >= deadline:
+            _, stderr = _kill(child)
+            raise CommandFailed(argv, None, mask(stderr, secrets), timed_out=True) from None
+
+
+def _kill(child: subprocess.Popen[str]) -> tuple[str, str]:
+    # SIGKILL, then reap it: a program stuck on a dead NAS may ignore anything milder.
+    child.kill()
+    return child.communicate()

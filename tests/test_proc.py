@@ -1,18 +1,21 @@
-"""The subprocess helper and the exit-code mapping."""
+"""The subprocess helper, its cancellation, and the exit-code mapping."""
 
 from __future__ import annotations
 
 import logging
+import threading
+import time
 
 import pytest
 
-from shim import proc
+from shim import cancel, proc
 from shim.errors import (
     EXIT_CLEANUP_FAILED,
     EXIT_ERROR,
     CleanupFailed,
     CommandFailed,
     InputError,
+    Interrupted,
     exit_code_for,
 )
 
@@ -43,3 +46,25 @@ def test_exit_codes_are_chosen_in_one_place() -> None:
     assert exit_code_for(InputError("x")) == EXIT_ERROR == 1
     assert exit_code_for(CleanupFailed("x")) == EXIT_CLEANUP_FAILED == 20
     assert exit_code_for(ValueError("unexpected")) == 1
+
+
+def test_a_cancelled_token_kills_the_child_promptly_and_only_once() -> None:
+    token = cancel.CancelToken()
+    threading.Timer(0.3, token.cancel, args=("timed out after 1 s",)).start()
+    started = time.monotonic()
+    with cancel.bound(token), pytest.raises(Interrupted, match="sleep stopped: timed out"):
+        proc.run(["sleep", "30"])
+    assert time.monotonic() - started < 3
+    # Delivered once: the cleanup after the stop runs its programs undisturbed.
+    with cancel.bound(token):
+        assert proc.run(["echo", "cleanup"]).stdout == "cleanup\n"
+    assert cancel.current() is None
+
+
+def test_a_token_cancelled_between_programs_stops_the_next_one() -> None:
+    token = cancel.CancelToken()
+    token.cancel("aborted")
+    with cancel.bound(token), pytest.raises(cancel.Cancelled) as info:
+        proc.run(["true"])
+    # A killed program counts as timed out: a mount it may have finished is detached.
+    assert info.value.timed_out and isinstance(info.value, CommandFailed)

@@ -1,8 +1,17 @@
-"""A NAS that fails on command: a FUSE passthrough whose writes turn into EIO.
+"""A NAS that fails on command: a FUSE passthrough whose writes fail, slow down or hang.
 
 For the fault suite only (these kernels have no NFS client and no device-mapper): the
-lab exports a directory through this filesystem; creating the file ``.fail-writes`` in the
-backing directory makes every later write and fsync fail with EIO, as a dying NAS would.
+lab exports a directory through this filesystem, and flag files in the backing directory
+(written there, never through the export) change how it behaves:
+
+* ``.fail-writes``: every later write and fsync fails with EIO, as a dying NAS would.
+* ``.slow-writes`` holding a number of seconds: every write sleeps that long first, as a
+  NAS on a saturated link would.
+* ``.hang-lookups``: while it exists, looking up any path under a directory named
+  ``hang`` blocks, as on an NFS server that stopped answering; ``mount -o bind
+  EXPORT/hang DIR`` then hangs in the kernel's path lookup. Like a hard NFS mount, the
+  wait ends when the waiting process is killed (FUSE's interrupt).
+
 Run as ``python -m shim.lab.flakyfs BACKING MOUNTPOINT`` (foreground); unmount to stop.
 """
 
@@ -11,26 +20,51 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
+import fuse
 from fuse import FUSE, FuseOSError, Operations
 
 FAIL_FLAG = ".fail-writes"
+SLOW_FLAG = ".slow-writes"
+HANG_FLAG = ".hang-lookups"
+HANG_DIR = "hang"
+"""Lookups of this directory, and of anything under it, hang while ``HANG_FLAG`` exists."""
+_HANG_POLL_SECONDS = 0.1
 
 
 class FlakyPassthrough(Operations):  # type: ignore[misc]
-    """Every operation passes through to ``root``; writes fail while the flag exists."""
+    """Every operation passes through to ``root``; writes fail or slow down, and lookups
+    under ``hang`` block, while the flags say so."""
 
     def __init__(self, root: str) -> None:
         self.root = os.path.realpath(root)
         self.flag = os.path.join(self.root, FAIL_FLAG)
+        self.slow_flag = os.path.join(self.root, SLOW_FLAG)
+        self.hang_flag = os.path.join(self.root, HANG_FLAG)
 
     def _path(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
 
     def _failing(self) -> bool:
         return os.path.exists(self.flag)
+
+    def _write_delay(self) -> float:
+        try:
+            with open(self.slow_flag, encoding="ascii") as flag:
+                return max(0.0, float(flag.read().strip() or 0))
+        except (OSError, ValueError):
+            return 0.0
+
+    def _hang_if_asked(self, path: str) -> None:
+        if HANG_DIR not in path.strip("/").split("/"):
+            return
+        while os.path.exists(self.hang_flag):
+            if _interrupted():
+                raise FuseOSError(errno.EINTR)  # the waiting process was killed
+            time.sleep(_HANG_POLL_SECONDS)
 
     def __call__(self, op: str, *args: Any) -> Any:
         try:
@@ -44,6 +78,7 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
             raise FuseOSError(errno.EACCES)
 
     def getattr(self, path: str, fh: int | None = None) -> dict[str, Any]:
+        self._hang_if_asked(path)
         st = os.lstat(self._path(path))
         keys = ("st_atime", "st_ctime", "st_gid", "st_mode", "st_mtime", "st_nlink",
                 "st_size", "st_uid", "st_blocks")  # fmt: skip
@@ -98,6 +133,9 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         if self._failing():
             raise FuseOSError(errno.EIO)
+        delay = self._write_delay()
+        if delay:
+            time.sleep(delay)
         return os.pwrite(fh, data, offset)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
@@ -116,6 +154,12 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
 
     def release(self, path: str, fh: int) -> None:
         os.close(fh)
+
+
+def _interrupted() -> bool:
+    # The kernel sends FUSE an interrupt for a request whose process got a signal (a
+    # SIGKILL included); libfuse notes it on the request this thread serves.
+    return bool(fuse._libfuse.fuse_interrupted())  # fusepy does not wrap it
 
 
 def main(argv: list[str]) -> int:

@@ -31,7 +31,7 @@ from lxml import etree
 from shim import proc, qemu_img
 from shim.errors import CommandFailed, LabError
 from shim.lab import system
-from shim.lab.flakyfs import FAIL_FLAG
+from shim.lab.flakyfs import FAIL_FLAG, HANG_DIR, HANG_FLAG, SLOW_FLAG
 from shim.nas import Repository
 from shim.virt.connection import DEFAULT_URI, open_connection, reconnect
 from shim.virt.disks import parse_disks
@@ -336,7 +336,8 @@ class LabVM:
 
 @dataclass
 class FlakyNas:
-    """A repository served through :mod:`shim.lab.flakyfs`: its writes fail on command."""
+    """A repository served through :mod:`shim.lab.flakyfs`: its writes fail or slow down,
+    and its lookups hang, on command."""
 
     repository: Repository
     backing: Path
@@ -346,9 +347,22 @@ class FlakyNas:
         """From now on every write and fsync on this NAS fails with EIO."""
         (self.backing / FAIL_FLAG).touch()
 
+    def slow_writes(self, seconds: float) -> None:
+        """From now on every write on this NAS first sleeps ``seconds``."""
+        (self.backing / SLOW_FLAG).write_text(f"{seconds}\n", encoding="ascii")
+
+    def hang_lookups(self) -> Repository:
+        """From now on looking up ``hang`` (and below) blocks, as on a dead NFS server;
+        returns a repository at that address, whose mount hangs until :meth:`heal`."""
+        (self.backing / HANG_DIR).mkdir(exist_ok=True)
+        (self.backing / HANG_FLAG).touch()
+        repo = self.repository
+        return Repository(repo.type, f"{repo.address}/{HANG_DIR}", repo.options)
+
     def heal(self) -> None:
-        """Writes work again."""
-        (self.backing / FAIL_FLAG).unlink(missing_ok=True)
+        """The NAS works normally again: every flag removed (hung lookups go on)."""
+        for flag in (FAIL_FLAG, SLOW_FLAG, HANG_FLAG):
+            (self.backing / flag).unlink(missing_ok=True)
 
 
 class Lab:
@@ -364,6 +378,7 @@ class Lab:
         self.vms: list[LabVM] = []
         self._counter = 0
         self._processes: list[subprocess.Popen[bytes]] = []
+        self._flaky: list[FlakyNas] = []
 
     def __enter__(self) -> Lab:
         return self
@@ -444,11 +459,17 @@ class Lab:
             if process.poll() is not None or time.monotonic() > deadline:
                 raise LabError("the flaky NAS did not mount")
             time.sleep(0.01)
-        return FlakyNas(Repository("none", str(export), "bind"), backing, process)
+        nas = FlakyNas(Repository("none", str(export), "bind"), backing, process)
+        self._flaky.append(nas)
+        return nas
 
     def close(self) -> None:
         """Remove every domain, checkpoint, mount and file of this lab."""
         problems: list[str] = []
+        for nas in self._flaky:
+            # A hanging or slow NAS would hold up every unmount and removal below.
+            with _collect(problems, f"flaky NAS {nas.backing}"):
+                nas.heal()
         for vm in self.vms:
             with _collect(problems, f"domain {vm.name}"):
                 _remove_domain(self.conn, vm.uuid)

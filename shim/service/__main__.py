@@ -9,8 +9,10 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from commands.wrappers import DEFAULT_GENERATION, Generation
 from shim import log as shim_log
 from shim.service.config import (
+    DEFAULT_COMMAND_TIMEOUT,
     DEFAULT_MAX_BACKUPS,
     DEFAULT_MAX_BODY_BYTES,
     DEFAULT_SOCKET,
@@ -46,6 +48,21 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         default=DEFAULT_MAX_BODY_BYTES,
         help=f"largest request body in bytes (default {DEFAULT_MAX_BODY_BYTES})",
     )
+    parser.add_argument(
+        "--command-timeout",
+        type=int,
+        default=DEFAULT_COMMAND_TIMEOUT,
+        metavar="SECONDS",
+        help="how long a command whose wait is 0 may run, like the agent's cmds.timeout "
+        f"(default {DEFAULT_COMMAND_TIMEOUT})",
+    )
+    parser.add_argument(
+        "--generation",
+        choices=[g.value for g in Generation],
+        default=DEFAULT_GENERATION.value,
+        help="the CloudStack generation whose answers to give when a request neither says "
+        f"(?generation=) nor shows it by its fields (default {DEFAULT_GENERATION.value})",
+    )
     parser.add_argument("-v", "--verbose", action="store_true", help="debug lines in the log")
     return parser.parse_args(argv)
 
@@ -60,6 +77,8 @@ def config_from(args: argparse.Namespace) -> ServiceConfig:
         token=read_token(args.token_file) if args.token_file is not None else None,
         max_backups=args.max_backups,
         max_body_bytes=args.max_body,
+        command_timeout=args.command_timeout,
+        generation=Generation(args.generation),
     )
 
 

@@ -16,12 +16,15 @@ import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from commands.wrappers import DEFAULT_GENERATION, Generation
 from shim.errors import ShimError
 
 DEFAULT_SOCKET = Path("/run/cloudstack-nasbackup-shim/shim.sock")
 DEFAULT_MAX_BACKUPS = 2
 DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 DEFAULT_KEEP_FINISHED_JOBS = 256
+DEFAULT_COMMAND_TIMEOUT = 7200
+"""The agent's default ``cmds.timeout``: how long a command whose ``wait`` is 0 may run."""
 SOCKET_MODE = 0o600
 
 
@@ -52,6 +55,11 @@ class ServiceConfig:
     """Backup jobs that may run at once on this host; more wait their turn."""
     max_body_bytes: int = DEFAULT_MAX_BODY_BYTES
     keep_finished_jobs: int = DEFAULT_KEEP_FINISHED_JOBS
+    command_timeout: int = DEFAULT_COMMAND_TIMEOUT
+    """Seconds a command whose ``wait`` is 0 may run before it is stopped (``timeout``)."""
+    generation: Generation = DEFAULT_GENERATION
+    """Whose agent the callers are, for requests that neither say nor show it: answers are
+    built as that generation's Java wrappers build them."""
 
     def __post_init__(self) -> None:
         if self.tcp is not None and not self.token:
@@ -60,6 +68,8 @@ class ServiceConfig:
             raise StartupRefused("the limit of concurrent backups must be at least 1")
         if self.max_body_bytes < 1:
             raise StartupRefused("the body size limit must be positive")
+        if self.command_timeout < 1:
+            raise StartupRefused("the command timeout must be at least 1 second")
 
 
 def parse_tcp_address(text: str) -> TcpAddress:

@@ -6,9 +6,14 @@ run one after the other instead of failing) and, if it is a backup, for one of t
 host's backup slots. The engine is blocking: it runs in a thread pool of its own, so that
 the event loop, and the progress and health requests it serves, are never held up.
 
-Aborting a job that waits removes it from the queue. Aborting a running backup aborts its
-libvirt job; the engine then cleans up exactly as after any failure and raises, and that
-failure is the command's answer. Commands not yet started are answered as aborted.
+Every command runs under a deadline, as under the agent: its ``wait`` when > 0, else the
+configured default (the agent's ``cmds.timeout``). A command past its deadline is stopped,
+and so is a running command whose job is aborted: its cancellation token
+(:mod:`shim.cancel`) kills the program the engine waits for, and a running backup's
+libvirt job is aborted; the engine then cleans up exactly as after any failure and raises.
+A timed-out command answers what the agent's ``Script`` makes of a timeout (``timeout``);
+an aborted one answers the engine's failure. Aborting a job that waits removes it from the
+queue; commands not yet started are answered as aborted.
 """
 
 from __future__ import annotations
@@ -23,13 +28,15 @@ import uuid
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import partial
 
 from commands.model import Answer, Command
 from shim import operations
+from shim.cancel import CancelToken
 from shim.contract import BackupOutcome
 from shim.errors import EXIT_ERROR, ShimError, VirtError
+from shim.service.config import DEFAULT_COMMAND_TIMEOUT
 from shim.virt.jobs import BackupJob
 
 log = logging.getLogger(__name__)
@@ -77,6 +84,8 @@ class Job:
         self.executing = False
         """A command runs in a worker thread (the task must then not be cancelled)."""
         self._backup_job: BackupJob | None = None
+        self._cancel = CancelToken()
+        """The running command's: cancelled when it is aborted or past its deadline."""
         self._command_done = threading.Event()
         self._done = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
@@ -85,8 +94,10 @@ class Job:
     def attach(self, backup_job: BackupJob) -> None:
         """The engine's ``on_job``: the libvirt job now exists (progress, abort)."""
         self._backup_job = backup_job
-        if self.abort_requested:
-            backup_job.abort()  # asked before the job existed: it will not begin
+        if self._cancel.cancelled:
+            # Stopped before the job existed: it will not begin, and that stops the engine.
+            self._cancel.take()
+            backup_job.abort()
 
     # -- progress and abort (threads) -------------------------------------------------------
     def read_progress(self) -> Progress:
@@ -102,16 +113,26 @@ class Job:
         return self.progress
 
     def abort_running(self) -> None:
-        """Abort the running command's libvirt job and wait until the command returned.
-
-        ``abort_requested`` is set first: a job the engine has not created yet is aborted
-        by :meth:`attach`, one it has not begun yet refuses to begin.
-        """
+        """Stop the running command (:meth:`stop_running`) and wait until it returned."""
         self.abort_requested = True
-        backup_job = self._backup_job
-        if backup_job is not None:
-            backup_job.abort()
+        self.stop_running("aborted")
         self._command_done.wait()
+
+    def stop_running(self, reason: str) -> None:
+        """Cancel the running command's token and abort its libvirt job (blocking).
+
+        The engine stops at its next safe point and cleans up. A libvirt job it has not
+        created yet is aborted by :meth:`attach`, one it has not begun refuses to begin.
+        """
+        self._cancel.cancel(reason)
+        backup_job = self._backup_job
+        if backup_job is None:
+            return
+        if _not_ended(backup_job):
+            # The abort stops the engine (its wait, or its begin, fails): the token must not
+            # stop the programs of the cleanup that follows (a umount) in turn.
+            self._cancel.take()
+        backup_job.abort()
 
     # -- state ------------------------------------------------------------------------------
     async def wait(self) -> list[Answer]:
@@ -120,11 +141,13 @@ class Job:
         assert self.answers is not None  # noqa: S101 - set before _done
         return self.answers
 
-    def _begin_command(self) -> None:
+    def _begin_command(self) -> CancelToken:
         self.state = JobState.RUNNING
         self.executing = True
         self._backup_job = None
+        self._cancel = CancelToken()
         self._command_done.clear()
+        return self._cancel
 
     def _end_command(self) -> None:
         self.executing = False
@@ -140,6 +163,31 @@ class Job:
         else:
             self.state = JobState.FAILED
         self._done.set()
+
+
+@dataclass
+class _SharedRun:
+    """A run several identical requests wait for; stopped only when all stopped waiting."""
+
+    future: asyncio.Future[operations.Result]
+    cancel: CancelToken
+    waiters: int = 0
+    _lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def join(self, token: CancelToken) -> None:
+        """One more waiter, whose token's cancellation withdraws it."""
+        with self._lock:
+            self.waiters += 1
+        token.on_cancel(lambda: self._leave(token.reason))
+
+    def _leave(self, reason: str) -> None:
+        # Called in the thread that cancels a waiter's token: a run nobody waits for any
+        # more is stopped, for the reason the last one stopped waiting.
+        with self._lock:
+            self.waiters -= 1
+            last = self.waiters == 0
+        if last:
+            self.cancel.cancel(reason)
 
 
 class _VmLocks:
@@ -175,8 +223,11 @@ class Scheduler:
         max_backups: int,
         keep_finished: int = 256,
         runner: Runner = operations.run,
+        command_timeout: int = DEFAULT_COMMAND_TIMEOUT,
     ) -> None:
         self.max_backups = max_backups
+        self.command_timeout = command_timeout
+        """Seconds a command may run when its ``wait`` does not say (is 0)."""
         self._backup_slots = asyncio.Semaphore(max_backups)
         self._vm_locks = _VmLocks()
         self._keep_finished = keep_finished
@@ -184,7 +235,7 @@ class Scheduler:
         # Its own pool: long backups never starve progress or health reads (default pool).
         self._executor = ThreadPoolExecutor(max_workers=32, thread_name_prefix="shim-op")
         self._jobs: OrderedDict[str, Job] = OrderedDict()
-        self._shared_reads: dict[operations.Request, asyncio.Future[operations.Result]] = {}
+        self._shared_reads: dict[operations.Request, _SharedRun] = {}
         self.closed = False
         """Shutting down: no new job is accepted."""
 
@@ -255,13 +306,23 @@ class Scheduler:
         job._finish(answers)
         log.info("job %s %s", job.id, job.state.value)
 
+    def deadline(self, command: Command) -> int:
+        """Seconds ``command`` may run: its ``wait`` when > 0, else the configured default."""
+        return command.wait if command.wait > 0 else self.command_timeout
+
     async def _run_command(self, job: Job, command: Command) -> Answer:
         slot = self._backup_slots if command.is_backup else contextlib.nullcontext()
         async with self._vm_locks.hold(command.vm), slot:
-            job._begin_command()
+            token = job._begin_command()
             log.info("job %s: %s", job.id, command.describe())
             try:
-                result = await asyncio.shield(self._execute(command.to_request(), job))
+                run, run_cancel = self._execute(command.to_request(), job, token)
+                seconds = self.deadline(command)
+                try:
+                    result = await asyncio.wait_for(asyncio.shield(run), seconds)
+                except TimeoutError:
+                    await self._stop_at_deadline(job, command, seconds, run, run_cancel)
+                    return command.timed_out()
                 answer = command.answer(result)
             except ShimError as exc:
                 log.error("job %s: failed (exit %d): %s", job.id, exc.exit_code, exc)
@@ -278,24 +339,61 @@ class Scheduler:
                 )
             return answer
 
-    def _execute(self, request: operations.Request, job: Job) -> asyncio.Future[operations.Result]:
-        """Run ``request`` in a worker thread.
+    def _forget_shared(self, request: operations.Request, shared: _SharedRun, _f: object) -> None:
+        if self._shared_reads.get(request) is shared:  # not a newer run of the same request
+            del self._shared_reads[request]
+
+    async def _stop_at_deadline(
+        self,
+        job: Job,
+        command: Command,
+        seconds: int,
+        run: asyncio.Future[operations.Result],
+        run_cancel: CancelToken,
+    ) -> None:
+        """Stop a command past its deadline and wait until the engine has cleaned up."""
+        log.error("job %s: %s timed out after %d s", job.id, type(command).__name__, seconds)
+        # Blocking (a libvirt abort waits for libvirt to confirm): not on the event loop.
+        await asyncio.to_thread(job.stop_running, f"timed out after {seconds} s")
+        if not run_cancel.cancelled:
+            return  # a stats run other requests still wait for: it goes on, for them
+        try:
+            await asyncio.shield(run)
+        except Exception as exc:  # the answer is "timeout" whatever the run ended with
+            log.info("job %s: the stopped command ended with: %s", job.id, exc)
+        else:
+            log.warning("job %s: the command finished after its deadline", job.id)
+
+    def _execute(
+        self, request: operations.Request, job: Job, token: CancelToken
+    ) -> tuple[asyncio.Future[operations.Result], CancelToken]:
+        """Run ``request`` in a worker thread; the run and the token that stops it.
 
         Identical stats requests in flight share one run: a stats is a mount, a statvfs and
         an unmount, and fifty clients asking at once need one answer, not fifty mounts
         (measured: p99 at 50 clients from 186 ms to a few ms). A waiter's answer is then at
-        most one stats old.
+        most one stats old. Such a run is stopped once every waiter has stopped waiting.
         """
         loop = asyncio.get_running_loop()
         if not isinstance(request, operations.StatsRequest):
-            call = partial(self._runner, request, on_job=job.attach)
-            return loop.run_in_executor(self._executor, call)
+            call = partial(self._runner, request, on_job=job.attach, cancel=token)
+            return loop.run_in_executor(self._executor, call), token
         shared = self._shared_reads.get(request)
-        if shared is None:
-            shared = loop.run_in_executor(self._executor, partial(self._runner, request))
-            self._shared_reads[request] = shared
-            shared.add_done_callback(lambda _f: self._shared_reads.pop(request, None))
-        return shared
+        if shared is None or shared.cancel.cancelled:  # a stopped run answers nobody new
+            shared_cancel = CancelToken()
+            future = loop.run_in_executor(
+                self._executor, partial(self._runner, request, cancel=shared_cancel)
+            )
+            shared = self._shared_reads[request] = _SharedRun(future, shared_cancel)
+            future.add_done_callback(partial(self._forget_shared, request, shared))
+        shared.join(token)
+        return shared.future, shared.cancel
+
+
+def _not_ended(backup_job: BackupJob) -> bool:
+    """Whether libvirt has not ended ``backup_job`` yet (it runs, or has not begun)."""
+    # BackupJob says it nowhere publicly: its outcome is set once libvirt ended the job.
+    return not backup_job._outcome.finished.is_set()
 
 
 def _count(stats: Mapping[str, object], key: str) -> int:

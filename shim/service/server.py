@@ -42,8 +42,14 @@ class Service:
                 max_backups=config.max_backups,
                 keep_finished=config.keep_finished_jobs,
                 runner=self._engine,
+                command_timeout=config.command_timeout,
             )
-            app = make_app(self.scheduler, token=config.token, max_body_bytes=config.max_body_bytes)
+            app = make_app(
+                self.scheduler,
+                token=config.token,
+                max_body_bytes=config.max_body_bytes,
+                generation=config.generation,
+            )
             self._web = web.AppRunner(app, access_log=None, handle_signals=False)
             await self._web.setup()
             await web.SockSite(self._web, unix.sock).start()
