@@ -7,10 +7,13 @@ shown there too, as progress for a person; the agent never reads stderr.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import logging.handlers
 import os
 import sys
+import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 from shim.redact import RedactingFilter
@@ -19,12 +22,44 @@ DEFAULT_LOG_FILE = Path("/var/log/cloudstack/agent/agent.log")
 LOG_FILE_ENV = "NASBACKUP_SHIM_LOG"
 
 
+_context = threading.local()
+
+
+@contextlib.contextmanager
+def log_id(value: str | None) -> Iterator[None]:
+    """Tag every line this thread logs meanwhile with the agent's log id (a command's
+    ``contextMap["logid"]``), as ``(logid:<id>)``, the agent's own form: one grep then
+    finds a command in the agent's lines and the shim's."""
+    previous = getattr(_context, "logid", None)
+    _context.logid = value
+    try:
+        yield
+    finally:
+        _context.logid = previous
+
+
 class _Formatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(
             fmt="%(asctime)s> nasbackup[%(process)d]: %(levelname)s %(message)s",
             datefmt="%Y-%m-%d %H-%M-%S",
         )
+
+    def format(self, record: logging.LogRecord) -> str:
+        """The line, with the log id of the command it belongs to, if any."""
+        text = super().format(record)
+        logid = getattr(record, "logid", None)
+        return f"{text} (logid:{logid})" if logid else text
+
+
+class _LogIdFilter(logging.Filter):
+    """Stamps each record with the log id of the thread that logged it."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Always keep the record."""
+        if not hasattr(record, "logid"):
+            record.logid = getattr(_context, "logid", None)
+        return True
 
 
 def log_file() -> Path:
@@ -52,6 +87,7 @@ def setup(verbose: bool = False) -> None:
     except OSError:
         handler, to_file = logging.StreamHandler(sys.stderr), False
     handler.setFormatter(_Formatter())
+    handler.addFilter(_LogIdFilter())
     handler.addFilter(RedactingFilter())
     logger.addHandler(handler)
     if to_file and sys.stderr.isatty():

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 from shim import cancel
 from shim.errors import CommandFailed
+from shim.redact import redact
 
 log = logging.getLogger(__name__)
 
@@ -35,11 +36,12 @@ class Result:
 
 
 def mask(text: str, secrets: Sequence[str]) -> str:
-    """Return ``text`` with every non-empty secret replaced by ``***``."""
+    """Return ``text`` with every non-empty secret replaced by ``***``, and the secrets a
+    source string carries (a Ceph ``key=``) masked by the shared rule."""
     for secret in secrets:
         if secret:
             text = text.replace(secret, "***")
-    return text
+    return redact(text)
 
 
 def run(

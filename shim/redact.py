@@ -35,3 +35,12 @@ class RedactingFilter(logging.Filter):
         if record.exc_info and record.exc_info[1] is not None:
             record.exc_text = redact(logging.Formatter().formatException(record.exc_info))
         return True
+
+
+def public_source(source: str) -> str:
+    """What may be recorded of a disk source (on the NAS, in a manifest): an ``rbd:`` source
+    as ``rbd:<pool>/<image>`` only (its options carry the monitors' key), others as they are.
+    """
+    if source.startswith("rbd:"):
+        return "rbd:" + source[len("rbd:") :].split(":", 1)[0]
+    return source

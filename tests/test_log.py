@@ -45,3 +45,20 @@ def test_no_ceph_key_reaches_the_log_or_an_error_line(agent_log: Path) -> None:
     assert "AQBsecret" not in text and "key=***" in text
     assert "AQBsecret" not in error_stdout(f"disk {SOURCE} failed")
     assert redact("keyring=/etc/ceph/x.keyring,monkey=1") == "keyring=***,monkey=1"
+
+
+def test_a_manifest_records_an_rbd_source_without_its_options() -> None:
+    from shim.redact import public_source
+
+    assert public_source(SOURCE) == "rbd:pool/img"
+    assert public_source("/mnt/p/v") == "/mnt/p/v"
+
+
+def test_lines_carry_the_commands_log_id(agent_log: Path) -> None:
+    logger = logging.getLogger("shim.test")
+    with shim_log.log_id("7f2ac3d1"):
+        logger.info("inside the command")
+    logger.info("outside")
+    lines = agent_log.read_text().splitlines()
+    assert lines[-2].endswith("inside the command (logid:7f2ac3d1)")
+    assert lines[-1].endswith("outside")

@@ -83,12 +83,21 @@ def paused_by_io_error(dom: libvirt.virDomain) -> bool:
     return state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR
 
 
-def freeze(dom: libvirt.virDomain) -> bool:
-    """Freeze the guest's filesystems through its agent; False (crash-consistent) without one."""
+def _agent_timeout(dom: libvirt.virDomain, seconds: int) -> None:
     try:
-        dom.agentSetResponseTimeout(AGENT_TIMEOUT_SECONDS, 0)
+        dom.agentSetResponseTimeout(seconds, 0)
     except libvirt.libvirtError as exc:
         log.debug("agent timeout not set: %s", exc.get_error_message())
+
+
+def freeze(dom: libvirt.virDomain) -> bool:
+    """Freeze the guest's filesystems through its agent; False (crash-consistent) without one.
+
+    The agent's response timeout is shortened for the freeze (a hung agent must not hold
+    the backup) and put back to libvirt's default by :func:`thaw`, or here when nothing
+    was frozen: other users of the agent (CloudStack's own) expect the default.
+    """
+    _agent_timeout(dom, AGENT_TIMEOUT_SECONDS)
     try:
         frozen = dom.fsFreeze()
     except libvirt.libvirtError as exc:
@@ -97,18 +106,22 @@ def freeze(dom: libvirt.virDomain) -> bool:
             "crash-consistent",
             exc.get_error_message(),
         )
+        _agent_timeout(dom, libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT)
         return False
     log.info("guest filesystems frozen (%d)", frozen)
     return True
 
 
 def thaw(dom: libvirt.virDomain) -> None:
-    """Thaw the guest's filesystems; failures are logged (the agent thaws on its own timer)."""
+    """Thaw the guest's filesystems and put the agent's response timeout back; failures
+    are logged (the agent thaws on its own timer)."""
     try:
         dom.fsThaw()
         log.info("guest filesystems thawed")
     except libvirt.libvirtError as exc:
         log.warning("thaw failed: %s", exc.get_error_message())
+    finally:
+        _agent_timeout(dom, libvirt.VIR_DOMAIN_AGENT_RESPONSE_TIMEOUT_DEFAULT)
 
 
 def qemu_monitor(dom: libvirt.virDomain, command: str, **arguments: object) -> Any:
