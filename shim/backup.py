@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from lxml import etree
 
 from shim import qemu_img
 from shim.backupdir import BackupDirectory
-from shim.chain import relative_backing, resolve_parents
+from shim.chain import Parents, relative_backing, resolve_parents
 from shim.contract import BackupOutcome
 from shim.errors import BackupFailed, CleanupFailed, ShimError, VirtError
 from shim.lock import VmLock
@@ -115,10 +116,15 @@ class LiveBackup:
         self.capacities: dict[str, int] = {}
 
     def run(self) -> BackupOutcome:
-        """Plan, back up, and publish the directory; clean up after any failure."""
+        """Check, plan, back up, and publish the directory; clean up after any failure."""
         disks = named_disks(parse_disks(self.dom.XMLDesc()), self.request.volume_ids)
         if not disks:
             raise BackupFailed(f"VM {self.request.vm} has no disks")
+        # Every check of the request against the repository comes before anything changes
+        # in libvirt: a refused request (a retry of a backup that succeeded) must leave the
+        # VM's checkpoint, the next backup's parent, where it is.
+        self.directory.check()
+        parents = self._resolve_parents(disks)
         recover_interrupted_job(self.conn, self.dom, [d.target for d in disks])
         self.paused_before = host.is_paused(self.dom)
         # The images' bitmap directories, read once: kept up to date as bitmaps are removed
@@ -127,7 +133,7 @@ class LiveBackup:
         job: BackupJob | None = None
         plan = _Plan(checkpoint=None, incremental_from=None, parents={}, fallback=False)
         try:
-            plan = self._plan(disks)
+            plan = self._plan(disks, parents)
             self.directory.prepare()
             self._create_targets(disks, plan)
             with BackupJob(self.conn, self.dom) as job:
@@ -135,17 +141,12 @@ class LiveBackup:
                     self.on_job(job)
                 self._begin(job, disks, plan)
                 stats = job.wait()
+            self._resparsify(disks, plan)
             files = self._publish(disks, plan)
         except BaseException as exc:
             self._cleanup(disks, plan, job, exc)
             raise
-        warnings = (
-            checkpoints.retire_all_except(self.dom, disks, plan.checkpoint, self.headers)
-            if plan.checkpoint
-            else []
-        )
-        if warnings:
-            log.warning("the backup succeeded; %d stale checkpoint(s) remain", len(warnings))
+        self._housekeep(disks, plan)
         outcome = self.directory.outcome(
             files,
             bitmap_created=plan.checkpoint,
@@ -162,13 +163,32 @@ class LiveBackup:
         return outcome
 
     # -- steps ------------------------------------------------------------------------------
-    def _plan(self, disks: list[DomainDisk]) -> _Plan:
+    def _resolve_parents(self, disks: list[DomainDisk]) -> Parents | None:
+        """The parent files of an incremental (None for any other request), read from the
+        repository before anything changes: a bad parent path is refused here.
+
+        Only the disks that carry bitmaps have parents: the others are copied in full by
+        every backup, so their files are never backed by (nor is anything read of) a
+        parent's."""
+        request = self.request
+        if request.effective_mode != INCREMENTAL or not request.bitmap_parent:
+            return None
+        return resolve_parents(
+            self.session,
+            [d for d in disks if d.carries_bitmaps],
+            request.path,
+            parent_paths=request.parent_paths,
+            parent_path=request.parent_path,
+            bitmap_parent=request.bitmap_parent,
+        )
+
+    def _plan(self, disks: list[DomainDisk], parents: Parents | None) -> _Plan:
         request = self.request
         mode = request.effective_mode
         checkpoint = request.bitmap_new if mode in (FULL, INCREMENTAL) else None
         plan = _Plan(checkpoint=checkpoint, incremental_from=None, parents={}, fallback=False)
-        if mode == INCREMENTAL and request.bitmap_parent:
-            reason = self._plan_incremental(disks, request.bitmap_parent, plan)
+        if parents is not None and request.bitmap_parent:
+            reason = self._plan_incremental(disks, request.bitmap_parent, parents, plan)
             if reason:
                 log.warning("incremental backup impossible (%s): taking a full backup", reason)
                 plan.fallback = True
@@ -182,15 +202,11 @@ class LiveBackup:
                 )
         return plan
 
-    def _plan_incremental(self, disks: list[DomainDisk], parent: str, plan: _Plan) -> str | None:
-        request = self.request
-        parents = resolve_parents(
-            self.session,
-            disks,
-            request.path,
-            parent_paths=request.parent_paths,
-            parent_path=request.parent_path,
-        )
+    def _plan_incremental(
+        self, disks: list[DomainDisk], parent: str, parents: Parents, plan: _Plan
+    ) -> str | None:
+        if not any(d.carries_bitmaps for d in disks):
+            return "no disk can carry a bitmap (only qcow2 file disks can)"
         if parents.problems:
             return "; ".join(parents.problems)
         if not parents.files:
@@ -199,6 +215,7 @@ class LiveBackup:
         try:
             # Always redefine, even when libvirt lists it: a checkpoint that survived a
             # QEMU crash in libvirt's metadata has inconsistent bitmaps; validation says so.
+            # Its carriers are the disks with a parent (all of them carry bitmaps).
             checkpoints.redefine(self.dom, parent, parents.files, targets, validate=True)
         except VirtError as exc:
             return f"parent checkpoint {parent}: {exc}"
@@ -206,7 +223,10 @@ class LiveBackup:
         plan.parents = parents.files
         new_disks = [d.target for d in disks if d.target not in parents.files]
         if new_disks:
-            log.info("disks without a parent, backed up full: %s", ", ".join(new_disks))
+            log.info(
+                "disks without a parent (attached since, or without bitmaps), backed up full: %s",
+                ", ".join(new_disks),
+            )
         return None
 
     def _create_targets(self, disks: list[DomainDisk], plan: _Plan) -> None:
@@ -233,8 +253,11 @@ class LiveBackup:
             etree.SubElement(el, "driver", type="qcow2")
         checkpoint_xml = None
         if plan.checkpoint:
+            # libvirt refuses the whole checkpoint when one disk named as a bitmap carrier
+            # cannot carry one: the others take checkpoint='no' (and backupmode='full').
+            carriers = [d.target for d in disks if d.carries_bitmaps]
             targets = [d.target for d in disks]
-            checkpoint_xml = checkpoints.checkpoint_xml(plan.checkpoint, targets, targets)
+            checkpoint_xml = checkpoints.checkpoint_xml(plan.checkpoint, carriers, targets)
         frozen = host.freeze(self.dom) if self.request.quiesce else False
         try:
             job.begin(
@@ -250,6 +273,37 @@ class LiveBackup:
             self.request.vm,
             f"incremental since {plan.incremental_from}" if plan.incremental_from else "full",
         )
+
+    def _resparsify(self, disks: list[DomainDisk], plan: _Plan) -> None:
+        """Rewrite the full copy of each raw block device sparse, as upstream does.
+
+        QEMU sees a block device (LINSTOR/DRBD) as all data, so its backup holds every
+        zero it read; ``qemu-img convert`` skips zero clusters and keeps the data
+        identical. Files and ``rbd:`` images report their holes: their copies are sparse.
+        """
+        for disk in disks:
+            if disk.source_type != "block" or disk.target in plan.parents:
+                continue
+            target = self.directory.work / disk.backup_name
+            sparse = target.with_name(target.name + ".sparse")
+            qemu_img.convert(target, sparse)
+            os.replace(sparse, target)
+            log.info("re-sparsified the copy of %s", disk.source)
+
+    def _housekeep(self, disks: list[DomainDisk], plan: _Plan) -> None:
+        """Retire every checkpoint but the new one. The backup is published: a failure here
+        is a warning, never a failed backup, and the next run's housekeeping finishes it."""
+        if not plan.checkpoint:
+            return
+        try:
+            warnings = checkpoints.retire_all_except(self.dom, disks, plan.checkpoint, self.headers)
+        except (ShimError, libvirt.libvirtError) as exc:
+            log.warning("housekeeping: %s", exc)
+            warnings = [str(exc)]
+        if warnings:
+            log.warning(
+                "the backup succeeded; stale checkpoints may remain: the next backup retires them"
+            )
 
     def _publish(self, disks: list[DomainDisk], plan: _Plan) -> list[str]:
         for name, text in host.describe(self.dom).items():

@@ -21,6 +21,7 @@ from shim.chain import (
     relative_backing,
     remove_tree,
     sweep_dead_work,
+    vm_dir_of,
 )
 from shim.contract import BackupOutcome
 from shim.errors import InputError
@@ -33,6 +34,7 @@ from shim.manifest import (
     write_manifest,
 )
 from shim.nas import MountSession
+from shim.redact import public_source
 from shim.virt.disks import DomainDisk
 
 log = logging.getLogger(__name__)
@@ -44,15 +46,22 @@ class BackupDirectory:
     def __init__(self, session: MountSession, relative: str) -> None:
         self.relative = relative
         self.final = session.path(relative, what="backup path")
+        self._root = Path(os.path.realpath(session.root))
         self.work = partial_dir(self.final)
         self._created_parent: Path | None = None
 
-    def prepare(self) -> None:
-        """Refuse to overwrite a backup; clear a partial left by a killed run; create."""
+    def check(self) -> None:
+        """Refuse a path that already holds a backup. Changes nothing, so that it can run
+        before anything else is touched (a refused retry must leave no trace)."""
         if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())):
             raise InputError(f"backup path {self.relative} already exists")
-        # Runs killed before they could clean up; we hold the VM's lock, so they are dead.
-        for dead in sweep_dead_work(self.final.parent):
+
+    def prepare(self) -> None:
+        """Refuse to overwrite a backup; clear a partial left by a killed run; create."""
+        self.check()
+        # Runs killed before they could clean up; we hold the VM's lock (the request's
+        # path starts with its name), so they are dead.
+        for dead in sweep_dead_work(self._root, vm_dir_of(self.relative)):
             log.warning("removed %s, left by a run that died", dead)
         if not self.final.parent.exists():
             self._created_parent = self.final.parent
@@ -82,7 +91,7 @@ class BackupDirectory:
         algorithm = checksum_algorithm()
         files = [
             DiskFile(
-                d.role, d.volume_id, d.backup_name, d.source, sizes[d.target],
+                d.role, d.volume_id, d.backup_name, public_source(d.source), sizes[d.target],
                 relative_backing(parents[d.target], self.final) if d.target in parents else None,
             )
             for d in disks

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from dataclasses import dataclass
@@ -10,14 +11,17 @@ from pathlib import Path
 
 import pytest
 
-from shim import qemu_img
+from shim import cli, qemu_img
 from shim.chain import directory_size
 from shim.contract import jobinfo_text
+from shim.errors import VirtError
 from shim.lab import Lab, LabVM, MiB
 from shim.lab.leaks import leaks
 from shim.lab.system import mount_points
+from shim.lock import LOCK_WAIT_ENV
 from shim.manifest import checksums, read_manifest
 from shim.nas import Repository
+from shim.virt import checkpoints
 from tests.support import (
     DROPIN,
     GENERATIONS,
@@ -292,8 +296,11 @@ def _backup_in_flight(lab: Lab, log: Path, path: str = "2026.10.01.00.00.00") ->
     return InFlight(vm, repo, proc)
 
 
-def test_second_backup_of_the_same_vm_fails_fast(lab: Lab, tmp_path: Path) -> None:
+def test_second_backup_of_the_same_vm_fails_fast(
+    lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     first = _backup_in_flight(lab, tmp_path / "first.log", "first")
+    monkeypatch.setenv(LOCK_WAIT_ENV, "0.2")  # the second waits this long for the first's lock
     started = time.monotonic()
     second = run_dropin(_full_argv(first.vm, first.repo, "second"), log_file=tmp_path / "2.log")
     assert time.monotonic() - started < 5
@@ -455,3 +462,58 @@ def test_downstream_volume_id_count_must_match_the_domain(chain: Chain) -> None:
     assert chain.vm.checkpoints() == []
     assert os.listdir(chain.repo_dir) == []
     assert leaks(chain.lab) == []
+
+
+def test_retry_to_an_existing_path_is_refused_before_the_checkpoint_is_touched(
+    chain: Chain,
+) -> None:
+    _write_round(chain.vm, 0)
+    argv, path, bitmap = chain.argv("full")
+    first = run_dropin(argv, log_file=chain.log)
+    assert first.returncode == 0, first.stdout
+    chain.record("full", path, bitmap)
+    again = run_dropin(argv, log_file=chain.log)  # the agent retrying a run that succeeded
+    assert (again.returncode, again.stdout) == (1, f"backup path {path} already exists\n")
+    # The checkpoint and its bitmaps, the next incremental's parent, are untouched.
+    assert [(c.name, c.bitmaps) for c in checkpoints.listed(chain.vm.dom)] == [
+        (bitmap, {"vda": bitmap, "vdb": bitmap})
+    ]
+    assert leaks(chain.lab) == []
+    _write_round(chain.vm, 1)
+    run, second = chain.backup("incremental")
+    assert "INCREMENTAL_FALLBACK" not in run.stdout
+    _after_backup(chain, run, second)
+    for file in disk_files(chain.repo_dir, second, chain.vm):
+        assert qemu_img.info(file).backing_filename == f"../{Path(path).name}/{file.name}"
+
+
+def test_housekeeping_failure_after_publishing_is_a_warning(
+    chain: Chain,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    _write_round(chain.vm, 0)
+    chain.backup("full")
+    _write_round(chain.vm, 1)
+
+    def broken(*_args: object, **_kwargs: object) -> list[str]:
+        raise VirtError("cannot list checkpoints: libvirt went away")
+
+    argv, path, bitmap = chain.argv("incremental")
+    with monkeypatch.context() as patched:
+        patched.setattr(checkpoints, "retire_all_except", broken)
+        patched.setattr(signal, "signal", lambda *_: None)  # the drop-in's handlers: not here
+        patched.setenv("NASBACKUP_SHIM_LOG", str(chain.log))
+        code = cli.main(argv)  # in this process, to break its housekeeping
+    out = capsys.readouterr().out
+    assert code == 0, out
+    chain.record("incremental", path, bitmap)
+    assert out.splitlines()[-1] == str(directory_size(chain.repo_dir / path))
+    assert "housekeeping: cannot list checkpoints: libvirt went away" in chain.log.read_text()
+    verify_backup(chain.lab, chain.repo_dir, path, chain.vm, chain.vm.reference_backup())
+    assert chain.vm.checkpoints() == chain.bitmaps  # the parent could not be retired
+    # The next run finishes the housekeeping: one checkpoint again.
+    _write_round(chain.vm, 2)
+    run, third = chain.backup("incremental")
+    assert "INCREMENTAL_FALLBACK" not in run.stdout
+    _after_backup(chain, run, third)

@@ -34,7 +34,7 @@ from shim.lab import system
 from shim.lab.flakyfs import FAIL_FLAG, HANG_DIR, HANG_FLAG, SLOW_FLAG
 from shim.nas import Repository
 from shim.virt.connection import DEFAULT_URI, open_connection, reconnect
-from shim.virt.disks import parse_disks
+from shim.virt.disks import parse_disks, volume_id_of
 from shim.virt.host import qemu_monitor
 from shim.virt.jobs import BackupJob
 
@@ -49,21 +49,37 @@ _OWNER_FILE = "owner.pid"
 _STOP_TIMEOUT_SECONDS = 30
 _LIBVIRTD_STOP_SECONDS = 60
 _SECTOR = 512
+LINSTOR_DIR = Path("/dev/drbd/by-res")
+"""Where LINSTOR's udev rules put a resource's devices (``cs-<uuid>/0``); the lab makes
+the links itself (no udev here)."""
+
+QCOW2 = "qcow2"
+RAW = "raw"
+BLOCK = "block"
+DISK_KINDS = (QCOW2, RAW, BLOCK)
+"""A qcow2 v3 file, a raw file, a raw block device (a loop device named like LINSTOR's)."""
 
 
 @dataclass(frozen=True)
 class LabDisk:
-    """A lab volume: ``<lab>/<pool-uuid>/<volume-uuid>``, qcow2 v3."""
+    """A lab volume: a file ``<lab>/<pool-uuid>/<volume-uuid>`` (qcow2 v3 or raw), or a
+    raw block device at ``/dev/drbd/by-res/cs-<volume-uuid>/0`` (``kind`` ``block``)."""
 
     path: Path
     target: str
     size: int
     bus: str = "virtio"
+    kind: str = QCOW2
 
     @property
     def volume_id(self) -> str:
-        """The CloudStack volume id (the file's basename)."""
-        return self.path.name
+        """The CloudStack volume id (the file's basename, LINSTOR's resource uuid)."""
+        return volume_id_of(str(self.path))
+
+    @property
+    def format(self) -> str:
+        """The image format QEMU opens it with."""
+        return QCOW2 if self.kind == QCOW2 else RAW
 
 
 def _domain_xml(
@@ -112,10 +128,13 @@ def _domain_xml(
 
 
 def _disk_element(disk: LabDisk) -> etree._Element:
-    el = etree.Element("disk", type="file", device="disk")
-    # discard=unmap: a guest's discards reach the qcow2 (by default QEMU ignores them).
-    etree.SubElement(el, "driver", name="qemu", type="qcow2", discard="unmap")
-    etree.SubElement(el, "source", file=str(disk.path))
+    block = disk.kind == BLOCK
+    el = etree.Element("disk", type="block" if block else "file", device="disk")
+    # discard=unmap: a guest's discards reach the image (by default QEMU ignores them).
+    etree.SubElement(el, "driver", name="qemu", type=disk.format, discard="unmap")
+    etree.SubElement(
+        el, "source", **({"dev": str(disk.path)} if block else {"file": str(disk.path)})
+    )
     etree.SubElement(el, "target", dev=disk.target, bus=disk.bus)
     return el
 
@@ -399,24 +418,48 @@ class Lab:
         path.mkdir()
         return path
 
-    def new_volume(self, target: str, size: int, *, bus: str = "virtio") -> LabDisk:
-        """A fresh qcow2 v3 volume named like a CloudStack volume."""
-        path = self.pool / str(uuid.uuid4())
-        qemu_img.create(path, size)
-        return LabDisk(path=path, target=target, size=size, bus=bus)
+    def new_volume(
+        self, target: str, size: int, *, bus: str = "virtio", kind: str = QCOW2
+    ) -> LabDisk:
+        """A fresh volume named like a CloudStack volume: a qcow2 v3 or raw file in the
+        pool, or (``block``) a loop device over a sparse file, linked where LINSTOR puts
+        its devices; :meth:`close` detaches it."""
+        if kind not in DISK_KINDS:
+            raise LabError(f"unknown disk kind {kind!r}: one of {', '.join(DISK_KINDS)}")
+        volume_id = str(uuid.uuid4())
+        if kind != BLOCK:
+            path = self.pool / volume_id
+            qemu_img.create(path, size, fmt=kind)
+            return LabDisk(path=path, target=target, size=size, bus=bus, kind=kind)
+        backing = self.dir / f"device-{volume_id}"
+        qemu_img.create(backing, size, fmt=RAW)
+        loop = proc.run(["losetup", "--find", "--show", str(backing)]).stdout.strip()
+        path = LINSTOR_DIR / f"cs-{volume_id}" / "0"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.symlink_to(loop)
+        return LabDisk(path=path, target=target, size=size, bus=bus, kind=kind)
 
     def create_vm(
         self,
         disks: Sequence[int] = (64 * MiB, 32 * MiB),
         *,
+        kinds: Sequence[str] = (),
         persistent: bool = False,
         cdrom: bool = True,
         guest_agent: bool = False,
         start: bool = True,
     ) -> LabVM:
-        """A TCG domain with one qcow2 volume per size given; started unless ``start=False``."""
+        """A TCG domain with one volume per size given; started unless ``start=False``.
+
+        ``kinds`` gives each volume's kind in the same order (``qcow2``, ``raw``, ``block``);
+        the volumes it does not reach are qcow2.
+        """
         name = self._free_name()
-        volumes = [self.new_volume(f"vd{chr(ord('a') + i)}", s) for i, s in enumerate(disks)]
+        kind_of = list(kinds) + [QCOW2] * (len(disks) - len(kinds))
+        volumes = [
+            self.new_volume(f"vd{chr(ord('a') + i)}", s, kind=kind_of[i])
+            for i, s in enumerate(disks)
+        ]
         dom_uuid = str(uuid.uuid4())
         xml = _domain_xml(name, dom_uuid, self.dir, volumes, cdrom=cdrom, guest_agent=guest_agent)
         vm = LabVM(self, name, dom_uuid, xml, volumes, persistent=persistent)
@@ -476,6 +519,8 @@ class Lab:
         for mount in system.mounts_under(self.dir):
             with _collect(problems, f"mount {mount}"):
                 _unmount(mount)
+        with _collect(problems, "loop devices"):
+            _detach_loops_under(self.dir)
         for process in self._processes:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 process.wait(timeout=10)
@@ -525,6 +570,29 @@ def _remove_domain(conn: libvirt.virConnect, dom_uuid: str) -> None:
         dom.undefineFlags(libvirt.VIR_DOMAIN_UNDEFINE_CHECKPOINTS_METADATA)
 
 
+def _detach_loops_under(directory: Path) -> list[str]:
+    """Detach the loop devices over files under ``directory`` (the domains using them are
+    gone) and remove the LINSTOR-like links to them; return the devices detached."""
+    listing = proc.run(["losetup", "--list", "--noheadings", "--raw", "--output", "NAME,BACK-FILE"])
+    devices = []
+    for line in listing.stdout.splitlines():
+        name, _, back_file = line.partition(" ")
+        # A backing file removed meanwhile is listed with a " (deleted)" suffix (--raw
+        # escapes the space).
+        back_file = back_file.removesuffix(r"\x20(deleted)")
+        if Path(os.path.realpath(back_file)).parent == Path(os.path.realpath(directory)):
+            devices.append(name)
+    for link in LINSTOR_DIR.glob("cs-*/0") if devices else []:
+        if link.is_symlink() and os.readlink(link) in devices:
+            link.unlink()
+            with contextlib.suppress(OSError):  # another lab's links may still be there
+                for parent in (link.parent, LINSTOR_DIR, LINSTOR_DIR.parent):
+                    parent.rmdir()
+    for device in devices:
+        proc.run(["losetup", "--detach", device])
+    return devices
+
+
 def _unmount(mount: Path) -> None:
     try:
         proc.run(["umount", str(mount)], timeout=60)
@@ -570,6 +638,7 @@ def sweep_stale_labs(base: Path = LAB_BASE, uri: str = DEFAULT_URI) -> list[str]
         for mount in system.mounts_under(lab_dir):
             _unmount(mount)
             removed.append(f"mount {mount}")
+        removed += [f"loop device {d}" for d in _detach_loops_under(lab_dir)]
         shutil.rmtree(lab_dir, ignore_errors=True)
         removed.append(f"directory {lab_dir}")
     return removed

@@ -7,6 +7,9 @@ the one just created, and one bitmap of that name per disk. Measured on libvirt 
   and must be *redefined*, never created anew ("Bitmap already exists");
 * a redefinition validates only the disks its XML names (a name-only XML checks nothing),
   so the XML always names every disk;
+* a checkpoint naming a disk that cannot carry a bitmap (a raw file, a block device, a
+  network disk) as ``bitmap`` is refused as a whole ("checkpoint for disk vdb unsupported
+  for storage type raw"): such disks are named ``checkpoint='no'``;
 * deleting a checkpoint fails as a whole ("bitmap ... not found in backing chain") when one
   named disk lacks the bitmap, so a stale bitmap is removed by redefining its checkpoint
   with exactly the disks that carry it, then deleting that;
@@ -128,7 +131,7 @@ def header_bitmaps(disks: Sequence[DomainDisk]) -> dict[str, list[str]]:
     """Bitmap name -> targets whose qcow2 header lists it (file-backed qcow2 disks only)."""
     found: dict[str, list[str]] = {}
     for disk in disks:
-        if disk.source_type != "file" or disk.driver_type != "qcow2":
+        if not disk.carries_bitmaps:
             continue
         try:
             names = qemu_img.info(disk.source, fmt="qcow2", force_share=True).bitmaps

@@ -40,6 +40,13 @@ class DomainDisk:
     """The device alias of a running domain (``virtio-disk0``), None when inactive."""
 
     @property
+    def carries_bitmaps(self) -> bool:
+        """Whether the disk can hold a persistent dirty bitmap (a checkpoint's): only a qcow2
+        file can. Raw files, block devices (LINSTOR/DRBD) and network disks (``rbd:``)
+        cannot; they are copied in full by every backup."""
+        return self.source_type == "file" and self.driver_type == "qcow2"
+
+    @property
     def backup_name(self) -> str:
         """The file name of this disk's backup: ``root.<volId>.qcow2`` or ``datadisk...``."""
         return f"{self.role}.{self.volume_id}.qcow2"
