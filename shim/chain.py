@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,13 +52,17 @@ def resolve_parents(
     *,
     parent_paths: Sequence[str] = (),
     parent_path: str | None = None,
+    bitmap_parent: str | None = None,
 ) -> Parents:
     """Match each disk to its parent file by role and volume id.
 
     ``parent_paths`` (one file per disk, merged generation) or ``parent_path`` (the seed's
     single value: the parent directory, or the root disk's file whose directory serves).
     A path that leaves the repository or the VM's directory is bad input and raises; a
-    parent that is named but missing or not a qcow2 is a reason to fall back to a full.
+    parent that is named but missing or not a qcow2 is a reason to fall back to a full,
+    and so is a parent directory whose manifest records a checkpoint other than
+    ``bitmap_parent`` (the incremental would copy the changes since that checkpoint on
+    top of another backup: a chain that restores to data the VM never held).
     """
     vm_dir = vm_dir_of(backup_path)
     by_key: dict[tuple[str, str], Path] = {}
@@ -89,7 +93,17 @@ def resolve_parents(
             parents.problems.append(f"parent of {disk.target}: {problem}")
         else:
             parents.files[disk.target] = parent
+    if bitmap_parent is not None:
+        parents.problems += _checkpoint_problems(parents.files.values(), bitmap_parent)
     return parents
+
+
+def _checkpoint_problems(files: Iterable[Path], bitmap_parent: str) -> list[str]:
+    """Each parent directory whose manifest says it did not create ``bitmap_parent``."""
+    from shim.manifest import checkpoint_mismatch  # noqa: PLC0415 - manifest imports chain
+
+    found = (checkpoint_mismatch(d, bitmap_parent) for d in sorted({f.parent for f in files}))
+    return [problem for problem in found if problem]
 
 
 def _inside_vm_dir(session: MountSession, given: str, vm_dir: str) -> Path:
@@ -221,13 +235,18 @@ def dependants(directory: Path) -> list[Path]:
     return found
 
 
-def sweep_dead_work(vm_dir: Path) -> list[Path]:
-    """Remove the ``*.partial`` and ``.*.deleting`` directories of runs that died.
+def sweep_dead_work(root: Path, vm: str) -> list[Path]:
+    """Remove the ``*.partial`` and ``.*.deleting`` directories of runs that died, in the
+    directory of VM ``vm`` under the repository's ``root``.
 
-    Call only while holding the VM's lock: then no living run owns any of them.
+    Call only while holding ``vm``'s lock: then no living run owns any of them. Only the
+    directory named after that VM is swept, and not when it is a symlink: one that leads
+    into another VM's directory would make this run remove a backup in progress there,
+    under a lock that does not protect it.
     """
-    removed = []
-    if not vm_dir.is_dir():
+    removed: list[Path] = []
+    vm_dir = root / vm
+    if vm_dir.is_symlink() or not vm_dir.is_dir():
         return removed
     for entry in vm_dir.iterdir():
         dead = entry.name.endswith(PARTIAL_SUFFIX) or (

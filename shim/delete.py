@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 from shim.chain import dependants, remove_tree, sweep_dead_work
@@ -24,9 +25,10 @@ def delete_backup(repository: Repository, path: str) -> None:
     obviously dead ``.<name>.deleting``, never a half-emptied backup.
     """
     DeleteRequest(repository, path).validate()
-    with VmLock(Path(path).parts[0]), MountSession(repository) as session:
+    vm = Path(path).parts[0]
+    with VmLock(vm), MountSession(repository) as session:
         directory = session.path(path, what="backup path")
-        for dead in sweep_dead_work(directory.parent):
+        for dead in sweep_dead_work(Path(os.path.realpath(session.root)), vm):
             log.warning("removed %s, left by a run that died", dead)
         if not directory.exists():
             log.info("backup %s does not exist: nothing to delete", path)

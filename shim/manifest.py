@@ -155,3 +155,25 @@ def read_manifest(directory: Path) -> Manifest | None:
     disks = [DiskRecord(**d) for d in doc.pop("disks", [])]
     known = {f for f in Manifest.__dataclass_fields__ if f != "disks"}
     return Manifest(**{k: v for k, v in doc.items() if k in known}, disks=disks)
+
+
+def checkpoint_mismatch(directory: Path, expected: str) -> str | None:
+    """Why the backup in ``directory`` is not the one that created checkpoint
+    ``expected`` (None when it is, or when it has no manifest to say: a backup written by
+    upstream's script). Only the recorded bitmap is read, so a manifest of a newer format
+    still answers; one that cannot be read is a reason, not an error."""
+    try:
+        doc = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError) as exc:
+        return f"the manifest of parent backup {directory.name} is unreadable: {exc}"
+    if not isinstance(doc, dict) or not isinstance(doc.get("bitmap"), str | None):
+        return f"the manifest of parent backup {directory.name} is malformed"
+    recorded = doc.get("bitmap")
+    if recorded != expected:
+        return (
+            f"parent backup {directory.name} recorded checkpoint {recorded or '(none)'}, "
+            f"not {expected}"
+        )
+    return None

@@ -14,7 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import stat
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,21 +29,32 @@ from shim.nas import MountSession
 from shim.request import BackupRequest, check_volume_id_count
 from shim.storage_daemon import QmpError, StorageDaemon, node_bitmaps
 from shim.virt import checkpoints
-from shim.virt.disks import DATADISK, ROOT, DomainDisk, volume_id_of
+from shim.virt.disks import DATADISK, ROOT, DomainDisk, parse_disks, volume_id_of
 
 log = logging.getLogger(__name__)
 
 
-def source_disks(paths: Sequence[str], volume_ids: Sequence[str] = ()) -> list[DomainDisk]:
+def source_disks(
+    paths: Sequence[str],
+    volume_ids: Sequence[str] = (),
+    declared: Mapping[str, str] | None = None,
+) -> list[DomainDisk]:
     """The disks named by ``-d``, in order, with their kind and format, named after
     ``volume_ids`` (``-u``, one per path) when given, else after the sources' basenames.
 
-    A file's format is probed, then held to one rule: a qcow2's backing chain must stay in
-    its own directory (CloudStack templates live beside the volumes), so a raw volume whose
-    guest wrote a qcow2 header cannot make the backup read another file of the host.
+    No format is ever guessed from bytes the guest controls where it can be known
+    otherwise: block devices (LINSTOR/DRBD, CLVM) and ``rbd:`` sources are raw by
+    construction and never probed; a file takes the format ``declared`` gives it (the
+    domain's own XML, by the file's real path), and only a file libvirt no longer
+    describes is probed (CloudStack creates file volumes as qcow2). A raw volume whose
+    guest wrote a qcow2 header would otherwise be backed up as that inner image, and
+    opened for writing to add the bitmap. A qcow2's backing chain must stay in its own
+    directory (CloudStack templates live beside the volumes), so that a qcow2 header the
+    probe trusted cannot make the backup read another file of the host.
     """
     if volume_ids:
         check_volume_id_count(volume_ids, len(paths), "disk paths (-d)")
+    declared = declared or {}
     disks = []
     for index, source in enumerate(paths):
         role = ROOT if index == 0 else DATADISK
@@ -61,16 +72,37 @@ def source_disks(paths: Sequence[str], volume_ids: Sequence[str] = ()) -> list[D
             continue
         if not stat.S_ISREG(mode):
             raise InputError(f"disk {source} is neither a file nor a block device")
-        info = qemu_img.info(source)
-        if info.format not in ("qcow2", "raw"):
-            raise BackupFailed(f"disk {source}: unsupported format {info.format}")
-        if info.format == "qcow2":
+        fmt = declared.get(os.path.realpath(source))
+        if fmt is None:
+            fmt = qemu_img.info(source).format
+            log.info("disk %s: no domain describes it, its format (%s) was probed", source, fmt)
+        if fmt not in ("qcow2", "raw"):
+            raise BackupFailed(f"disk {source}: unsupported format {fmt}")
+        if fmt == "qcow2":
             home = Path(os.path.realpath(source)).parent
             for link in qemu_img.chain(source)[1:]:
                 if Path(os.path.realpath(link.filename)).parent != home:
                     raise InputError(f"disk {source} has a backing file outside its pool")
-        disks.append(DomainDisk(target, role, "file", source, info.format, volume_id))
+        disks.append(DomainDisk(target, role, "file", source, fmt, volume_id))
     return disks
+
+
+def declared_formats(dom: libvirt.virDomain | None) -> dict[str, str]:
+    """The format the domain's (inactive) XML gives each of its file disks, by real path;
+    empty when libvirt no longer has the domain or cannot describe it."""
+    if dom is None:
+        return {}
+    try:
+        xml = dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE)
+    except libvirt.libvirtError as exc:
+        # Undefined meanwhile: the sources are then treated as if libvirt never knew them.
+        log.warning("cannot read the XML of the stopped domain: %s", exc.get_error_message())
+        return {}
+    return {
+        os.path.realpath(disk.source): disk.driver_type
+        for disk in parse_disks(xml)
+        if disk.source_type == "file" and disk.source
+    }
 
 
 def _carries_bitmaps(disk: DomainDisk) -> bool:
@@ -99,7 +131,9 @@ class OfflineBackup:
 
     def run(self) -> BackupOutcome:
         """Copy every disk, publish the directory; clean up after any failure."""
-        disks = source_disks(self.request.disk_paths, self.request.volume_ids)
+        disks = source_disks(
+            self.request.disk_paths, self.request.volume_ids, declared_formats(self.dom)
+        )
         self.directory.prepare()
         try:
             plan = self._copy(disks)
@@ -246,6 +280,7 @@ class OfflineBackup:
             self.request.path,
             parent_paths=self.request.parent_paths,
             parent_path=self.request.parent_path,
+            bitmap_parent=parent_bitmap,
         )
         if parents.problems:
             return "; ".join(parents.problems)

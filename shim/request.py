@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from shim.errors import InputError, UsageError
 from shim.lock import validate_vm_name
@@ -65,6 +65,7 @@ class BackupRequest:
             raise UsageError("missing backup path (-p)")
         # Checked again once mounted (symlinks); refused here, nothing is locked or mounted.
         validate_relative(self.path, "backup path")
+        validate_backup_path_of(self.vm, self.path)
         for parent in (*self.parent_paths, *([self.parent_path] if self.parent_path else [])):
             validate_relative(parent, "parent path")
         for bitmap in (self.bitmap_new, self.bitmap_parent):
@@ -72,6 +73,20 @@ class BackupRequest:
                 validate_bitmap_name(bitmap)
         validate_volume_ids(self.volume_ids, self.disk_paths)
         self.repository.validate()
+
+
+def validate_backup_path_of(vm: str, path: str) -> None:
+    """Refuse a backup path that is not ``<vm>/<name>``, ``vm`` being the VM backed up.
+
+    Every CloudStack generation builds it so. Anything else would put the backup (and the
+    sweep of dead runs' leftovers) in a directory the VM's lock does not protect, and
+    chain it to parents looked up in another VM's directory.
+    """
+    parts = PurePosixPath(path).parts
+    if len(parts) != 2 or parts[0] != vm:
+        raise InputError(
+            f"backup path {path} is not a backup of VM {vm}: it must be {vm}/<backup name>"
+        )
 
 
 def validate_volume_ids(volume_ids: Sequence[str], disk_paths: Sequence[str]) -> None:

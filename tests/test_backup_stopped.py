@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import subprocess
 import time
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import libvirt
 import pytest
+from lxml import etree
 
 from shim import qemu_img
 from shim.lab import Lab, LabVM, MiB, compare
@@ -175,6 +177,122 @@ def test_raw_file_and_block_device_sources(lab: Lab, tmp_path: Path) -> None:
         for parent in (linstor.parent, linstor.parent.parent, linstor.parent.parent.parent):
             if parent.exists() and not any(parent.iterdir()):
                 parent.rmdir()
+    assert leaks(lab) == []
+
+
+def _guest_wrote_a_qcow2_header(volume: str | Path, scratch: Path) -> None:
+    """What a guest can do to its raw disk: write a real qcow2 image (64 MiB virtual, its
+    own data) at the start, then data of its own past it."""
+    inner = scratch / "inner.qcow2"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", str(inner), "64M"], check=True)
+    subprocess.run(
+        ["qemu-io", "-f", "qcow2", "-c", "write -P 0x5c 0 256k", str(inner)],
+        check=True,
+        capture_output=True,
+    )
+    with open(volume, "r+b") as fh:
+        fh.write(inner.read_bytes())
+        fh.flush()
+        os.fsync(fh.fileno())
+    subprocess.run(
+        ["qemu-io", "-f", "raw", "-c", "write -P 0x6d 12M 1M", str(volume)],
+        check=True,
+        capture_output=True,
+    )
+    assert qemu_img.info(volume).format == "qcow2"  # what a probe of it believes
+
+
+def _sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(1024 * 1024):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _restored_bytes(chain: Chain, path: str, name: str, size: int) -> str:
+    """The shim's own restore of one backup file into a fresh raw volume: its checksum."""
+    target = chain.lab.new_dir("restored") / "raw-volume"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(target), str(size)], check=True)
+    values = {
+        "operation": "restore",
+        "path": path,
+        "backup_files": name,
+        "restore_paths": str(target),
+        **repo_values(chain.repo),
+    }
+    run = run_dropin(build_argv("", values, "restore"), log_file=chain.log)
+    assert (run.returncode, run.stdout) == (0, f"{target} {size}\n"), run.stdout
+    return _sha256(target)
+
+
+def test_block_device_with_a_qcow2_header_is_backed_up_as_its_raw_bytes(
+    lab: Lab, tmp_path: Path
+) -> None:
+    vm = lab.create_vm(disks=(8 * MiB,), start=False)
+    device_file = lab.pool / "drbd-header-backing"
+    subprocess.run(
+        ["qemu-img", "create", "-q", "-f", "raw", str(device_file), str(16 * MiB)], check=True
+    )
+    _guest_wrote_a_qcow2_header(device_file, tmp_path)
+    loop = subprocess.run(
+        ["losetup", "--find", "--show", str(device_file)],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
+    volume_id = "a1b2c3d4-0000-4000-8000-0000000head"
+    linstor = Path(f"/dev/drbd/by-res/cs-{volume_id}/0")
+    try:
+        linstor.parent.mkdir(parents=True, exist_ok=True)
+        linstor.symlink_to(loop)
+        before = _sha256(loop)
+        chain = Chain(lab=lab, vm=vm, repo=lab.repository(), log=tmp_path / "agent.log")
+        run, path = chain.backup("full", disks=f"{vm.disks[0].path},{linstor}")
+        assert all(line.isdigit() for line in run.stdout.splitlines()), run.stdout
+        name = f"datadisk.{volume_id}.qcow2"
+        backup = chain.repo_dir / path / name
+        assert qemu_img.info(backup).virtual_size == 16 * MiB  # the device, not the image in it
+        assert qemu_img.compare(backup, loop, second_fmt="raw")
+        assert _restored_bytes(chain, path, name, 16 * MiB) == before
+        assert _sha256(loop) == before  # never opened for writing
+    finally:
+        linstor.unlink(missing_ok=True)
+        subprocess.run(["losetup", "-d", loop], check=False)
+        for parent in (linstor.parent, linstor.parent.parent, linstor.parent.parent.parent):
+            if parent.exists() and not any(parent.iterdir()):
+                parent.rmdir()
+    assert leaks(lab) == []
+
+
+def test_raw_file_with_a_qcow2_header_takes_its_format_from_the_domain(
+    lab: Lab, tmp_path: Path
+) -> None:
+    vm = lab.create_vm(disks=(8 * MiB,), persistent=True, start=False)
+    raw = lab.pool / "7d2c1e00-0000-4000-8000-0000000head"
+    subprocess.run(["qemu-img", "create", "-q", "-f", "raw", str(raw), str(16 * MiB)], check=True)
+    _guest_wrote_a_qcow2_header(raw, tmp_path)
+    # The stopped (persistent) domain says what the volume is: raw.
+    xml = etree.fromstring(vm.dom.XMLDesc(libvirt.VIR_DOMAIN_XML_INACTIVE))
+    disk = etree.SubElement(xml.find("devices"), "disk", type="file", device="disk")
+    etree.SubElement(disk, "driver", name="qemu", type="raw")
+    etree.SubElement(disk, "source", file=str(raw))
+    etree.SubElement(disk, "target", dev="vdb", bus="virtio")
+    lab.conn.defineXML(etree.tostring(xml, encoding="unicode"))
+    before = _sha256(raw)
+    chain = Chain(lab=lab, vm=vm, repo=lab.repository(), log=tmp_path / "agent.log")
+    run, path = chain.backup("full", disks=f"{vm.disks[0].path},{raw}")
+    assert all(line.isdigit() for line in run.stdout.splitlines()), run.stdout
+    name = f"datadisk.{raw.name}.qcow2"
+    backup = chain.repo_dir / path / name
+    assert qemu_img.info(backup).virtual_size == 16 * MiB  # the volume, not the image in it
+    assert qemu_img.compare(backup, raw, second_fmt="raw")
+    assert _restored_bytes(chain, path, name, 16 * MiB) == before
+    assert _sha256(raw) == before  # no bitmap written into the "image"
+    assert compare(chain.repo_dir / path / f"root.{vm.disks[0].volume_id}.qcow2", vm.disks[0].path)
+    manifest = read_manifest(chain.repo_dir / path)
+    assert manifest is not None and manifest.bitmap is None  # a raw disk carries none
+    assert [d.virtual_size for d in manifest.disks] == [8 * MiB, 16 * MiB]
     assert leaks(lab) == []
 
 

@@ -100,7 +100,7 @@ def test_downstream_generation_parses_with_w_and_u() -> None:
     [
         (["-p", "../../x"], "may not contain '..'"),
         (["-p", "/etc/cron.d/x"], "must be relative"),
-        (["-p", "escape/x"], "leads out of the repository"),
+        (["-p", "escape/x"], "is not a backup of VM"),
         (
             [
                 "-p",

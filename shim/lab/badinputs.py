@@ -393,6 +393,23 @@ def _link_in_vm_dir(setup: Setup) -> list[Path]:
     return _outside(setup, setup.repo_dir / setup.vm_name / "linked")
 
 
+def _backup_link(setup: Setup) -> list[Path]:
+    return _outside(setup, setup.repo_dir / setup.new_path)
+
+
+OTHER_VM = "i-2-999999-VM"
+"""A VM whose directory the repository holds: a backup, and what a sweep would remove."""
+
+
+def _other_vm_dir(setup: Setup) -> list[Path]:
+    """Another VM's directory: one backup, and an interrupted delete's leftover (which a
+    sweep of leftovers removes; a ``.partial`` would count as a leak of this lab)."""
+    for name in (FIRST_BACKUP, f".{FIRST_BACKUP}.deleting"):
+        (setup.repo_dir / OTHER_VM / name).mkdir(parents=True)
+        (setup.repo_dir / OTHER_VM / name / "root.x.qcow2").write_text("x\n")
+    return []
+
+
 def _escaping(setup: Setup) -> str:
     """A '..' path from the mount root into the temporary directory."""
     return f"{setup.vm_name}/../../{ESCAPE}-{setup.secret[-4:]}"
@@ -508,9 +525,9 @@ SYMLINKS = [
     dropin(
         "-p through a symlink out of the repository",
         "full",
-        lambda _s: {"-p": f"escape/{NEW_BACKUP}"},
+        lambda _s: {},
         "leads out of the repository",
-        prepare=_escape_link,
+        prepare=_backup_link,
     ),
     dropin(
         "the VM's directory a symlink out of the repository",
@@ -551,6 +568,39 @@ SYMLINKS = [
         "leads out of the repository",
         parent=True,
         prepare=_link_in_vm_dir,
+    ),
+]
+
+NOT_THE_VMS = "is not a backup of VM"
+"""What a backup path that is not ``<vm>/<name>`` (``-v``'s VM) is refused with."""
+
+OWNERSHIP = [
+    dropin(
+        "-p in another VM's directory",
+        "full",
+        lambda _s: {"-p": f"{OTHER_VM}/{NEW_BACKUP}"},
+        NOT_THE_VMS,
+        prepare=_other_vm_dir,
+    ),
+    dropin(
+        "-p in a directory named like no VM",
+        "full",
+        lambda _s: {"-p": f"backups/{NEW_BACKUP}"},
+        NOT_THE_VMS,
+    ),
+    dropin("-p the VM's directory itself", "full", lambda s: {"-p": s.vm_name}, NOT_THE_VMS),
+    dropin(
+        "-p below a backup of the VM",
+        "full",
+        lambda s: {"-p": f"{s.new_path}/nested"},
+        NOT_THE_VMS,
+    ),
+    dropin(
+        "-p of another VM for an incremental",
+        "incremental",
+        lambda _s: {"-p": f"{OTHER_VM}/{NEW_BACKUP}"},
+        NOT_THE_VMS,
+        prepare=_other_vm_dir,
     ),
 ]
 
@@ -742,6 +792,19 @@ PATHS += [
         lambda s: s.envelope("rebase", targetPath=f"{_escaping(s)}/root.qcow2"),
         "may not contain '..'",
         parent=True,
+    ),
+]
+
+OWNERSHIP += [
+    service(
+        "backupPath of another VM over the socket",
+        lambda s: s.envelope(backupPath=f"{OTHER_VM}/{NEW_BACKUP}"),
+        NOT_THE_VMS,
+    ),
+    service(
+        "backupPath below a backup of the VM over the socket",
+        lambda s: s.envelope(backupPath=f"{s.new_path}/nested"),
+        NOT_THE_VMS,
     ),
 ]
 
@@ -961,6 +1024,7 @@ PERMISSIONS = [
 BAD_INPUTS: list[Scenario] = [
     *PATHS,
     *SYMLINKS,
+    *OWNERSHIP,
     *OPTION_LIKE,
     *CONTROL,
     *MODES,
