@@ -21,6 +21,7 @@ from pathlib import Path
 import libvirt
 
 from shim import qemu_img
+from shim.cancel import Cancelled
 from shim.chain import backup_files, fsync_dir, vm_dir_of
 from shim.contract import RestoreOutcome
 from shim.errors import BackupFailed, CommandFailed, InputError, MountError
@@ -63,6 +64,8 @@ def restore_backup(request: RestoreRequest) -> RestoreOutcome:
         for source, target, uuid in zip(sources, request.targets, uuids, strict=True):
             try:
                 sizes.append(_restore_one(source, target, request.create_size))
+            except Cancelled:
+                raise  # stopped (aborted, past its deadline): not a bad backup volume
             except (BackupFailed, CommandFailed) as exc:
                 log.error("restoring %s into %s failed: %s", source, target, exc)
                 raise BackupFailed(
@@ -80,6 +83,8 @@ def _chain_is_clean(source: Path) -> bool:
             if not qemu_img.check(link.filename).clean:
                 log.error("%s fails qemu-img check", link.filename)
                 return False
+    except Cancelled:
+        raise  # a stopped check says nothing about the chain
     except CommandFailed as exc:
         log.error("%s cannot be opened: %s", source, exc)
         return False
@@ -203,6 +208,8 @@ def _replace_file(source: Path, target: Path, *, exists: bool) -> None:
     if exists:
         try:
             fmt = qemu_img.info(target).format  # fails if a QEMU holds the volume
+        except Cancelled:
+            raise
         except CommandFailed as exc:
             raise BackupFailed(f"volume {target} cannot be opened (in use?): {exc}") from None
         if fmt not in ("qcow2", "raw"):

@@ -9,37 +9,74 @@ the data; Python only speaks QMP.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import json
 import logging
 import os
-import selectors
+import select
 import socket
 import subprocess
 import tempfile
+import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import IO, Any
 
+from shim import cancel
 from shim.errors import CommandFailed, ShimError
 
 log = logging.getLogger(__name__)
 
 QSD = "qemu-storage-daemon"
-_START_TIMEOUT_SECONDS = 30
-_QUIT_TIMEOUT_SECONDS = 120
+"""Its name in messages."""
+BINARY = "qemu-storage-daemon"
+"""The program run (a test puts a stand-in here)."""
+
+# Nothing waits for the daemon forever: a daemon stuck on a dead NAS (or in the kernel)
+# fails the operation, named, and is killed; the context managers around it then release
+# the VM's lock and, with the process, its image locks.
+START_TIMEOUT_SECONDS = 30.0
+"""From starting the daemon until its monitor is connected and greeted."""
+QMP_TIMEOUT_SECONDS = 60.0
+"""For any one QMP answer (a command on a hung NAS may take a while, never this long)."""
+JOB_STALL_SECONDS = 300.0
+"""A block job whose progress stays still this long is taken for hung (its NAS is dead)."""
+JOB_PROGRESS_SECONDS = 5.0
+"""How often block jobs' progress is asked for while waiting for them."""
+CANCEL_TIMEOUT_SECONDS = 3.0
+"""How long cancelled jobs may take to end before the daemon is killed instead.
+
+QEMU ends a cancelled job only once its writes in flight have drained (up to tens of MiB:
+a minute on a slow NAS), and so does ``quit``. A stop must not wait for that, so the
+daemon is then killed: whatever bitmaps it had open read-write are left flagged in use,
+and the next incremental of that VM falls back to a full one (saying so), the shim's safe
+path for inconsistent bitmaps. A healthy NAS drains well within this."""
+QUIT_TIMEOUT_SECONDS = 120.0
+"""For quitting: the daemon closes the images, storing bitmaps, flushing targets."""
+POLL_SECONDS = 0.2
+"""How often the cancellation token is looked at while waiting for the daemon."""
+_STDERR_LINES = 200
+"""The daemon's last output lines kept for an error message (the rest only logged)."""
 
 
 class QmpError(ShimError):
-    """QEMU answered a QMP command with an error."""
+    """QEMU answered a QMP command with an error, or the monitor failed."""
+
+
+class DaemonHung(QmpError):
+    """The daemon did not answer in time: it has been (or is about to be) killed."""
 
 
 class StorageDaemon:
     """One ``qemu-storage-daemon`` process and its QMP monitor, as a context manager.
 
     ``blockdevs`` are ``--blockdev`` option strings. Leaving the block quits the daemon
-    (bitmaps are written to the images then); on an exception it is killed.
+    (bitmaps are written to the images then); on an exception it is asked to quit, and
+    killed if it does not answer. Every wait is bounded (see the module's constants), and
+    :meth:`wait_jobs` stops at the thread's cancellation token (:mod:`shim.cancel`).
     """
 
     def __init__(self, blockdevs: Sequence[str]) -> None:
@@ -48,11 +85,20 @@ class StorageDaemon:
         self._socket_path = self._dir / "qmp.sock"
         self._proc: subprocess.Popen[bytes] | None = None
         self._sock: socket.socket | None = None
-        self._reader: Any = None
+        self._buffer = b""
+        self._output: collections.deque[str] = collections.deque(maxlen=_STDERR_LINES)
+        self._drain: threading.Thread | None = None
+        self._hung: str | None = None
+        """Why the monitor is no longer trusted: later commands fail at once, exit kills."""
         self.events: list[dict[str, Any]] = []
 
+    @property
+    def pid(self) -> int | None:
+        """The daemon's process id, once started."""
+        return None if self._proc is None else self._proc.pid
+
     def __enter__(self) -> StorageDaemon:
-        argv = [QSD]
+        argv = [BINARY]
         for blockdev in self._blockdevs:
             argv += ["--blockdev", blockdev]
         # The daemon connects to us: accepting is an event to wait for, not a file to poll.
@@ -65,13 +111,19 @@ class StorageDaemon:
         ]  # fmt: skip
         log.debug("run: %s", " ".join(argv))
         try:
+            # One pipe for both streams, always drained by a thread: a daemon whose output
+            # filled an unread pipe would block in its write, and look hung.
             self._proc = subprocess.Popen(
-                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+                argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
             )
         except FileNotFoundError:
             listener.close()
             self._remove_dir()
             raise CommandFailed([QSD], 127, f"{QSD}: command not found") from None
+        self._drain = threading.Thread(
+            target=self._drain_output, args=(self._proc.stdout,), name="qsd-output", daemon=True
+        )
+        self._drain.start()
         try:
             self._accept(listener)
             self.command("qmp_capabilities")
@@ -82,40 +134,84 @@ class StorageDaemon:
             listener.close()
         return self
 
+    def _drain_output(self, stream: IO[bytes]) -> None:
+        for raw in stream:
+            line = raw.decode(errors="replace").rstrip()
+            self._output.append(line)
+            log.debug("%s: %s", QSD, line)
+        stream.close()
+
+    def _output_text(self) -> str:
+        """The daemon's output so far (all of it once the process has exited)."""
+        if self._drain is not None:
+            self._drain.join(timeout=5)  # end of file follows the exit at once
+        return "\n".join(self._output)
+
     def _accept(self, listener: socket.socket) -> None:
         proc = self._process
-        # Either the daemon connects, or it exits (its stderr reaches end of file).
-        with selectors.DefaultSelector() as selector:
-            selector.register(listener, selectors.EVENT_READ)
-            selector.register(proc.stderr, selectors.EVENT_READ)  # type: ignore[arg-type]
-            ready = {key.fileobj for key, _ in selector.select(_START_TIMEOUT_SECONDS)}
-        if listener not in ready:
-            if not ready:
-                raise CommandFailed([QSD], None, "did not connect its monitor", timed_out=True)
-            _, err = proc.communicate()
-            raise CommandFailed([QSD], proc.returncode, err.decode(errors="replace"))
+        deadline = time.monotonic() + START_TIMEOUT_SECONDS
+        token = cancel.current()
+        # Either the daemon connects, or it exits, or the deadline passes, or we are told
+        # to stop: looked at every POLL_SECONDS.
+        while True:
+            ready, _, _ = select.select([listener], [], [], POLL_SECONDS)
+            if ready:
+                break
+            if proc.poll() is not None:
+                raise CommandFailed([QSD], proc.returncode, self._output_text())
+            if token is not None and token.take():
+                raise cancel.Cancelled([QSD], token.reason)
+            if time.monotonic() >= deadline:
+                raise DaemonHung(
+                    f"{QSD} did not connect its monitor within {START_TIMEOUT_SECONDS:g} s"
+                )
         self._sock, _ = listener.accept()
-        self._reader = self._sock.makefile("r", encoding="utf-8")
-        greeting = json.loads(self._reader.readline())
+        greeting = self._read("with its QMP greeting", deadline, START_TIMEOUT_SECONDS)
         if "QMP" not in greeting:
             raise QmpError(f"unexpected QMP greeting: {greeting}")
 
-    def _read(self) -> dict[str, Any]:
-        line = self._reader.readline()
-        if not line:
-            raise QmpError("qemu-storage-daemon closed its monitor")
+    def _read(
+        self, what: str, deadline: float, seconds: float, *, wait: bool = True
+    ) -> dict[str, Any]:
+        """The monitor's next message; past ``deadline``, :class:`DaemonHung` saying that
+        it did not answer ``what`` within ``seconds`` (or, with ``wait=False``, {})."""
+        sock = self._sock
+        if sock is None:
+            raise QmpError(f"{QSD} is not running")
+        while b"\n" not in self._buffer:
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                if not wait:
+                    return {}
+                self._hung = f"{QSD} did not answer {what} within {seconds:g} s"
+                raise DaemonHung(self._hung)
+            ready, _, _ = select.select([sock], [], [], remaining)
+            if not ready:
+                continue
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise QmpError(f"{QSD} closed its monitor")
+            self._buffer += chunk
+        line, self._buffer = self._buffer.split(b"\n", 1)
         return json.loads(line)
 
     def command(self, execute: str, /, **arguments: Any) -> Any:
-        """Execute one QMP command and return its result; events seen meanwhile are kept."""
+        """Execute one QMP command and return its result; events seen meanwhile are kept.
+
+        Its answer must come within :data:`QMP_TIMEOUT_SECONDS`; a daemon that did not
+        answer once is not asked again (every later command fails at once).
+        """
         if self._sock is None:
-            raise QmpError("qemu-storage-daemon is not running")
+            raise QmpError(f"{QSD} is not running")
+        if self._hung is not None:
+            raise DaemonHung(self._hung)
         message: dict[str, Any] = {"execute": execute}
         if arguments:
             message["arguments"] = arguments
         self._sock.sendall(json.dumps(message).encode() + b"\n")
+        deadline = time.monotonic() + QMP_TIMEOUT_SECONDS
         while True:
-            reply = self._read()
+            reply = self._read(execute, deadline, QMP_TIMEOUT_SECONDS)
             if "event" in reply:
                 self.events.append(reply)
                 continue
@@ -123,27 +219,107 @@ class StorageDaemon:
                 raise QmpError(f"{execute}: {reply['error'].get('desc', reply['error'])}")
             return reply.get("return")
 
+    def _next_event(self, until: float) -> dict[str, Any] | None:
+        """A kept event, else the monitor's next message by ``until``, else None."""
+        if self.events:
+            return self.events.pop(0)
+        if self._hung is not None:
+            raise DaemonHung(self._hung)
+        return self._read("an event", until, POLL_SECONDS, wait=False) or None
+
     def wait_jobs(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
         """Block until every job ended; return each job's BLOCK_JOB_COMPLETED data.
 
         A job that failed or was cancelled raises :class:`QmpError` with QEMU's reason.
+        Jobs whose progress stays still for :data:`JOB_STALL_SECONDS` are cancelled and
+        :class:`DaemonHung` raised; when the thread's operation is cancelled
+        (:mod:`shim.cancel`), the jobs are cancelled and :class:`~shim.cancel.Cancelled`
+        raised. Either way the caller's cleanup then runs with the daemon still answering.
         """
         pending = set(job_ids)
         done: dict[str, dict[str, Any]] = {}
+        token = cancel.current()
+        progress: object = None
+        moved = time.monotonic()
+        next_look = moved + JOB_PROGRESS_SECONDS
         while pending:
-            event = self.events.pop(0) if self.events else self._read()
-            kind, data = event.get("event"), event.get("data", {})
-            if (
-                kind in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED")
-                and data.get("device") in pending
-            ):
-                pending.discard(data["device"])
-                done[data["device"]] = data
-                if kind == "BLOCK_JOB_CANCELLED" or data.get("error"):
-                    raise QmpError(
-                        f"block job {data['device']}: {data.get('error') or 'cancelled'}"
+            now = time.monotonic()
+            # The token's state, not take(): a stop that something swallowed on the way
+            # (a probe that logged and went on) must still stop the copy.
+            if token is not None and token.cancelled:
+                token.take()
+                self._cancel_jobs(pending, token.reason)
+                raise cancel.Cancelled([QSD], token.reason)
+            if now >= next_look:
+                current = self._progress(pending)
+                if current != progress:
+                    progress, moved = current, now
+                elif now - moved >= JOB_STALL_SECONDS:
+                    stalled = ", ".join(sorted(pending))
+                    message = (
+                        f"{QSD} block job {stalled} made no progress for {JOB_STALL_SECONDS:g} s"
                     )
+                    self._cancel_jobs(pending, "no progress")
+                    raise DaemonHung(message)
+                next_look = now + JOB_PROGRESS_SECONDS
+            event = self._next_event(min(now + POLL_SECONDS, next_look))
+            if event is None:
+                continue
+            self._job_ended(event, pending, done)
         return done
+
+    @staticmethod
+    def _job_ended(
+        event: dict[str, Any], pending: set[str], done: dict[str, dict[str, Any]]
+    ) -> None:
+        kind, data = event.get("event"), event.get("data", {})
+        if kind in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED") and data.get("device") in pending:
+            pending.discard(data["device"])
+            done[data["device"]] = data
+            if kind == "BLOCK_JOB_CANCELLED" or data.get("error"):
+                raise QmpError(f"block job {data['device']}: {data.get('error') or 'cancelled'}")
+
+    def _progress(self, pending: set[str]) -> list[tuple[str, int, str]]:
+        """The pending jobs' (id, bytes done, status): the same twice means no progress."""
+        jobs = self.command("query-jobs")
+        return sorted(
+            (job["id"], int(job.get("current-progress", 0)), str(job.get("status")))
+            for job in jobs
+            if job.get("id") in pending
+        )
+
+    def _cancel_jobs(self, pending: set[str], reason: str) -> None:
+        """Cancel ``pending`` jobs and wait (bounded) until QEMU says they ended.
+
+        Their cancellation drains the writes in flight; a daemon that does not end them in
+        time is marked hung, so that leaving the context kills it rather than asking it.
+        """
+        log.info("cancelling block job(s) %s: %s", ", ".join(sorted(pending)), reason)
+        for job_id in sorted(pending):
+            try:
+                self.command("job-cancel", id=job_id)
+            except DaemonHung:
+                return
+            except QmpError as exc:  # ended meanwhile: its event says how
+                log.debug("job-cancel %s: %s", job_id, exc)
+        deadline = time.monotonic() + CANCEL_TIMEOUT_SECONDS
+        while pending:
+            event = self._next_event(min(deadline, time.monotonic() + POLL_SECONDS))
+            if event is not None:
+                kind, data = event.get("event"), event.get("data", {})
+                if kind in ("BLOCK_JOB_COMPLETED", "BLOCK_JOB_CANCELLED"):
+                    pending.discard(data.get("device"))
+                continue
+            if time.monotonic() >= deadline:
+                self._hung = (
+                    f"{QSD} did not end cancelled block job(s) {', '.join(sorted(pending))} "
+                    f"within {CANCEL_TIMEOUT_SECONDS:g} s"
+                )
+                log.warning(
+                    "%s: killing it (bitmaps it holds read-write will be inconsistent)",
+                    self._hung,
+                )
+                return
 
     def __exit__(
         self,
@@ -152,6 +328,9 @@ class StorageDaemon:
         tb: TracebackType | None,
     ) -> None:
         if exc is not None:
+            if self._hung is not None:
+                self._kill()
+                return
             # Quit cleanly when the daemon still answers: a killed daemon leaves the images'
             # persistent bitmaps flagged in use, i.e. inconsistent at the next open.
             try:
@@ -162,36 +341,46 @@ class StorageDaemon:
         self._quit()
 
     def _quit(self) -> None:
-        with contextlib.suppress(QmpError):  # the daemon may close the monitor as it quits
+        if self._hung is not None:  # asking again would only wait again
+            self._kill()
+            raise DaemonHung(self._hung)
+        try:
             self.command("quit")
+        except DaemonHung:
+            self._kill()
+            raise
+        except (QmpError, OSError):
+            pass  # the daemon may close the monitor as it quits
         proc = self._process
         try:
-            _, err = proc.communicate(timeout=_QUIT_TIMEOUT_SECONDS)
+            proc.wait(timeout=QUIT_TIMEOUT_SECONDS)
         except subprocess.TimeoutExpired:
             self._kill()
-            raise CommandFailed([QSD], None, "did not quit", timed_out=True) from None
+            raise DaemonHung(f"{QSD} did not quit within {QUIT_TIMEOUT_SECONDS:g} s") from None
         finally:
             self._close()
         if proc.returncode != 0:
-            raise CommandFailed([QSD], proc.returncode, err.decode(errors="replace"))
+            raise CommandFailed([QSD], proc.returncode, self._output_text())
 
     @property
     def _process(self) -> subprocess.Popen[bytes]:
         if self._proc is None:
-            raise QmpError("qemu-storage-daemon is not running")
+            raise QmpError(f"{QSD} is not running")
         return self._proc
 
     def _kill(self) -> None:
+        # SIGKILL, then reap it: the kernel then drops its image locks with its files.
         if self._proc is not None and self._proc.poll() is None:
             self._proc.kill()
-            self._proc.communicate()
+            self._proc.wait()
         self._close()
 
     def _close(self) -> None:
-        if self._reader is not None:
-            self._reader.close()
         if self._sock is not None:
             self._sock.close()
+            self._sock = None
+        if self._drain is not None:
+            self._drain.join(timeout=5)
         self._remove_dir()
 
     def _remove_dir(self) -> None:

@@ -14,6 +14,7 @@ import os
 from pathlib import Path
 
 from shim import qemu_img
+from shim.cancel import Cancelled
 from shim.chain import backup_files, vm_dir_of
 from shim.errors import BackupFailed, CommandFailed
 from shim.manifest import Manifest, checksums, read_manifest
@@ -54,6 +55,8 @@ def _walk_chain(top: Path, vm_root: Path, problems: list[str], checked: dict[Pat
         try:
             info = qemu_img.info(file, fmt="qcow2")
             result = qemu_img.check(file)
+        except Cancelled:
+            raise  # stopped: verifying on would run every later check undisturbed
         except CommandFailed as exc:
             problems.append(f"{name}: {exc}")
             return

@@ -1,15 +1,21 @@
 """The job marker's discipline, branch by branch (fakes: the lab proves the whole in
-the fault suite's libvirtd scenarios)."""
+the fault suite's libvirtd scenarios); the service scheduler's abort and shutdown."""
 
 from __future__ import annotations
 
+import asyncio
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import libvirt
 import pytest
 
+from commands.model import GetBackupStorageStatsCommand
+from shim.cancel import Cancelled, CancelToken
 from shim.errors import BackupFailed
+from shim.service.jobs import Job, JobState, Scheduler
 from shim.virt import jobs
 from shim.virt.jobs import BackupJob, JobMarker, recover_interrupted_job
 
@@ -111,3 +117,81 @@ def test_recovery_touches_the_monitor_only_after_an_interrupted_job(
     recover_interrupted_job(FakeConn(), FakeDom(), ["vda", "vdb"])  # type: ignore[arg-type]
     assert calls == ["query-named-block-nodes", "block-dirty-bitmap-remove"]
     assert not JobMarker("i-2-7-VM").present
+
+
+# -- the scheduler's abort and shutdown (a fake engine that cleans up for a second) -----------
+CLEANUP_SECONDS = 1.0
+
+
+def _engine(seen: list[float]) -> Callable[..., None]:
+    """An engine that runs until its token is cancelled, then cleans up for a second."""
+
+    def run(request: object, *, cancel: CancelToken, **_kw: object) -> None:
+        cancel.wait()
+        seen.append(time.monotonic())
+        time.sleep(CLEANUP_SECONDS)  # what a backup's cleanup takes (libvirt, NAS, unmount)
+        raise Cancelled(["qemu-img"], cancel.reason)
+
+    return run
+
+
+def _stats(address: str) -> GetBackupStorageStatsCommand:
+    # Distinct repositories: distinct runs (identical stats requests would share one).
+    return GetBackupStorageStatsCommand(backup_repo_type="nfs", backup_repo_address=address)
+
+
+async def _running(submitted: list[Job]) -> None:
+    while not all(job.executing for job in submitted):
+        await asyncio.sleep(0.01)
+
+
+async def test_shutdown_aborts_every_job_at_once_each_with_its_cleanup() -> None:
+    seen: list[float] = []
+    scheduler = Scheduler(max_backups=2, runner=_engine(seen))
+    submitted = [scheduler.submit([_stats(f"10.0.0.{i}:/b")]) for i in range(4)]
+    await _running(submitted)
+    started = time.monotonic()
+    await scheduler.shutdown()
+    took = time.monotonic() - started
+    # Together, not one after the other (that would be 4 cleanups: 4 s).
+    assert CLEANUP_SECONDS <= took < 2 * CLEANUP_SECONDS, took
+    assert len(seen) == 4 and max(seen) - started < 0.5  # every stop began at once
+    assert [job.state for job in submitted] == [JobState.ABORTED] * 4
+    assert all(job.answers and not job.answers[0].result for job in submitted)
+
+
+async def test_an_abort_begins_the_stop_at_once_and_answers_after_the_cleanup() -> None:
+    seen: list[float] = []
+    scheduler = Scheduler(max_backups=2, runner=_engine(seen))
+    job = scheduler.submit([_stats("10.0.0.9:/b")])
+    await _running([job])
+    started = time.monotonic()
+    await scheduler.abort(job)
+    assert seen and seen[0] - started < 0.2
+    assert time.monotonic() - started >= CLEANUP_SECONDS  # answered once cleaned up
+    assert job.state == JobState.ABORTED
+    assert job.answers is not None and "stopped: aborted" in job.answers[0].details
+    await scheduler.shutdown()
+
+
+def test_a_stop_is_not_taken_for_a_bad_file(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    # verify and restore turn a failed qemu-img into a finding and go on (or answer
+    # "corrupt"): a stopped one must stop them instead, saying so.
+    from shim import qemu_img, restore, verify
+
+    def stopped(*_args: object, **_kw: object) -> None:
+        raise Cancelled(["qemu-img"], "aborted")
+
+    monkeypatch.setattr(qemu_img, "info", stopped)
+    monkeypatch.setattr(qemu_img, "chain", stopped)
+    (tmp_path / "vm").mkdir()
+    top = tmp_path / "vm" / "root.x.qcow2"
+    with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
+        verify._walk_chain(top, tmp_path / "vm", [], {})
+    with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
+        restore._chain_is_clean(top)
+    top.touch()
+    with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
+        restore._replace_file(top, tmp_path / "volume", exists=True)

@@ -26,7 +26,7 @@ from shim.chain import directory_size
 from shim.errors import CleanupFailed
 from shim.lab import Lab, MiB
 from shim.lab.leaks import leaks
-from shim.lock import VmLock
+from shim.lock import LOCK_WAIT_ENV, VmLock
 from shim.service import Service, ServiceConfig, StartupRefused, TcpAddress
 from shim.service.config import parse_tcp_address, read_token
 from shim.service.jobs import ABORTED_MESSAGE, Scheduler
@@ -125,10 +125,15 @@ async def test_a_failed_backup_is_a_failed_answer(lab: Lab, service: Running) ->
 
 
 @pytest.mark.lab
-async def test_the_dropins_lock_makes_it_a_failure_saying_so(lab: Lab, service: Running) -> None:
+async def test_the_dropins_lock_makes_it_a_failure_saying_so(
+    lab: Lab, service: Running, monkeypatch: pytest.MonkeyPatch
+) -> None:
     run = FixtureRun(lab, lab.create_vm(disks=(16 * MiB,)), lab.repository())
+    monkeypatch.setenv(LOCK_WAIT_ENV, "1")  # waited for a bounded time (60 s by default)
     with VmLock(run.vm.name):  # what a drop-in run holds while it works on the VM
+        started = time.monotonic()
         status, answers = await service.post(_take(run))
+        assert 1 <= time.monotonic() - started < 10
     assert status == 200
     body = _answer(answers)
     assert body["result"] is False

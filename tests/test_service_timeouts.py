@@ -7,13 +7,16 @@ lookup under ``hang`` blocks, as on a dead NFS server, so that mounting it hangs
 
 from __future__ import annotations
 
+import asyncio
 import logging
+import subprocess
 import time
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from shim import qemu_img
 from shim.lab import Lab, MiB, system
 from shim.lab.leaks import leaks
 from shim.nas import Repository
@@ -36,6 +39,10 @@ TIMED_OUT_BACKUP = {
 }
 BOUND_SECONDS = 30
 """An answer past its deadline must come this soon: the work was stopped, not waited out."""
+ABORT_SECONDS = 8
+"""An aborted job's answer (given once it has cleaned up) must come this soon: the stop
+begins at once, and a copy that does not drain its writes in flight within
+``storage_daemon.CANCEL_TIMEOUT_SECONDS`` is killed."""
 
 
 def _envelope(case: str, values: dict[str, Any], **fields: Any) -> list[Any]:
@@ -151,6 +158,50 @@ async def test_a_restore_mount_honours_mount_timeout(lab: Lab, tmp_path: Path) -
         assert _no_shim_mounts() == []
     nas.heal()
     assert leaks(lab) == []
+
+
+@pytest.mark.lab
+async def test_an_aborted_stopped_vm_backup_stops_at_once_and_cleans_up(
+    lab: Lab, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="shim")
+    vm = lab.create_vm(disks=(64 * MiB,), persistent=True)
+    vm.write(0, 0, 48 * MiB, pattern=0x3C)
+    vm.stop()
+    nas = lab.flaky_repository()
+    nas.slow_writes(0.005)  # 48 MiB in 4 KiB writes: about a minute of copying
+    run = FixtureRun(lab, vm, nas.repository)
+    values = run.values()
+    async with running(tmp_path) as service:
+        status, accepted = await service.post(
+            fill(read("merged", "stopped")[0], values), run_async=True
+        )
+        assert status == 202, accepted
+        deadline = time.monotonic() + BOUND_SECONDS
+        while f"offline copy of 1 disk(s) of {vm.name} started" not in caplog.text:
+            assert time.monotonic() < deadline, "the copy did not start"
+            await asyncio.sleep(0.05)
+        await asyncio.sleep(0.5)  # copying: qemu-storage-daemon's block job runs
+        started = time.monotonic()
+        status, aborted = await service.request("DELETE", f"/v1/jobs/{accepted['jobId']}")
+        took = time.monotonic() - started
+        assert status == 200 and aborted["state"] == "aborted", aborted
+        body = _only_answer(aborted["answers"])
+        assert (body["result"], body["details"]) == (
+            False,
+            "qemu-storage-daemon stopped: aborted",
+        )
+        # The answer comes once the job has ended and cleaned up: within seconds.
+        assert took < ABORT_SECONDS, f"the abort took {took:.1f} s"
+        assert "cancelling block job(s) src0-job: aborted" in caplog.text
+    assert backup_directories(run.repo_dir, vm) == []  # no partial, no published directory
+    assert leaks(lab) == []
+    assert system.descendants_running("qemu-storage-daemon") == []
+    nas.heal()
+    source = vm.disks[0].path
+    info = subprocess.run(["qemu-img", "info", str(source)], capture_output=True, check=False)
+    assert info.returncode == 0, info.stderr  # without -U: no image lock is left
+    assert values["bitmapNew"] not in qemu_img.info(source).bitmaps  # nor the new bitmap
 
 
 def test_the_default_deadline_is_configured_and_at_least_one_second() -> None:

@@ -38,6 +38,7 @@ from shim.lab.lab import Lab, LabVM, MiB, compare, restart_libvirtd
 from shim.lab.leaks import leaks
 from shim.lab.scenarios import Scenario
 from shim.lab.system import descendants_running, mount_points
+from shim.lock import LOCK_WAIT_ENV
 from shim.nas import Repository
 from shim.virt.disks import parse_disks
 from shim.virt.jobs import JobMarker
@@ -320,13 +321,33 @@ def parent_file_corrupted(lab: Lab, scratch: Path) -> None:
     points.survived(fallback=True)
 
 
+SHORT_LOCK_WAIT = "0.2"
+"""Seconds a contending run waits for the VM's lock in these scenarios (60 by default): the
+one in flight outlasts it, so the contender still fails, saying why, and soon."""
+
+
+@contextlib.contextmanager
+def _short_lock_wait() -> Iterator[None]:
+    """Drop-in runs started in the block wait :data:`SHORT_LOCK_WAIT` for a VM's lock."""
+    saved = os.environ.get(LOCK_WAIT_ENV)
+    os.environ[LOCK_WAIT_ENV] = SHORT_LOCK_WAIT
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[LOCK_WAIT_ENV]
+        else:
+            os.environ[LOCK_WAIT_ENV] = saved
+
+
 def two_backups_of_one_vm_at_once(lab: Lab, scratch: Path) -> None:
     points = _big(lab, scratch)
     with _service(scratch) as send:
         flight = _full_then_start_big_incremental(points, scratch)
-        # CLI + CLI: the second fails at once, saying why.
+        # CLI + CLI: the second waits a (short) while, then fails, saying why.
         started = time.monotonic()
-        second, _ = points.chain.backup("full", expect_exit=1)
+        with _short_lock_wait():
+            second, _ = points.chain.backup("full", expect_exit=1)
         assert time.monotonic() - started < 5 and "in progress" in second.stdout, second
         # CLI + socket: the service's request fails the same way.
         repo = points.chain.repo
@@ -347,7 +368,11 @@ def _service(scratch: Path) -> Iterator[Callable[[dict[str, object]], dict[str, 
     TakeBackupCommand (with ``shim.service.client``) and returns its answer."""
     socket_path = scratch / "run" / "shim.sock"
     socket_path.parent.mkdir(mode=0o700, exist_ok=True)
-    env = {**os.environ, "NASBACKUP_SHIM_LOG": str(scratch / "service.log")}
+    env = {
+        **os.environ,
+        "NASBACKUP_SHIM_LOG": str(scratch / "service.log"),
+        LOCK_WAIT_ENV: SHORT_LOCK_WAIT,
+    }
     server = subprocess.Popen([str(DROPIN.parent / "serve"), "--socket", str(socket_path)], env=env)
 
     def send(command: dict[str, object]) -> dict[str, object]:
@@ -378,7 +403,8 @@ def delete_during_a_backup(lab: Lab, scratch: Path) -> None:
     flight = _full_then_start_big_incremental(points, scratch)
     values = {"operation": "delete", "path": points.chain.backups[-1],
               **repo_values(points.chain.repo)}  # fmt: skip
-    refused = run_dropin(build_argv("", values, "delete"), log_file=scratch / "delete.log")
+    with _short_lock_wait():  # by default it would wait for the backup, and then succeed
+        refused = run_dropin(build_argv("", values, "delete"), log_file=scratch / "delete.log")
     points.one_line_failure(refused)
     assert "in progress" in refused.stdout, refused
     assert points.settle(flight).returncode == 0

@@ -9,8 +9,9 @@ the event loop, and the progress and health requests it serves, are never held u
 Every command runs under a deadline, as under the agent: its ``wait`` when > 0, else the
 configured default (the agent's ``cmds.timeout``). A command past its deadline is stopped,
 and so is a running command whose job is aborted: its cancellation token
-(:mod:`shim.cancel`) kills the program the engine waits for, and a running backup's
-libvirt job is aborted; the engine then cleans up exactly as after any failure and raises.
+(:mod:`shim.cancel`) kills the program the engine waits for, cancels a stopped VM's block
+jobs in qemu-storage-daemon, ends a wait for the VM's lock, and a running backup's libvirt
+job is aborted; the engine then cleans up exactly as after any failure and raises.
 A timed-out command answers what the agent's ``Script`` makes of a timeout (``timeout``);
 an aborted one answers the engine's failure. Aborting a job that waits removes it from the
 queue; commands not yet started are answered as aborted.
@@ -86,7 +87,6 @@ class Job:
         self._backup_job: BackupJob | None = None
         self._cancel = CancelToken()
         """The running command's: cancelled when it is aborted or past its deadline."""
-        self._command_done = threading.Event()
         self._done = asyncio.Event()
         self.task: asyncio.Task[None] | None = None
 
@@ -112,19 +112,15 @@ class Job:
                 self.progress = Progress(stats.processed, stats.total)
         return self.progress
 
-    def abort_running(self) -> None:
-        """Stop the running command (:meth:`stop_running`) and wait until it returned."""
-        self.abort_requested = True
-        self.stop_running("aborted")
-        self._command_done.wait()
-
     def stop_running(self, reason: str) -> None:
         """Cancel the running command's token and abort its libvirt job (blocking).
 
         The engine stops at its next safe point and cleans up. A libvirt job it has not
         created yet is aborted by :meth:`attach`, one it has not begun refuses to begin.
+        The token is cancelled first, without blocking: callers on the event loop do that
+        themselves (:meth:`cancel_running`) before they come here in a thread.
         """
-        self._cancel.cancel(reason)
+        self.cancel_running(reason)
         backup_job = self._backup_job
         if backup_job is None:
             return
@@ -133,6 +129,14 @@ class Job:
             # stop the programs of the cleanup that follows (a umount) in turn.
             self._cancel.take()
         backup_job.abort()
+
+    def cancel_running(self, reason: str) -> None:
+        """Cancel the running command's token (never blocks: fine on the event loop).
+
+        Every program the engine waits for, its lock wait and qemu-storage-daemon's block
+        jobs look at the token within a fraction of a second: the stop begins now.
+        """
+        self._cancel.cancel(reason)
 
     # -- state ------------------------------------------------------------------------------
     async def wait(self) -> list[Answer]:
@@ -146,13 +150,11 @@ class Job:
         self.executing = True
         self._backup_job = None
         self._cancel = CancelToken()
-        self._command_done.clear()
         return self._cancel
 
     def _end_command(self) -> None:
         self.executing = False
         self._backup_job = None
-        self._command_done.set()
 
     def _finish(self, answers: list[Answer]) -> None:
         self.answers = answers
@@ -264,13 +266,20 @@ class Scheduler:
             del self._jobs[job_id]
 
     async def abort(self, job: Job) -> None:
-        """Abort ``job`` and wait until it has finished (its cleanup done)."""
+        """Abort ``job`` and wait until it has finished (its cleanup done).
+
+        The stop begins before the first await: the running command's token is cancelled
+        here, on the event loop, so neither a busy thread pool nor a slow libvirt abort
+        delays it; only the wait for the engine's cleanup takes time.
+        """
         if job.state.finished:
             return
         job.abort_requested = True
         log.info("job %s: abort requested", job.id)
         if job.executing:
-            await asyncio.to_thread(job.abort_running)
+            job.cancel_running("aborted")
+            # Blocking (libvirt confirms its abort): in a thread, then wait for the engine.
+            await asyncio.to_thread(job.stop_running, "aborted")
         elif job.task is not None:
             job.task.cancel()  # waiting for a VM or a slot: nothing runs, nothing to clean
         await job.wait()
@@ -282,10 +291,23 @@ class Scheduler:
         return job.progress
 
     async def shutdown(self) -> None:
-        """Abort every job in flight, wait for them, stop the worker threads."""
+        """Abort every job in flight at once, wait for them, stop the worker threads.
+
+        All at the same time, not one after the other: each cleanup (a libvirt abort, a
+        storage daemon draining, an unmount) takes its own time, and together they must
+        fit in the systemd unit's ``TimeoutStopSec``.
+        """
         self.closed = True
-        for job in self.in_flight():
-            await self.abort(job)
+        jobs = self.in_flight()
+        # Every stop begins here, before any await: no queued job can start in the slot or
+        # VM a stopped one frees, and no running one waits for another's cleanup.
+        for job in jobs:
+            job.abort_requested = True
+            if job.executing:
+                job.cancel_running("aborted")
+            elif job.task is not None:
+                job.task.cancel()
+        await asyncio.gather(*(self.abort(job) for job in jobs))
         self._executor.shutdown(wait=True)
 
     # -- running ----------------------------------------------------------------------------
