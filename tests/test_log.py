@@ -62,3 +62,22 @@ def test_lines_carry_the_commands_log_id(agent_log: Path) -> None:
     lines = agent_log.read_text().splitlines()
     assert lines[-2].endswith("inside the command (logid:7f2ac3d1)")
     assert lines[-1].endswith("outside")
+
+
+async def test_the_engines_lines_carry_the_commands_log_id(agent_log: Path) -> None:
+    from commands.model import GetBackupStorageStatsCommand
+    from shim.operations import Result
+    from shim.service.jobs import Scheduler
+
+    def engine(_request: object, **_kw: object) -> Result:
+        logging.getLogger("shim.engine").info("mounting the repository")
+        return Result("/m\n1 1\n")
+
+    scheduler = Scheduler(max_backups=1, runner=engine)
+    stats = GetBackupStorageStatsCommand(
+        backup_repo_type="nfs", backup_repo_address="a", context_map={"logid": "7f2ac3d1"}
+    )
+    await scheduler.submit([stats]).wait()
+    await scheduler.shutdown()
+    line = next(x for x in agent_log.read_text().splitlines() if "mounting" in x)
+    assert line.endswith("(logid:7f2ac3d1)")

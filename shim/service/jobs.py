@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from functools import partial
 
 from commands.model import Answer, Command
+from shim import log as shim_log
 from shim import operations
 from shim.cancel import CancelToken
 from shim.contract import BackupOutcome
@@ -338,7 +339,9 @@ class Scheduler:
             token = job._begin_command()
             log.info("job %s: %s", job.id, command.describe())
             try:
-                run, run_cancel = self._execute(command.to_request(), job, token)
+                run, run_cancel = self._execute(
+                    command.to_request(), job, token, command.context_map.get("logid")
+                )
                 seconds = self.deadline(command)
                 try:
                     result = await asyncio.wait_for(asyncio.shield(run), seconds)
@@ -387,7 +390,7 @@ class Scheduler:
             log.warning("job %s: the command finished after its deadline", job.id)
 
     def _execute(
-        self, request: operations.Request, job: Job, token: CancelToken
+        self, request: operations.Request, job: Job, token: CancelToken, logid: str | None = None
     ) -> tuple[asyncio.Future[operations.Result], CancelToken]:
         """Run ``request`` in a worker thread; the run and the token that stops it.
 
@@ -399,17 +402,23 @@ class Scheduler:
         loop = asyncio.get_running_loop()
         if not isinstance(request, operations.StatsRequest):
             call = partial(self._runner, request, on_job=job.attach, cancel=token)
-            return loop.run_in_executor(self._executor, call), token
+            return loop.run_in_executor(self._executor, partial(_tagged, logid, call)), token
         shared = self._shared_reads.get(request)
         if shared is None or shared.cancel.cancelled:  # a stopped run answers nobody new
             shared_cancel = CancelToken()
-            future = loop.run_in_executor(
-                self._executor, partial(self._runner, request, cancel=shared_cancel)
-            )
+            call = partial(self._runner, request, cancel=shared_cancel)
+            future = loop.run_in_executor(self._executor, partial(_tagged, logid, call))
             shared = self._shared_reads[request] = _SharedRun(future, shared_cancel)
             future.add_done_callback(partial(self._forget_shared, request, shared))
         shared.join(token)
         return shared.future, shared.cancel
+
+
+def _tagged(logid: str | None, call: Callable[[], operations.Result]) -> operations.Result:
+    # The engine's lines carry the command's log id: one grep finds the command in the
+    # agent's log and the shim's.
+    with shim_log.log_id(logid):
+        return call()
 
 
 def _not_ended(backup_job: BackupJob) -> bool:
