@@ -16,6 +16,10 @@ PACKAGE = "nasbackup-shim-testpkg"
 ORIGINAL = "#!/bin/bash\n# the agent's own nasbackup.sh, version {v}\necho upstream\n"
 
 
+# Installs and purges a dpkg package and adds diversions: not for `pytest -m "not lab"`.
+pytestmark = [pytest.mark.host, pytest.mark.lab]
+
+
 def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(INSTALL), *args], capture_output=True, text=True, env=env, check=False

@@ -137,6 +137,17 @@ class Running:
             raise AssertionError(f"GET /v1/jobs/{job_id}: {status} {body}")
         return body
 
+    async def abort(self, job_id: str) -> tuple[int, float, dict[str, Any]]:
+        """DELETE a job: the status, how long the DELETE took to answer, and the job once
+        it has ended (polled when the answer came before its cleanup ended: 202)."""
+        started = time.monotonic()
+        status, body = await self.request("DELETE", f"/v1/jobs/{job_id}")
+        took = time.monotonic() - started
+        if status == 202:
+            assert body["abortRequested"] is True, body
+            body = await self.wait_job(job_id)
+        return status, took, body
+
     async def wait_job(self, job_id: str, timeout: float = 240) -> dict[str, Any]:
         """Poll a job until it has finished."""
         deadline = time.monotonic() + timeout

@@ -198,7 +198,12 @@ def _job(request: web.Request) -> Job:
 
 async def _status(request: web.Request, job: Job) -> dict[str, Any]:
     progress = await request.app[SCHEDULER].progress(job)
-    status: dict[str, Any] = {"job_id": job.id, "state": job.state.value, "progress": progress}
+    status: dict[str, Any] = {
+        "job_id": job.id,
+        "state": job.state.value,
+        "progress": progress,
+        "abort_requested": job.abort_requested,
+    }
     if job.answers is not None:
         status["answers"] = dump(job.answers)
     return JobStatusSchema().dump(status)
@@ -210,12 +215,25 @@ async def get_job(request: web.Request) -> web.Response:
     return web.json_response(await _status(request, job))
 
 
+ABORT_ANSWER_SECONDS = 1.0
+"""How long DELETE waits for the aborted job's cleanup before it answers 202."""
+
+
 async def delete_job(request: web.Request) -> web.Response:
-    """Abort a job; answer once it has ended and cleaned up."""
+    """Abort a job: the stop begins at once; answer 200 with the final state once it has
+    ended and cleaned up, or 202 (still cleaning up: poll GET) after a second at most."""
     job = _job(request)
     if job.state.finished:
         return error_response(409, f"the job has already {job.state.value}")
-    await request.app[SCHEDULER].abort(job)
+    scheduler = request.app[SCHEDULER]
+    if job.abort_task is None:
+        job.abort_task = asyncio.ensure_future(scheduler.abort(job))
+    try:
+        await asyncio.wait_for(asyncio.shield(job.abort_task), ABORT_ANSWER_SECONDS)
+    except asyncio.TimeoutError:
+        return web.json_response(
+            await _status(request, job), status=202, headers={"Location": f"/v1/jobs/{job.id}"}
+        )
     return web.json_response(await _status(request, job))
 
 

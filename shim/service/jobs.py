@@ -83,6 +83,8 @@ class Job:
         self.progress = Progress()
         self.created = time.time()
         self.abort_requested = False
+        self.abort_task: asyncio.Future[None] | None = None
+        """The abort under way (DELETE answers before its cleanup may have ended)."""
         self.executing = False
         """A command runs in a worker thread (the task must then not be cancelled)."""
         self._backup_job: BackupJob | None = None

@@ -51,6 +51,10 @@ class JobStatusSchema(Schema):
     job_id = fields.String(data_key="jobId", required=True)
     state = fields.String(required=True, validate=validate.OneOf([s.value for s in JobState]))
     progress = fields.Nested(ProgressSchema, required=True)
+    abort_requested = fields.Boolean(
+        data_key="abortRequested",
+        metadata={"description": "an abort was asked for (the job may still be cleaning up)"},
+    )
     answers = fields.List(
         fields.Dict(), metadata={"description": "the answer envelope, once finished"}
     )
@@ -181,9 +185,11 @@ def openapi_document() -> dict[str, Any]:
                 },
             },
             "delete": {
-                "summary": "Abort a job (cleaned up as after any failure); waits for its end",
+                "summary": "Abort a job (cleaned up as after any failure); the stop begins at "
+                "once, the answer comes within a second",
                 "responses": {
-                    "200": _json("JobStatus", "the job, aborted"),
+                    "200": _json("JobStatus", "the job, aborted and cleaned up"),
+                    "202": _json("JobStatus", "the job, stopping: poll GET for its end"),
                     "401": unauthorized,
                     "404": unknown_job,
                     "409": _json("Error", "the job had already finished"),
