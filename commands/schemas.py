@@ -22,6 +22,7 @@ from marshmallow import EXCLUDE, Schema, ValidationError, fields, post_dump, pos
 from marshmallow.validate import Range
 
 from commands import model
+from commands.model import Message
 from shim import operations
 from shim.errors import ShimError
 from shim.redact import redact
@@ -53,28 +54,28 @@ class StrictInteger(fields.Integer):
         return super()._deserialize(value, attr, data, **kwargs)
 
 
-def _int(name: str, **kwargs: Any) -> fields.Field:
+def _int(name: str, **kwargs: Any) -> StrictInteger:
     return StrictInteger(JAVA_INT, data_key=name, **kwargs)
 
 
-def _long(name: str, **kwargs: Any) -> fields.Field:
+def _long(name: str, **kwargs: Any) -> StrictInteger:
     return StrictInteger(JAVA_LONG, data_key=name, **kwargs)
 
 
-def _text(name: str, *, required: bool = False) -> fields.Field:
+def _text(name: str, *, required: bool = False) -> fields.String:
     # Required fields are Java Strings too, but the shim cannot run without them.
     return fields.String(data_key=name, required=required, allow_none=not required)
 
 
-def _flag(name: str) -> fields.Field:
+def _flag(name: str) -> StrictBoolean:
     return StrictBoolean(data_key=name, allow_none=True)
 
 
-def _texts(name: str) -> fields.Field:
+def _texts(name: str) -> fields.List[str]:
     return fields.List(fields.String(), data_key=name, allow_none=True)
 
 
-def _opaque_list(name: str) -> fields.Field:
+def _opaque_list(name: str) -> fields.List[dict[str, Any]]:
     return fields.List(fields.Dict(keys=fields.String()), data_key=name, allow_none=True)
 
 
@@ -125,7 +126,7 @@ def refused_fields(body: Mapping[str, Any]) -> dict[Any, Any]:
 class JavaSchema(Schema):
     """Base of every schema here: GSON's handling of unknown fields and nulls."""
 
-    model: ClassVar[type[model.Message]]
+    model: ClassVar[type[Message]]
 
     class Meta:
         """Unknown fields are dropped (and logged by :meth:`drop_unknown`), as GSON does."""
@@ -155,7 +156,7 @@ class JavaSchema(Schema):
         return {key: value for key, value in data.items() if key in known}
 
     @post_load
-    def make(self, data: dict[str, Any], **_kwargs: Any) -> model.Message:
+    def make(self, data: dict[str, Any], **_kwargs: Any) -> Message:
         """The typed value of what was loaded."""
         return self.model(**data)
 
@@ -169,7 +170,7 @@ class CommandSchema(JavaSchema):
     """Base of the command schemas: a loaded command is one the engine accepts."""
 
     @post_load
-    def make(self, data: dict[str, Any], **_kwargs: Any) -> model.Message:
+    def make(self, data: dict[str, Any], **_kwargs: Any) -> Message:
         """The command, refused with the engine's (the Java wrapper's) message if invalid."""
         command = self.model(**data)
         assert isinstance(command, model.Command)  # noqa: S101 - model is a command class

@@ -4,6 +4,28 @@ Every handled failure is a :class:`ShimError`. The command-line boundary catches
 prints its one-line message where the contract wants it, and exits with
 :attr:`ShimError.exit_code`: 1 for any handled error, 20 when cleanup itself failed (the
 Java agent then marks the backup Error and sets ``needsCleanup``). No other code is used.
+
+Every ShimError in the project (those defined elsewhere name their module; ``Cancelled``
+has two parents, so it appears under both)::
+
+    Exception
+     +-- ShimError                        exit 1
+          +-- UsageError
+          +-- InputError
+          +-- MountError
+          +-- LockBusy
+          +-- CommandFailed
+          |    +-- Cancelled              (shim.cancel)
+          +-- VirtError
+          +-- BackupFailed
+          +-- StorageFailed
+          +-- Interrupted
+          |    +-- Cancelled              (shim.cancel)
+          +-- CleanupFailed               exit 20
+          +-- LabError
+          +-- QmpError                    (shim.storage_daemon)
+          |    +-- DaemonHung             (shim.storage_daemon)
+          +-- StartupRefused              (shim.service.config)
 """
 
 from __future__ import annotations

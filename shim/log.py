@@ -72,8 +72,8 @@ def setup(verbose: bool = False) -> None:
     logger = logging.getLogger("shim")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
-    for handler in list(logger.handlers):
-        logger.removeHandler(handler)
+    for previous in list(logger.handlers):
+        logger.removeHandler(previous)
     path = log_file()
     to_file = True
     try:

@@ -193,7 +193,8 @@ class StorageDaemon:
                 raise QmpError(f"{QSD} closed its monitor")
             self._buffer += chunk
         line, self._buffer = self._buffer.split(b"\n", 1)
-        return json.loads(line)
+        message: dict[str, Any] = json.loads(line)
+        return message
 
     def command(self, execute: str, /, **arguments: Any) -> Any:
         """Execute one QMP command and return its result; events seen meanwhile are kept.

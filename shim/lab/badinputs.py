@@ -131,37 +131,43 @@ class Setup:
             if new is not None:
                 argv += [option, new]
         present = {option for option, _ in self.pairs(operation)}
-        for option, value in changes.items():
-            if option not in present and value is not None:
-                argv += [option, value]
+        for option, change in changes.items():
+            if option not in present and change is not None:
+                argv += [option, change]
         return argv
 
     # -- envelopes ----------------------------------------------------------------------------
     def command(self, kind: str) -> Command:
         """A valid command: ``take`` (a full, or an incremental after the parent),
         ``delete`` or ``rebase`` of the parent backup."""
-        repo = {
-            "backup_repo_type": self.repo.type,
-            "backup_repo_address": self.repo.address,
-            "mount_options": self.repo.options,
-        }
         parent = self.parent or f"{self.vm_name}/{FIRST_BACKUP}"
         if kind == "delete":
-            return DeleteBackupCommand(backup_path=parent, **repo)
+            return DeleteBackupCommand(
+                backup_path=parent,
+                backup_repo_type=self.repo.type,
+                backup_repo_address=self.repo.address,
+                mount_options=self.repo.options,
+            )
         if kind == "rebase":
             file = self.parent_files[0] if self.parent_files else f"{parent}/root.qcow2"
-            return RebaseBackupCommand(target_path=file, new_backing_path=file, **repo)
-        incremental = {
-            "mode": "incremental",
-            "bitmap_parent": "backup-1",
-            "parent_paths": list(self.parent_files),
-        }
+            return RebaseBackupCommand(
+                target_path=file,
+                new_backing_path=file,
+                backup_repo_type=self.repo.type,
+                backup_repo_address=self.repo.address,
+                mount_options=self.repo.options,
+            )
         return TakeBackupCommand(
             vm_name=self.vm_name,
             backup_path=self.new_path,
             quiesce=False,
-            **{"mode": "full", "bitmap_new": "backup-2", **(incremental if self.parent else {})},
-            **repo,
+            mode="incremental" if self.parent else "full",
+            bitmap_new="backup-2",
+            bitmap_parent="backup-1" if self.parent else None,
+            parent_paths=list(self.parent_files) if self.parent else None,
+            backup_repo_type=self.repo.type,
+            backup_repo_address=self.repo.address,
+            mount_options=self.repo.options,
         )
 
     def envelope(self, kind: str = "take", **changes: Any) -> bytes:
@@ -358,7 +364,8 @@ def dropin(
         watch = list(prepare(setup)) if prepare else []
         given = changes(setup)
         argv = setup.argv(operation, given)
-        vm_names = [given["-v"]] if given.get("-v") else []
+        vm_name = given.get("-v")
+        vm_names = [vm_name] if vm_name else []
         watch += [LOCK_DIR / f"{vm}.lock" for vm in vm_names if "/" not in vm]
         with Witness(setup, watch) as witness:
             done = run_dropin(argv, log_file=setup.log)
@@ -644,6 +651,12 @@ CONTROL = [
     ),
 ]
 
+
+def _bitmap_new(value: str) -> Changes:
+    """The change giving ``--bitmap-new`` the value ``value``."""
+    return lambda _s: {"--bitmap-new": value}
+
+
 MODES = [
     dropin("-M differential", "full", lambda _s: {"-M": "differential"}, "Unknown backup mode"),
     dropin("-o explode", "full", lambda _s: {"-o": "explode"}, "Invalid operation: explode"),
@@ -654,7 +667,7 @@ BITMAPS = [
     dropin(
         f"--bitmap-new {label}",
         "full",
-        lambda _s, value=value: {"--bitmap-new": value},
+        _bitmap_new(value),
         "invalid bitmap name",
     )
     for label, value in (

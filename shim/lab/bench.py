@@ -245,9 +245,13 @@ class Bench:
                 self.lab.new_volume(f"r{i}", d.size).path for i, d in enumerate(self.vm.disks)
             ]
             evict(self.chain_files(backup))
-            times[name] = timed(lambda b=backup, v=volumes: self.nasbackup(
-                "-o", "restore", "-p", b, "--restore-volume-paths", ",".join(map(str, v))
-            ))  # fmt: skip
+
+            def restore(b: str = backup, v: list[Path] = volumes) -> str:
+                return self.nasbackup(
+                    "-o", "restore", "-p", b, "--restore-volume-paths", ",".join(map(str, v))
+                )  # fmt: skip
+
+            times[name] = timed(restore)
         return Metric(
             "P4", times["depth-10"] / times["depth-1"], 1.3,
             f"depth-10 {times['depth-10']:.2f} s, depth-1 {times['depth-1']:.2f} s",

@@ -19,6 +19,7 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import libvirt
 
@@ -365,7 +366,7 @@ def two_backups_of_one_vm_at_once(lab: Lab, scratch: Path) -> None:
 
 
 @contextlib.contextmanager
-def _service(scratch: Path) -> Iterator[Callable[[dict[str, object]], dict[str, object]]]:
+def _service(scratch: Path) -> Iterator[Callable[[dict[str, object]], dict[str, Any]]]:
     """``scripts/serve`` on a scratch socket; yields a function that sends one
     TakeBackupCommand (with ``shim.service.client``) and returns its answer."""
     socket_path = scratch / "run" / "shim.sock"
@@ -377,7 +378,7 @@ def _service(scratch: Path) -> Iterator[Callable[[dict[str, object]], dict[str, 
     }
     server = subprocess.Popen([str(DROPIN.parent / "serve"), "--socket", str(socket_path)], env=env)
 
-    def send(command: dict[str, object]) -> dict[str, object]:
+    def send(command: dict[str, object]) -> dict[str, Any]:
         envelope = scratch / "envelope.json"
         envelope.write_text(
             json.dumps([{"org.apache.cloudstack.backup.TakeBackupCommand": command}])

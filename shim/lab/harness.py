@@ -135,7 +135,8 @@ class Running:
         status, body = await self.request("GET", f"/v1/jobs/{job_id}")
         if status != 200:
             raise AssertionError(f"GET /v1/jobs/{job_id}: {status} {body}")
-        return body
+        job: dict[str, Any] = body
+        return job
 
     async def abort(self, job_id: str) -> tuple[int, float, dict[str, Any]]:
         """DELETE a job: the status, how long the DELETE took to answer, and the job once

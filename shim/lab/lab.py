@@ -132,9 +132,7 @@ def _disk_element(disk: LabDisk) -> etree._Element:
     el = etree.Element("disk", type="block" if block else "file", device="disk")
     # discard=unmap: a guest's discards reach the image (by default QEMU ignores them).
     etree.SubElement(el, "driver", name="qemu", type=disk.format, discard="unmap")
-    etree.SubElement(
-        el, "source", **({"dev": str(disk.path)} if block else {"file": str(disk.path)})
-    )
+    etree.SubElement(el, "source", {"dev" if block else "file": str(disk.path)})
     etree.SubElement(el, "target", dev=disk.target, bus=disk.bus)
     return el
 
@@ -627,8 +625,8 @@ def sweep_stale_labs(base: Path = LAB_BASE, uri: str = DEFAULT_URI) -> list[str]
     conn = open_connection(uri)
     try:
         for dom in conn.listAllDomains():
-            lab_dir = _lab_dir_of(dom)
-            if lab_dir is not None and (lab_dir in stale_dirs or not lab_dir.exists()):
+            dom_dir = _lab_dir_of(dom)
+            if dom_dir is not None and (dom_dir in stale_dirs or not dom_dir.exists()):
                 name = dom.name()
                 _remove_domain(conn, dom.UUIDString())
                 removed.append(f"domain {name}")

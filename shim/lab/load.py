@@ -299,11 +299,6 @@ class _Load:
         self, load: _VmLoad, path: str, mode: str, bitmap: str, parents: dict[str, str]
     ) -> None:
         """The backup and a delete for the same VM, sent at once."""
-        repo = {
-            "backup_repo_type": self.repo.type,
-            "backup_repo_address": self.repo.address,
-            "mount_options": self.repo.options,
-        }
         incremental: dict[str, Any] = {}
         if mode == "incremental":
             incremental = {
@@ -316,10 +311,17 @@ class _Load:
             quiesce=False,
             mode=mode,
             bitmap_new=bitmap,
+            backup_repo_type=self.repo.type,
+            backup_repo_address=self.repo.address,
+            mount_options=self.repo.options,
             **incremental,
-            **repo,
         )
-        delete = DeleteBackupCommand(backup_path=f"{load.vm.name}/never-taken", **repo)
+        delete = DeleteBackupCommand(
+            backup_path=f"{load.vm.name}/never-taken",
+            backup_repo_type=self.repo.type,
+            backup_repo_address=self.repo.address,
+            mount_options=self.repo.options,
+        )
         assert self.service is not None
         started = time.monotonic()
         (status, answers), (delete_status, deleted) = await asyncio.gather(

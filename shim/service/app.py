@@ -36,7 +36,7 @@ from shim.virt.connection import open_connection
 log = logging.getLogger(__name__)
 
 SCHEDULER: web.AppKey[Scheduler] = web.AppKey("scheduler", Scheduler)
-TOKEN = web.AppKey("token", str)  # None: no TCP listener, no token
+TOKEN: web.AppKey[str | None] = web.AppKey("token", str)  # None: no TCP listener, no token
 MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
 OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
 DEFAULT_GENERATION_KEY: web.AppKey[Generation] = web.AppKey("generation", Generation)
@@ -206,7 +206,8 @@ async def _status(request: web.Request, job: Job) -> dict[str, Any]:
     }
     if job.answers is not None:
         status["answers"] = dump(job.answers)
-    return JobStatusSchema().dump(status)
+    dumped: dict[str, Any] = JobStatusSchema().dump(status)
+    return dumped
 
 
 async def get_job(request: web.Request) -> web.Response:

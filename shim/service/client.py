@@ -70,6 +70,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
 def main(argv: Sequence[str] | None = None) -> int:
     """Send what the command line says; print the answer; return the exit status."""
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    call: tuple[str, str, bytes | None]
     if args.verb == "send":
         call = ("POST", "/v1/commands" + ("?async=1" if args.run_async else ""), _read(args.source))
     elif args.verb == "job":

@@ -132,8 +132,10 @@ def openapi_document() -> dict[str, Any]:
     )
     for name, schema in {**COMMAND_SCHEMAS, **ANSWER_SCHEMAS}.items():
         spec.components.schema(_short(name), schema=schema)
-    for schema in (ErrorSchema, JobAcceptedSchema, JobStatusSchema, HealthSchema):
-        spec.components.schema(schema.__name__.removesuffix("Schema"), schema=schema)
+    for service_schema in (ErrorSchema, JobAcceptedSchema, JobStatusSchema, HealthSchema):
+        spec.components.schema(
+            service_schema.__name__.removesuffix("Schema"), schema=service_schema
+        )
     spec.components.schema("CommandEnvelope", _envelope(COMMAND_SCHEMAS, "commands"))
     spec.components.schema("AnswerEnvelope", _envelope(ANSWER_SCHEMAS, "answers"))
     spec.components.security_scheme("bearer", {"type": "http", "scheme": "bearer"})

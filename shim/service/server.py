@@ -67,7 +67,9 @@ class Service:
         log.info(
             "listening on %s%s (at most %d backups at once)",
             config.socket_path,
-            f" and {config.tcp.host}:{self.tcp_address[1]}" if self.tcp_address else "",
+            f" and {config.tcp.host}:{self.tcp_address[1]}"
+            if config.tcp is not None and self.tcp_address
+            else "",
             config.max_backups,
         )
 

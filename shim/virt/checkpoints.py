@@ -85,7 +85,7 @@ def listed(dom: libvirt.virDomain) -> list[Checkpoint]:
     for checkpoint in checkpoints:
         doc = etree.fromstring(checkpoint.getXMLDesc(libvirt.VIR_DOMAIN_CHECKPOINT_XML_NO_DOMAIN))
         bitmaps = {
-            d.get("name", ""): d.get("bitmap") or doc.findtext("name", "")
+            d.get("name", ""): d.get("bitmap") or doc.findtext("name") or ""
             for d in doc.iterfind("disks/disk")
             if d.get("checkpoint") == "bitmap"
         }

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from typing import Any
 
 import libvirt
 
@@ -23,7 +24,7 @@ _loop_lock = threading.Lock()
 _loop_started = False
 
 
-def _quiet_libvirt(_ctx: object, err: tuple) -> None:
+def _quiet_libvirt(_ctx: object, err: tuple[Any, ...]) -> None:
     # libvirt prints every error to stderr by default; errors reach us as exceptions anyway.
     log.debug("libvirt: %s", err[2] if len(err) > 2 else err)
 

@@ -69,7 +69,7 @@ def find_domain(conn: libvirt.virConnect, name: str) -> libvirt.virDomain | None
 def is_paused(dom: libvirt.virDomain) -> bool:
     """Whether the guest's vCPUs are paused."""
     try:
-        return dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED
+        return bool(dom.state()[0] == libvirt.VIR_DOMAIN_PAUSED)
     except libvirt.libvirtError:
         return False
 
@@ -80,7 +80,7 @@ def paused_by_io_error(dom: libvirt.virDomain) -> bool:
         state, reason = dom.state()
     except libvirt.libvirtError:
         return False
-    return state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR
+    return bool(state == libvirt.VIR_DOMAIN_PAUSED and reason == libvirt.VIR_DOMAIN_PAUSED_IOERROR)
 
 
 def _agent_timeout(dom: libvirt.virDomain, seconds: int) -> None:
@@ -237,7 +237,7 @@ def attach_volume(vm: str, volume: str) -> str:
         etree.SubElement(
             disk, "driver", name="qemu", type="raw" if block else "qcow2", cache="none"
         )
-        etree.SubElement(disk, "source", **{"dev" if block else "file": volume})
+        etree.SubElement(disk, "source", {"dev" if block else "file": volume})
         etree.SubElement(disk, "target", dev=target, bus="virtio")
         try:
             dom.attachDeviceFlags(

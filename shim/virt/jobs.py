@@ -109,7 +109,7 @@ class BackupJob:
         self._running = False
 
     # -- events -----------------------------------------------------------------------------
-    def _on_job_completed(self, _c: object, _d: object, params: dict, _o: object) -> None:
+    def _on_job_completed(self, _c: object, _d: object, params: dict[str, Any], _o: object) -> None:
         if params.get("operation") not in (None, libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP):
             return
         self._outcome.params = dict(params)
