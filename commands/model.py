@@ -40,14 +40,17 @@ def _ceph_auth(pool_uuid: str) -> pools_.CephAuth | None:
         conn.close()
 
 
-def _sources(paths: Sequence[str], pools: Sequence[OpaqueObject]) -> tuple[str, ...]:
+def _sources(
+    paths: Sequence[str], pools: Sequence[OpaqueObject], *, secrets: bool
+) -> tuple[str, ...]:
     # Volume i's path as the agent passes it: as it is, or for a Ceph RBD store (pool i),
-    # the rbd: string it builds.
+    # the rbd: string it builds; its key looked up (libvirt I/O) only with ``secrets``.
     sources = []
     for index, path in enumerate(paths):
         pool = pools[index] if index < len(pools) else None
         if pool is not None and pools_.is_rbd(pool):
-            sources.append(pools_.rbd_source(pool, path, _ceph_auth(str(pool.get("uuid")))))
+            auth = _ceph_auth(str(pool.get("uuid"))) if secrets else None
+            sources.append(pools_.rbd_source(pool, path, auth))
         else:
             sources.append(path)
     return tuple(sources)
@@ -105,6 +108,11 @@ class Command(Message):
     def to_request(self) -> operations.Request:
         """The engine's request for this command (raises UsageError when it cannot be built)."""
         raise NotImplementedError
+
+    def validate(self) -> None:
+        """Refuse, with the engine's (the Java wrapper's) message, a command that cannot
+        run; touches nothing."""
+        operations.validate(self.to_request())
 
     def from_run(self, exit_code: int, stdout: str) -> Answer:
         """The answer this command's Java wrapper builds from a run's exit code and stdout."""
@@ -196,13 +204,14 @@ class TakeBackupCommand(RepositoryCommand):
         """A backup: it counts against the concurrent-backup limit."""
         return True
 
-    def to_request(self) -> operations.BackupRequest:
-        """The BackupRequest the drop-in would build from the same values (empty = absent)."""
+    def to_request(self, *, secrets: bool = True) -> operations.BackupRequest:
+        """The BackupRequest the drop-in would build from the same values (empty = absent);
+        without ``secrets`` a Ceph source carries no key (the checks need none)."""
         return operations.BackupRequest(
             vm=self.vm_name,
             repository=self.repository,
             path=self.backup_path,
-            disk_paths=self.disk_sources(),
+            disk_paths=self.disk_sources(secrets=secrets),
             quiesce=bool(self.quiesce),
             mode=self.mode or None,
             bitmap_new=self.bitmap_new or None,
@@ -211,10 +220,15 @@ class TakeBackupCommand(RepositoryCommand):
             parent_path=self.parent_path or None,
         )
 
-    def disk_sources(self) -> tuple[str, ...]:
+    def validate(self) -> None:
+        """As any command's, without looking up a Ceph key: that is libvirt I/O, done when
+        the command runs (a missing pool is then its failed answer, as in the agent)."""
+        operations.validate(self.to_request(secrets=False))
+
+    def disk_sources(self, *, secrets: bool = True) -> tuple[str, ...]:
         """What the agent passes as ``-d``: each volume path, or for a volume whose store is
         Ceph RBD, the ``rbd:`` string it builds with the pool's monitors, user and key."""
-        return _sources(self.volume_paths or (), self.volume_pools or ())
+        return _sources(self.volume_paths or (), self.volume_pools or (), secrets=secrets)
 
     def from_run(self, exit_code: int, stdout: str) -> BackupAnswer:
         """``LibvirtTakeBackupCommandWrapper`` of this generation (contract §7): the merged
@@ -297,13 +311,23 @@ class RestoreBackupCommand(RepositoryCommand):
         volume or one that is not the VM's; true or false: the whole VM, every disk."""
         return self.vm_exists is None
 
-    def targets(self) -> tuple[str, ...]:
-        """The volumes to write: restoreVolumePaths (4.21 on), else volumePaths (4.20);
-        a Ceph volume as the ``rbd:`` string the agent builds for its pool."""
+    def paths_to_restore(self) -> tuple[str, ...]:
+        """The paths of the volumes to write, as the command gives them: restoreVolumePaths
+        (4.21 on), else volumePaths (4.20); index 0 only for a single volume."""
         paths = tuple(self.restore_volume_paths or self.volume_paths or ())
-        return _sources(paths[:1] if self.single_volume else paths, self.restore_volume_pools or ())
+        return paths[:1] if self.single_volume else paths
 
-    def to_request(self) -> operations.RestoreRequest:
+    def targets(self, *, secrets: bool = True) -> tuple[str, ...]:
+        """The volumes to write, a Ceph volume as the ``rbd:`` string the agent builds for
+        its pool (its key looked up only with ``secrets``)."""
+        pools = self.restore_volume_pools or ()
+        return _sources(self.paths_to_restore(), pools, secrets=secrets)
+
+    def validate(self) -> None:
+        """As any command's, without looking up a Ceph key (see TakeBackupCommand's)."""
+        operations.validate(self.to_request(secrets=False))
+
+    def to_request(self, *, secrets: bool = True) -> operations.RestoreRequest:
         """The restore the Java wrapper performs (contract §7).
 
         Volume *i* is restored from ``<diskType>.<backupFiles[i]>.qcow2``: the middle is
@@ -312,7 +336,7 @@ class RestoreBackupCommand(RepositoryCommand):
         then ``datadisk`` for a whole VM, the command's own for a single volume. Errors
         name ``backupVolumesUUIDs[i]`` for an existing VM, else the uuid in the target path.
         """
-        targets = self.targets()
+        targets = self.targets(secrets=secrets)
         if not targets:
             raise UsageError("restore needs restoreVolumePaths or volumePaths")
         names, uuids = [], []
@@ -346,9 +370,9 @@ class RestoreBackupCommand(RepositoryCommand):
         for a whole VM; a failure's details are its message."""
         if exit_code != 0:
             return BackupAnswer(result=False, details=contract.error_stdout(stdout).strip())
-        return BackupAnswer(
-            result=True, details=volume_id_of(self.targets()[0]) if self.single_volume else None
-        )
+        # The uuid from the volume's path as given, as the wrapper takes it (no libvirt).
+        uuid = volume_id_of(self.paths_to_restore()[0]) if self.single_volume else None
+        return BackupAnswer(result=True, details=uuid)
 
 
 def _item(values: Sequence[str] | None, index: int) -> str | None:

@@ -23,7 +23,6 @@ from marshmallow.validate import Range
 
 from commands import model
 from commands.model import Message
-from shim import operations
 from shim.errors import ShimError
 from shim.redact import redact
 
@@ -175,7 +174,7 @@ class CommandSchema(JavaSchema):
         command = self.model(**data)
         assert isinstance(command, model.Command)  # noqa: S101 - model is a command class
         try:
-            operations.validate(command.to_request())
+            command.validate()
         except ShimError as exc:
             raise ValidationError(redact(exc.message)) from None
         return command

@@ -141,7 +141,7 @@ class LiveBackup:
                     self.on_job(job)
                 self._begin(job, disks, plan)
                 stats = job.wait()
-            self._resparsify(disks, plan)
+            self._resparsify(disks)
             files = self._publish(disks, plan)
         except BaseException as exc:
             self._cleanup(disks, plan, job, exc)
@@ -274,7 +274,7 @@ class LiveBackup:
             f"incremental since {plan.incremental_from}" if plan.incremental_from else "full",
         )
 
-    def _resparsify(self, disks: list[DomainDisk], plan: _Plan) -> None:
+    def _resparsify(self, disks: list[DomainDisk]) -> None:
         """Rewrite the full copy of each raw block device sparse, as upstream does.
 
         QEMU sees a block device (LINSTOR/DRBD) as all data, so its backup holds every
@@ -282,7 +282,7 @@ class LiveBackup:
         identical. Files and ``rbd:`` images report their holes: their copies are sparse.
         """
         for disk in disks:
-            if disk.source_type != "block" or disk.target in plan.parents:
+            if disk.source_type != "block":  # never a parent's: copied in full every time
                 continue
             target = self.directory.work / disk.backup_name
             sparse = target.with_name(target.name + ".sparse")

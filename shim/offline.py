@@ -105,10 +105,6 @@ def declared_formats(dom: libvirt.virDomain | None) -> dict[str, str]:
     }
 
 
-def _carries_bitmaps(disk: DomainDisk) -> bool:
-    return disk.source_type == "file" and disk.driver_type == "qcow2"
-
-
 @dataclass
 class _Plan:
     checkpoint: str | None
@@ -144,7 +140,7 @@ class OfflineBackup:
             raise
         if plan.checkpoint and self.dom is not None:
             self._forget_libvirt_checkpoints(self.dom)
-        all_carry = all(_carries_bitmaps(d) for d in disks)
+        all_carry = all(d.carries_bitmaps for d in disks)
         outcome = self.directory.outcome(
             files,
             bitmap_created=plan.checkpoint if all_carry else None,
@@ -172,7 +168,7 @@ class OfflineBackup:
         blockdevs = []
         for i, disk in enumerate(local):
             driver = "host_device" if disk.source_type == "block" else "file"
-            writable = plan.checkpoint is not None and _carries_bitmaps(disk)
+            writable = plan.checkpoint is not None and disk.carries_bitmaps
             ro = "" if writable else ",read-only=on"
             source = disk.source.replace(",", ",,")
             blockdevs += [
@@ -212,7 +208,7 @@ class OfflineBackup:
             actions += self._prepare_target(
                 daemon, disk, nodes[disk.target], sizes[disk.target], plan
             )
-        carriers = [nodes[d.target] for d in local if plan.checkpoint and _carries_bitmaps(d)]
+        carriers = [nodes[d.target] for d in local if plan.checkpoint and d.carries_bitmaps]
         daemon.command("transaction", actions=actions)
         log.info("offline copy of %d disk(s) of %s started", len(local), request.vm)
         try:
@@ -251,7 +247,7 @@ class OfflineBackup:
             file={"driver": "file", "filename": str(target)},
         )
         actions: list[dict[str, object]] = []
-        if plan.checkpoint and _carries_bitmaps(disk):
+        if plan.checkpoint and disk.carries_bitmaps:
             bitmap = {"node": node, "name": plan.checkpoint, "persistent": True}
             actions.append({"type": "block-dirty-bitmap-add", "data": bitmap})
         backup: dict[str, object] = {
@@ -289,7 +285,7 @@ class OfflineBackup:
         for disk in disks:
             if disk.target not in parents.files:
                 continue  # attached since the parent: copied full
-            if not _carries_bitmaps(disk):
+            if not disk.carries_bitmaps:
                 return f"{disk.source} is not a qcow2 file: it cannot carry a bitmap"
             bitmaps = node_bitmaps(daemon, nodes[disk.target])
             if parent_bitmap not in bitmaps:
@@ -328,7 +324,7 @@ class OfflineBackup:
             requested_mode=self.request.effective_mode,
             offline=True,
             checkpoint=plan.checkpoint,
-            bitmap=plan.checkpoint if all(_carries_bitmaps(d) for d in disks) else None,
+            bitmap=plan.checkpoint if all(d.carries_bitmaps for d in disks) else None,
             parents=plan.parents,
             fallback=plan.fallback,
             disks=disks,

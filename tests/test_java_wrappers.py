@@ -207,3 +207,19 @@ def test_tuning_options_and_empty_passphrases_are_dropped_and_logged(
     (command,) = load_commands(_envelope(**fields))
     assert command.vm == "i-2-3-VM"
     assert "bandwidth_limit" in caplog.text and "compression" in caplog.text
+
+
+def test_loading_a_command_looks_up_no_ceph_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The checks on load need no key: its lookup is libvirt I/O, done when the command runs
+    (in a worker thread), never on the service's event loop."""
+    from commands import model
+
+    def no_lookup(_uuid: str) -> CephAuth:
+        raise AssertionError("the Ceph key was looked up while loading")
+
+    monkeypatch.setattr(model, "_ceph_auth", no_lookup)
+    (command,) = load_commands(
+        _envelope(volumePools=[POOL], volumePaths=["cloudstack/vol-1"], mode="legacy-full")
+    )
+    assert isinstance(command, TakeBackupCommand)
+    assert command.to_request(secrets=False).disk_paths[0].endswith("client_mount_timeout=30")

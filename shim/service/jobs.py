@@ -341,13 +341,15 @@ class Scheduler:
             token = job._begin_command()
             log.info("job %s: %s", job.id, command.describe())
             try:
+                # In a thread: a Ceph volume's source needs its key from libvirt.
+                request = await asyncio.to_thread(command.to_request)
                 run, run_cancel = self._execute(
-                    command.to_request(), job, token, command.context_map.get("logid")
+                    request, job, token, command.context_map.get("logid")
                 )
                 seconds = self.deadline(command)
                 try:
                     result = await asyncio.wait_for(asyncio.shield(run), seconds)
-                except TimeoutError:
+                except asyncio.TimeoutError:  # not the builtin before Python 3.11
                     await self._stop_at_deadline(job, command, seconds, run, run_cancel)
                     return command.timed_out()
                 answer = command.answer(result)
