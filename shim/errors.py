@@ -22,7 +22,6 @@ has two parents, so it appears under both)::
           +-- Interrupted
           |    +-- Cancelled              (shim.cancel)
           +-- CleanupFailed               exit 20
-          +-- LabError
           +-- QmpError                    (shim.storage_daemon)
           |    +-- DaemonHung             (shim.storage_daemon)
           +-- StartupRefused              (shim.service.config)
@@ -102,10 +101,6 @@ class CleanupFailed(ShimError):
     """Cleanup after the operation failed: something may be left behind."""
 
     exit_code = EXIT_CLEANUP_FAILED
-
-
-class LabError(ShimError):
-    """The lab hypervisor could not do what a test or the demo asked."""
 
 
 def exit_code_for(error: BaseException) -> int:

@@ -11,9 +11,9 @@ import libvirt
 import pytest
 
 from shim.errors import VirtError
-from shim.lab import Lab, MiB, sweep_stale_labs
-from shim.lab.lab import start_libvirtd_if_down
 from shim.virt.connection import open_connection
+from tests.lab import Lab, MiB, sweep_stale_labs
+from tests.lab.lab import start_libvirtd_if_down
 from tests.support import Chain
 
 

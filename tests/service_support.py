@@ -10,10 +10,10 @@ from pathlib import Path
 from typing import Any
 
 from shim.chain import directory_size
-from shim.lab import Lab, LabVM
-from shim.lab.harness import Call, EngineSpy, Running, running
 from shim.nas import Repository
 from tests.envelopes import fill, mismatches, read
+from tests.lab import Lab, LabVM
+from tests.lab.harness import Call, EngineSpy, Running, running
 from tests.support import disk_files
 
 __all__ = [

@@ -1,5 +1,5 @@
 """Helpers of the end-to-end tests: the generations' stdout parsers, and (from
-:mod:`shim.lab.chains`) the drop-in as the agent runs it and chain verification."""
+:mod:`tests.lab.chains`) the drop-in as the agent runs it and chain verification."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim.chain import directory_size
-from shim.lab.chains import (
+from tests.lab.chains import (
     BACKUP_GENERATIONS,
     DROPIN,
     FIXTURES,

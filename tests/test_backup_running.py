@@ -15,13 +15,13 @@ from shim import cli, qemu_img
 from shim.chain import directory_size
 from shim.contract import jobinfo_text
 from shim.errors import VirtError
-from shim.lab import Lab, LabVM, MiB
-from shim.lab.leaks import leaks
-from shim.lab.system import mount_points
 from shim.lock import LOCK_WAIT_ENV
 from shim.manifest import checksums, read_manifest
 from shim.nas import Repository
 from shim.virt import checkpoints
+from tests.lab import Lab, LabVM, MiB
+from tests.lab.leaks import leaks
+from tests.lab.system import mount_points
 from tests.support import (
     DROPIN,
     GENERATIONS,

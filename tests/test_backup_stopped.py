@@ -13,9 +13,9 @@ import pytest
 from lxml import etree
 
 from shim import qemu_img
-from shim.lab import Lab, LabVM, MiB, compare
-from shim.lab.leaks import leaks
 from shim.manifest import read_manifest
+from tests.lab import Lab, LabVM, MiB, compare
+from tests.lab.leaks import leaks
 from tests.support import (
     DROPIN,
     GENERATIONS,

@@ -1,4 +1,4 @@
-"""Every bad input of :mod:`shim.lab.badinputs` on the lab: refused with one clear line
+"""Every bad input of :mod:`tests.lab.badinputs` on the lab: refused with one clear line
 (exit 1, or an HTTP 4xx with a JSON body), nothing written outside what existed, no secret
 echoed in stdout, stderr, the HTTP body or the log."""
 
@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from shim.lab import Lab
-from shim.lab.badinputs import BAD_INPUTS
-from shim.lab.scenarios import Scenario
+from tests.lab import Lab
+from tests.lab.badinputs import BAD_INPUTS
+from tests.lab.scenarios import Scenario
 
 
 def test_the_names_are_unique() -> None:

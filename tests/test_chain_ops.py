@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from shim import qemu_img
-from shim.lab import Lab, MiB, compare, flatten
-from shim.lab.leaks import leaks
-from shim.lab.system import descendants_running
 from shim.manifest import MANIFEST
+from tests.lab import Lab, MiB, compare, flatten
+from tests.lab.leaks import leaks
+from tests.lab.system import descendants_running
 from tests.support import DROPIN, Chain, build_argv, disk_files, repo_values, run_dropin
 
 pytestmark = pytest.mark.lab

@@ -12,8 +12,6 @@ import pytest
 from shim import cli
 from shim.backup import named_disks
 from shim.errors import InputError, UsageError
-from shim.lab import Lab, MiB
-from shim.lab.leaks import leaks
 from shim.nas import MOUNT_TIMEOUT_SECONDS, Repository
 from shim.offline import source_disks
 from shim.operations import (
@@ -25,6 +23,8 @@ from shim.operations import (
     VerifyRequest,
 )
 from shim.virt.disks import parse_disks
+from tests.lab import Lab, MiB
+from tests.lab.leaks import leaks
 from tests.support import (
     GENERATIONS,
     build_argv,

@@ -11,10 +11,10 @@ from pathlib import Path
 import pytest
 
 from shim.cli import parse, request_for
-from shim.lab import Lab, MiB
-from shim.lab.leaks import leaks
-from shim.lab.system import mount_points
 from shim.request import BackupRequest
+from tests.lab import Lab, MiB
+from tests.lab.leaks import leaks
+from tests.lab.system import mount_points
 from tests.support import FIXTURES, GENERATIONS, build_argv, repo_values, run_dropin
 
 INVALID = json.loads((FIXTURES / "argv" / "invalid.json").read_text())["cases"]

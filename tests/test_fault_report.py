@@ -14,10 +14,10 @@ import subprocess
 
 import pytest
 
-from shim.lab.badinputs import BAD_INPUTS
-from shim.lab.fault_report import selected
-from shim.lab.faults import FAULTS
-from shim.lab.harness import ROOT
+from tests.lab.badinputs import BAD_INPUTS
+from tests.lab.fault_report import selected
+from tests.lab.faults import FAULTS
+from tests.lab.harness import ROOT
 
 pytestmark = pytest.mark.lab
 

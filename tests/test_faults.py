@@ -1,4 +1,4 @@
-"""The fault suite: every scenario of shim.lab.faults, on the lab (see that module)."""
+"""The fault suite: every scenario of tests.lab.faults, on the lab (see that module)."""
 
 from __future__ import annotations
 
@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from shim.lab import Lab
-from shim.lab.faults import FAULTS
-from shim.lab.scenarios import Scenario
+from tests.lab import Lab
+from tests.lab.faults import FAULTS
+from tests.lab.scenarios import Scenario
 
 pytestmark = pytest.mark.lab
 

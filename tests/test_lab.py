@@ -8,10 +8,9 @@ import libvirt
 import pytest
 
 from shim import qemu_img
-from shim.errors import LabError
-from shim.lab import Lab, MiB, compare, flatten
-from shim.lab.system import mounts_under
 from shim.virt.disks import parse_disks
+from tests.lab import Lab, LabError, MiB, compare, flatten
+from tests.lab.system import mounts_under
 
 pytestmark = pytest.mark.lab
 

@@ -1,5 +1,5 @@
 """A short, bounded load on the lab: eight VMs backed up concurrently through the drop-in
-and the socket service (see :mod:`shim.lab.load`)."""
+and the socket service (see :mod:`tests.lab.load`)."""
 
 from __future__ import annotations
 
@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from shim.lab import Lab
-from shim.lab.load import run_load
+from tests.lab import Lab
+from tests.lab.load import run_load
 
 pytestmark = pytest.mark.lab
 

@@ -8,11 +8,11 @@ from pathlib import Path
 import pytest
 
 from shim import qemu_img
-from shim.lab import Lab, MiB
-from shim.lab.lab import BLOCK, RAW
-from shim.lab.leaks import leaks
 from shim.manifest import read_manifest
 from shim.virt import checkpoints
+from tests.lab import Lab, MiB
+from tests.lab.lab import BLOCK, RAW
+from tests.lab.leaks import leaks
 from tests.support import Chain, assert_size_parses, disk_files, verify_backup
 
 pytestmark = pytest.mark.lab

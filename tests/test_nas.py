@@ -12,10 +12,10 @@ from pathlib import Path
 import pytest
 
 from shim.errors import CommandFailed, InputError, Interrupted, MountError
-from shim.lab import Lab
-from shim.lab.system import mount_points
 from shim.nas import MountSession, Repository, redact_options
 from shim.proc import Result
+from tests.lab import Lab
+from tests.lab.system import mount_points
 
 
 def _csbackup_dirs() -> set[str]:

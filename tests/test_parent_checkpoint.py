@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from shim import qemu_img
-from shim.lab import LabVM, MiB
-from shim.lab.leaks import leaks
 from shim.manifest import read_manifest
+from tests.lab import LabVM, MiB
+from tests.lab.leaks import leaks
 from tests.support import (
     GENERATIONS,
     Chain,

@@ -11,9 +11,9 @@ import pytest
 
 from commands import model
 from commands.pools import CephAuth
-from shim.lab import Lab
-from shim.lab.harness import captured_log
-from shim.lab.leaks import leaks
+from tests.lab import Lab
+from tests.lab.harness import captured_log
+from tests.lab.leaks import leaks
 from tests.service_support import running
 from tests.support import run_dropin
 

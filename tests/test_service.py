@@ -24,14 +24,14 @@ from commands.model import GetBackupStorageStatsCommand
 from commands.wrappers import Generation
 from shim.chain import directory_size
 from shim.errors import CleanupFailed
-from shim.lab import Lab, MiB
-from shim.lab.leaks import leaks
 from shim.lock import LOCK_WAIT_ENV, VmLock
 from shim.service import Service, ServiceConfig, StartupRefused, TcpAddress
 from shim.service.config import parse_tcp_address, read_token
 from shim.service.jobs import ABORTED_MESSAGE, Scheduler
 from shim.virt import host
 from tests.envelopes import GENERATIONS, all_cases, fill, mismatches, read
+from tests.lab import Lab, MiB
+from tests.lab.leaks import leaks
 from tests.service_support import (
     FixtureRun,
     Running,

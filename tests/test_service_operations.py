@@ -13,11 +13,11 @@ import pytest
 from lxml import etree
 
 from shim import qemu_img
-from shim.lab import Lab, LabVM, MiB
-from shim.lab.leaks import leaks
 from shim.manifest import MANIFEST
 from shim.virt.disks import parse_disks
 from tests.envelopes import all_cases, fill, mismatches, read
+from tests.lab import Lab, LabVM, MiB
+from tests.lab.leaks import leaks
 from tests.service_support import FixtureRun, Running, backup_directories, running
 from tests.support import disk_files, verify_backup
 

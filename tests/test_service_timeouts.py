@@ -17,12 +17,12 @@ from typing import Any
 import pytest
 
 from shim import qemu_img
-from shim.lab import Lab, MiB, system
-from shim.lab.leaks import leaks
 from shim.nas import Repository
 from shim.service import ServiceConfig, StartupRefused
 from shim.service.__main__ import config_from, parse_args
 from tests.envelopes import fill, read
+from tests.lab import Lab, MiB, system
+from tests.lab.leaks import leaks
 from tests.service_support import FixtureRun, Running, backup_directories, running
 
 TAKE = "org.apache.cloudstack.backup.TakeBackupCommand"

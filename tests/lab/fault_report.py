@@ -1,9 +1,9 @@
 """``scripts/fault-report``: every fault and bad-input scenario on the lab, then a load run.
 
-Each scenario of :data:`shim.lab.faults.FAULTS` and :data:`shim.lab.badinputs.BAD_INPUTS`
+Each scenario of :data:`tests.lab.faults.FAULTS` and :data:`tests.lab.badinputs.BAD_INPUTS`
 runs in a lab of its own with a scratch directory of its own (both removed afterwards, a
 failure caught and reported with its message), one line per scenario as it goes. Then
-eight lab VMs are backed up concurrently (:func:`shim.lab.load.run_load`), bounded in time
+eight lab VMs are backed up concurrently (:func:`tests.lab.load.run_load`), bounded in time
 and in count. The report ends with exactly three lines::
 
     faults survived N/N
@@ -24,11 +24,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from shim.errors import ShimError
-from shim.lab.badinputs import BAD_INPUTS
-from shim.lab.faults import FAULTS
-from shim.lab.lab import Lab, start_libvirtd_if_down, sweep_stale_labs
-from shim.lab.load import LoadResult, run_load
-from shim.lab.scenarios import Scenario
+from tests.lab.badinputs import BAD_INPUTS
+from tests.lab.faults import FAULTS
+from tests.lab.lab import Lab, start_libvirtd_if_down, sweep_stale_labs
+from tests.lab.load import LoadResult, run_load
+from tests.lab.scenarios import Scenario
 
 DEFAULT_LOAD_SECONDS = 600.0
 DEFAULT_LOAD_BACKUPS = 400

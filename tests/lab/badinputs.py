@@ -12,7 +12,7 @@ taken where the bad value names a parent), each checks the same three things:
 * nothing written outside what existed: the lab's directory (volumes, repository, backups)
   and the scenario's scratch directory (logs aside), the temporary directory's
   ``csbackup.*`` and the names the bad values aim at, the VMs' checkpoints, lock files of
-  refused VM names, and no leak (:func:`shim.lab.leaks.leaks`);
+  refused VM names, and no leak (:func:`tests.lab.leaks.leaks`);
 * no secret echoed: the mount options' ``password=`` value (every scenario carries one) or
   the bearer token appears in no stdout, stderr, HTTP body or log.
 """
@@ -42,15 +42,15 @@ from commands.model import (
     TakeBackupCommand,
 )
 from shim.cli import MAX_ARGV_BYTES, USAGE
-from shim.lab.chains import disk_files, run_dropin
-from shim.lab.harness import SERVE, Reply, Running, captured_log, running
-from shim.lab.lab import Lab, LabVM, MiB
-from shim.lab.leaks import leaks
-from shim.lab.scenarios import Scenario
 from shim.log import LOG_FILE_ENV
 from shim.nas import Repository
 from shim.runtime import LOCK_DIR
 from shim.service import TcpAddress
+from tests.lab.chains import disk_files, run_dropin
+from tests.lab.harness import SERVE, Reply, Running, captured_log, running
+from tests.lab.lab import Lab, LabVM, MiB
+from tests.lab.leaks import leaks
+from tests.lab.scenarios import Scenario
 
 ESCAPE = "nasbackup-escape"
 """Where the '..' values aim: ``$TMPDIR/nasbackup-escape*`` must never appear."""

@@ -12,8 +12,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shim import qemu_img
-from shim.lab.lab import Lab, LabVM, compare, flatten
 from shim.nas import Repository
+from tests.lab.lab import Lab, LabVM, compare, flatten
 
 ROOT = Path(__file__).resolve().parents[2]
 DROPIN = ROOT / "scripts" / "nasbackup.sh"

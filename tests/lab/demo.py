@@ -18,8 +18,8 @@ import time
 from pathlib import Path
 
 from shim.errors import ShimError
-from shim.lab import Lab, LabVM, MiB, compare, flatten
 from shim.nas import Repository
+from tests.lab import Lab, LabVM, MiB, compare, flatten
 
 ROOT = Path(__file__).resolve().parents[2]
 DROPIN = ROOT / "scripts" / "nasbackup.sh"

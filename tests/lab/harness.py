@@ -1,6 +1,6 @@
 """How the tests and the lab's scenarios drive the socket service: on a temporary socket,
 in this process, with a record of every engine call; and the shim's log captured to a file.
-(The drop-in as the agent runs it is :func:`shim.lab.chains.run_dropin`.)"""
+(The drop-in as the agent runs it is :func:`tests.lab.chains.run_dropin`.)"""
 
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ from typing import Any
 import aiohttp
 
 from shim import operations
-from shim.lab.chains import ROOT
 from shim.service import Service, ServiceConfig
+from tests.lab.chains import ROOT
 
 SERVE = ROOT / "scripts" / "serve"
 

@@ -24,8 +24,8 @@ from pathlib import Path
 
 from shim import qemu_img
 from shim.chain import fsync_tree
-from shim.lab import Lab, LabVM, MiB
-from shim.lab.system import descendants_running
+from tests.lab import Lab, LabVM, MiB
+from tests.lab.system import descendants_running
 
 ROOT = Path(__file__).resolve().parents[2]
 DROPIN = ROOT / "scripts" / "nasbackup.sh"
@@ -303,7 +303,7 @@ def cold_start_ms(runs: int = 21) -> Metric:
 def service_latency() -> Metric:
     """P7: p99 of a stats command over the socket at 50 concurrent clients."""
     try:
-        from shim.lab.bench_service import stats_latency  # noqa: PLC0415 - optional
+        from tests.lab.bench_service import stats_latency
     except ImportError:
         return Metric("P7", float("inf"), 50, "the socket service is not there yet")
     return stats_latency()

@@ -12,7 +12,7 @@ lab exports a directory through this filesystem, and flag files in the backing d
   EXPORT/hang DIR`` then hangs in the kernel's path lookup. Like a hard NFS mount, the
   wait ends when the waiting process is killed (FUSE's interrupt).
 
-Run as ``python -m shim.lab.flakyfs BACKING MOUNTPOINT`` (foreground); unmount to stop.
+Run as ``python -m tests.lab.flakyfs BACKING MOUNTPOINT`` (foreground); unmount to stop.
 """
 
 from __future__ import annotations
@@ -163,7 +163,7 @@ def _interrupted() -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m shim.lab.flakyfs BACKING MOUNTPOINT``: serve until unmounted."""
+    """``python -m tests.lab.flakyfs BACKING MOUNTPOINT``: serve until unmounted."""
     backing, mountpoint = argv
     Path(mountpoint).mkdir(parents=True, exist_ok=True)
     FUSE(FlakyPassthrough(backing), mountpoint, foreground=True, nothreads=False,

@@ -29,20 +29,22 @@ import libvirt_qemu
 from lxml import etree
 
 from shim import proc, qemu_img
-from shim.errors import CommandFailed, LabError
-from shim.lab import system
-from shim.lab.flakyfs import FAIL_FLAG, HANG_DIR, HANG_FLAG, SLOW_FLAG
+from shim.errors import CommandFailed
 from shim.nas import Repository
 from shim.virt.connection import DEFAULT_URI, open_connection, reconnect
 from shim.virt.disks import parse_disks, volume_id_of
 from shim.virt.host import qemu_monitor
 from shim.virt.jobs import BackupJob
+from tests.lab import system
+from tests.lab.flakyfs import FAIL_FLAG, HANG_DIR, HANG_FLAG, SLOW_FLAG
 
 log = logging.getLogger(__name__)
 
 KiB = 1024
 MiB = 1024 * KiB
 
+REPO_ROOT = Path(__file__).resolve().parents[2]
+"""The checkout: the lab is run from a clone, never from an installed package."""
 LAB_BASE = Path(os.environ.get("SHIM_LAB_DIR", "/var/tmp/nasbackup-shim-lab"))
 LAB_NS = "urn:cloudstack-nasbackup-shim:lab"
 _OWNER_FILE = "owner.pid"
@@ -80,6 +82,13 @@ class LabDisk:
     def format(self) -> str:
         """The image format QEMU opens it with."""
         return QCOW2 if self.kind == QCOW2 else RAW
+
+
+class LabError(Exception):
+    """The lab hypervisor could not do what a test, the demo or a benchmark asked.
+
+    Test equipment, not product: deliberately outside the engine's error hierarchy.
+    """
 
 
 def _domain_xml(
@@ -353,7 +362,7 @@ class LabVM:
 
 @dataclass
 class FlakyNas:
-    """A repository served through :mod:`shim.lab.flakyfs`: its writes fail or slow down,
+    """A repository served through :mod:`tests.lab.flakyfs`: its writes fail or slow down,
     and its lookups hang, on command."""
 
     repository: Repository
@@ -491,8 +500,9 @@ class Lab:
         backing = self.new_dir("flaky-backing")
         export = self.new_dir("nas")
         process = subprocess.Popen(
-            [sys.executable, "-m", "shim.lab.flakyfs", str(backing), str(export)],
+            [sys.executable, "-m", "tests.lab.flakyfs", str(backing), str(export)],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+            cwd=REPO_ROOT,
         )  # fmt: skip
         self._processes.append(process)
         deadline = time.monotonic() + 30

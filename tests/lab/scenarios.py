@@ -7,7 +7,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from shim.lab.lab import Lab
+from tests.lab.lab import Lab
 
 
 @dataclass(frozen=True)

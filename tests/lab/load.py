@@ -13,9 +13,9 @@ What is checked:
 * every point restorable: right after each backup, while nothing writes to that VM, a
   reference backup is taken; each disk's backup file must check clean, link to its parent
   relatively, and flattened with ``qemu-img convert`` (through its chain, as the Java
-  restore) equal the reference (:func:`shim.lab.chains.verify_backup`); at the end each
+  restore) equal the reference (:func:`tests.lab.chains.verify_backup`); at the end each
   chain's last point is checked again;
-* no leak: :func:`shim.lab.leaks.leaks` once everything stopped, and each VM has exactly one
+* no leak: :func:`tests.lab.leaks.leaks` once everything stopped, and each VM has exactly one
   checkpoint, its last;
 * per-VM serialization: no two operations on one VM overlapped. Each socket-driven backup
   is sent together with a delete for the same VM (of a backup that does not exist, which
@@ -44,12 +44,12 @@ from commands.envelope import dump
 from commands.model import DeleteBackupCommand, TakeBackupCommand
 from shim.chain import directory_size
 from shim.errors import ShimError
-from shim.lab.chains import DROPIN, Chain, verify_backup
-from shim.lab.harness import Running, captured_log, overlap, running
-from shim.lab.lab import KiB, Lab, LabVM, MiB
-from shim.lab.leaks import leaks
 from shim.log import LOG_FILE_ENV
 from shim.nas import Repository
+from tests.lab.chains import DROPIN, Chain, verify_backup
+from tests.lab.harness import Running, captured_log, overlap, running
+from tests.lab.lab import KiB, Lab, LabVM, MiB
+from tests.lab.leaks import leaks
 
 T = TypeVar("T")
 

@@ -24,7 +24,11 @@ from typing import Any
 import libvirt
 
 from shim import qemu_img
-from shim.lab.chains import (
+from shim.lock import LOCK_WAIT_ENV
+from shim.nas import Repository
+from shim.virt.disks import parse_disks
+from shim.virt.jobs import JobMarker
+from tests.lab.chains import (
     DROPIN,
     Chain,
     InFlight,
@@ -35,14 +39,10 @@ from shim.lab.chains import (
     run_dropin,
     verify_backup,
 )
-from shim.lab.lab import Lab, LabVM, MiB, compare, restart_libvirtd
-from shim.lab.leaks import leaks
-from shim.lab.scenarios import Scenario
-from shim.lab.system import descendants_running, mount_points
-from shim.lock import LOCK_WAIT_ENV
-from shim.nas import Repository
-from shim.virt.disks import parse_disks
-from shim.virt.jobs import JobMarker
+from tests.lab.lab import Lab, LabVM, MiB, compare, restart_libvirtd
+from tests.lab.leaks import leaks
+from tests.lab.scenarios import Scenario
+from tests.lab.system import descendants_running, mount_points
 
 FALLBACK = "INCREMENTAL_FALLBACK=true"
 

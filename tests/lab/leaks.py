@@ -9,10 +9,10 @@ import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
-from shim.lab import system
-from shim.lab.lab import Lab
 from shim.lock import LOCK_DIR
 from shim.virt.jobs import JobMarker
+from tests.lab import system
+from tests.lab.lab import Lab
 
 
 def held_locks(vm_names: Iterable[str], lock_dir: Path = LOCK_DIR) -> list[str]:

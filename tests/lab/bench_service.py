@@ -18,7 +18,7 @@ from pathlib import Path
 
 import aiohttp
 
-from shim.lab.bench import ROOT, Metric
+from tests.lab.bench import ROOT, Metric
 
 REQUESTS_PER_LEVEL = 200
 LEVELS = (1, 10, 50)
