@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+from pathlib import Path
 from typing import Any
 
 import libvirt
@@ -17,6 +19,8 @@ log = logging.getLogger(__name__)
 MIN_QEMU = (4, 2, 0)
 MIN_LIBVIRT = (7, 2, 0)
 AGENT_TIMEOUT_SECONDS = 10
+QEMU_PID_DIR = Path("/run/libvirt/qemu")
+"""Where the system libvirtd records each running domain's QEMU pid (``<name>.pid``)."""
 
 _STATES = {
     libvirt.VIR_DOMAIN_NOSTATE: "no state",
@@ -97,6 +101,7 @@ def freeze(dom: libvirt.virDomain) -> bool:
     the backup) and put back to libvirt's default by :func:`thaw`, or here when nothing
     was frozen: other users of the agent (CloudStack's own) expect the default.
     """
+    log.info("freezing the guest's filesystems (the agent has %d s)", AGENT_TIMEOUT_SECONDS)
     _agent_timeout(dom, AGENT_TIMEOUT_SECONDS)
     try:
         frozen = dom.fsFreeze()
@@ -249,3 +254,27 @@ def attach_volume(vm: str, volume: str) -> str:
         return target
     finally:
         conn.close()
+
+
+def files_held_open(dom: libvirt.virDomain, containing: str) -> list[str]:
+    """Paths the domain's QEMU process holds open that contain ``containing``.
+
+    Read from ``/proc`` (the pid from libvirt's pid file), never through QEMU's monitor:
+    the reason to ask is a QEMU that a monitor query could crash. Empty when it cannot be
+    read (not root, another libvirt instance): the caller then learns nothing.
+    """
+    try:
+        pid = int((QEMU_PID_DIR / f"{dom.name()}.pid").read_text(encoding="ascii").strip())
+        fds = os.listdir(f"/proc/{pid}/fd")
+    except (OSError, ValueError, libvirt.libvirtError) as exc:
+        log.debug("cannot read what QEMU holds open: %s", exc)
+        return []
+    held = []
+    for fd in fds:
+        try:
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue  # closed meanwhile
+        if containing in target:
+            held.append(target)
+    return sorted(held)

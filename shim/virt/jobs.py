@@ -198,6 +198,10 @@ class BackupJob:
         if outcome.params is None:
             raise BackupFailed(_ended_reason(outcome.ended_by))
         if not outcome.params.get("success", True):
+            # A failed job detaches its targets too: nothing may touch the domain's block
+            # nodes (a checkpoint deleted, say) until that has ended.
+            with contextlib.suppress(libvirt.libvirtError):
+                self._barrier()
             if outcome.params.get("errmsg"):
                 raise BackupFailed(f"backup job failed: {outcome.params['errmsg']}")
             if not is_active(self.dom):

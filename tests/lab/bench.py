@@ -5,7 +5,8 @@ the figures travel between machines: the copy floor (``qemu-img convert`` of the
 from a stopped VM, flushed), the shim's own full against its incremental, a depth-1 chain
 against a depth-10 one, a full flatten against a rebase. Tests check behaviour; this checks
 speed. Output: one ``P<n> <value> target <target> ok|MISS (details)`` line per metric, a
-blank line, then ``benchmarks: N/8 on target``.
+blank line, then ``benchmarks: N/M on target``. P9 and P10 measure a real guest's I/O during
+a backup (:mod:`tests.lab.bench_guest`).
 """
 
 from __future__ import annotations
@@ -312,6 +313,13 @@ def service_latency() -> Metric:
 def run(selected: Sequence[str]) -> list[Metric]:
     """Every selected metric, in order."""
     metrics: list[Metric] = []
+    if {"P9", "P10"} & set(selected):
+        # A real guest's I/O (tests/lab/bench_guest.py), on a lab of its own.
+        from tests.lab.bench_guest import guest_metrics
+
+        metrics += guest_metrics(list(selected))
+    if not {f"P{i}" for i in range(1, 9)} & set(selected):
+        return metrics
     with Lab() as lab:
         bench = Bench(lab, lab.dir / "bench.log")
         p1, p8, full_seconds = bench.full_against_floor()
@@ -325,13 +333,14 @@ def run(selected: Sequence[str]) -> list[Metric]:
         if "P7" in selected:
             metrics.append(service_latency())
         metrics.append(p8)
-    return [m for m in metrics if m.name in selected]
+    order = {f"P{i}": i for i in range(1, 11)}
+    return sorted((m for m in metrics if m.name in selected), key=lambda m: order[m.name])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``scripts/bench``."""
     parser = argparse.ArgumentParser(prog="bench", description=__doc__)
-    parser.add_argument("metrics", nargs="*", default=[f"P{i}" for i in range(1, 9)])
+    parser.add_argument("metrics", nargs="*", default=[f"P{i}" for i in range(1, 11)])
     args = parser.parse_args(argv)
     metrics = run(args.metrics)
     for metric in metrics:

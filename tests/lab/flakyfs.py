@@ -7,6 +7,10 @@ lab exports a directory through this filesystem, and flag files in the backing d
 * ``.fail-writes``: every later write and fsync fails with EIO, as a dying NAS would.
 * ``.slow-writes`` holding a number of seconds: every write sleeps that long first, as a
   NAS on a saturated link would.
+* ``.full``: every later write and fsync fails with ENOSPC, as a NAS that filled up;
+  a write already waiting (slowed or throttled) fails too.
+* ``.rate`` holding bytes per second: writes are throttled to that rate in all (a shared
+  timeline: concurrent writes queue behind each other), as a NAS behind a slow link.
 * ``.hang-lookups``: while it exists, looking up any path under a directory named
   ``hang`` blocks, as on an NFS server that stopped answering; ``mount -o bind
   EXPORT/hang DIR`` then hangs in the kernel's path lookup. Like a hard NFS mount, the
@@ -20,6 +24,7 @@ from __future__ import annotations
 import errno
 import os
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -29,6 +34,8 @@ from fuse import FUSE, FuseOSError, Operations
 
 FAIL_FLAG = ".fail-writes"
 SLOW_FLAG = ".slow-writes"
+FULL_FLAG = ".full"
+RATE_FLAG = ".rate"
 HANG_FLAG = ".hang-lookups"
 HANG_DIR = "hang"
 """Lookups of this directory, and of anything under it, hang while ``HANG_FLAG`` exists."""
@@ -44,6 +51,10 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
         self.flag = os.path.join(self.root, FAIL_FLAG)
         self.slow_flag = os.path.join(self.root, SLOW_FLAG)
         self.hang_flag = os.path.join(self.root, HANG_FLAG)
+        self.full_flag = os.path.join(self.root, FULL_FLAG)
+        self.rate_flag = os.path.join(self.root, RATE_FLAG)
+        self._rate_lock = threading.Lock()
+        self._line_free_at = 0.0
 
     def _path(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
@@ -57,6 +68,24 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
                 return max(0.0, float(flag.read().strip() or 0))
         except (OSError, ValueError):
             return 0.0
+
+    def _full(self) -> None:
+        if os.path.exists(self.full_flag):
+            raise FuseOSError(errno.ENOSPC)
+
+    def _throttle(self, size: int) -> None:
+        try:
+            with open(self.rate_flag, encoding="ascii") as flag:
+                rate = float(flag.read().strip() or 0)
+        except (OSError, ValueError):
+            return
+        if rate <= 0:
+            return
+        with self._rate_lock:
+            now = time.monotonic()
+            self._line_free_at = max(self._line_free_at, now) + size / rate
+            done_at = self._line_free_at
+        time.sleep(max(0.0, done_at - now))
 
     def _hang_if_asked(self, path: str) -> None:
         if HANG_DIR not in path.strip("/").split("/"):
@@ -133,9 +162,12 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         if self._failing():
             raise FuseOSError(errno.EIO)
+        self._full()
         delay = self._write_delay()
         if delay:
             time.sleep(delay)
+        self._throttle(len(data))
+        self._full()
         return os.pwrite(fh, data, offset)
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
@@ -150,6 +182,7 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
     def fsync(self, path: str, datasync: int, fh: int) -> None:
         if self._failing():
             raise FuseOSError(errno.EIO)
+        self._full()
         os.fsync(fh)
 
     def release(self, path: str, fh: int) -> None:

@@ -36,7 +36,8 @@ from shim.virt.disks import parse_disks, volume_id_of
 from shim.virt.host import qemu_monitor
 from shim.virt.jobs import BackupJob
 from tests.lab import system
-from tests.lab.flakyfs import FAIL_FLAG, HANG_DIR, HANG_FLAG, SLOW_FLAG
+from tests.lab.flakyfs import FAIL_FLAG, FULL_FLAG, HANG_DIR, HANG_FLAG, RATE_FLAG, SLOW_FLAG
+from tests.lab.guest_image import GuestImage
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +100,7 @@ def _domain_xml(
     *,
     cdrom: bool,
     guest_agent: bool,
+    boot: GuestImage | None = None,
 ) -> str:
     E = etree.Element
     dom = E("domain", type="qemu")
@@ -106,10 +108,16 @@ def _domain_xml(
     etree.SubElement(dom, "uuid").text = dom_uuid
     meta = etree.SubElement(dom, "metadata")
     etree.SubElement(meta, f"{{{LAB_NS}}}lab", nsmap={"lab": LAB_NS}, dir=str(lab_dir))
-    etree.SubElement(dom, "memory", unit="MiB").text = "128"
+    # A booted guest's kernel, initramfs and page cache want more than an empty machine.
+    etree.SubElement(dom, "memory", unit="MiB").text = "256" if boot else "128"
     etree.SubElement(dom, "vcpu").text = "1"
     os_el = etree.SubElement(dom, "os")
     etree.SubElement(os_el, "type", arch="x86_64", machine="pc").text = "hvm"
+    if boot:
+        # Direct kernel boot: the distribution kernel and the lab's initramfs.
+        etree.SubElement(os_el, "kernel").text = str(boot.kernel)
+        etree.SubElement(os_el, "initrd").text = str(boot.initrd)
+        etree.SubElement(os_el, "cmdline").text = "console=ttyS0 quiet panic=-1"
     # ACPI: PCI hot-plug on i440fx goes through it.
     etree.SubElement(etree.SubElement(dom, "features"), "acpi")
     etree.SubElement(dom, "on_crash").text = "destroy"
@@ -331,6 +339,15 @@ class LabVM:
         name = f"backup-{target}"
         qemu_monitor(self.dom, "block-dirty-bitmap-add", node=node, name=name, persistent=False)
 
+    def drop_temporary_bitmaps(self) -> None:
+        """Remove every non-persistent bitmap QEMU holds on this VM's disks."""
+        for n in qemu_monitor(self.dom, "query-named-block-nodes", flat=True):
+            for b in n.get("dirty-bitmaps", []):
+                if not b.get("persistent"):
+                    qemu_monitor(
+                        self.dom, "block-dirty-bitmap-remove", node=n["node-name"], name=b["name"]
+                    )
+
     def temporary_bitmaps(self) -> list[str]:
         """Names of the non-persistent bitmaps QEMU holds on this VM's disks."""
         return [
@@ -377,6 +394,14 @@ class FlakyNas:
         """From now on every write on this NAS first sleeps ``seconds``."""
         (self.backing / SLOW_FLAG).write_text(f"{seconds}\n", encoding="ascii")
 
+    def fill(self) -> None:
+        """From now on this NAS is full: every write and fsync fails with ENOSPC."""
+        (self.backing / FULL_FLAG).touch()
+
+    def throttle(self, bytes_per_second: int) -> None:
+        """From now on writes on this NAS pass at ``bytes_per_second`` in all."""
+        (self.backing / RATE_FLAG).write_text(f"{bytes_per_second}\n", encoding="ascii")
+
     def hang_lookups(self) -> Repository:
         """From now on looking up ``hang`` (and below) blocks, as on a dead NFS server;
         returns a repository at that address, whose mount hangs until :meth:`heal`."""
@@ -387,7 +412,7 @@ class FlakyNas:
 
     def heal(self) -> None:
         """The NAS works normally again: every flag removed (hung lookups go on)."""
-        for flag in (FAIL_FLAG, SLOW_FLAG, HANG_FLAG):
+        for flag in (FAIL_FLAG, SLOW_FLAG, HANG_FLAG, FULL_FLAG, RATE_FLAG):
             (self.backing / flag).unlink(missing_ok=True)
 
 
@@ -426,7 +451,13 @@ class Lab:
         return path
 
     def new_volume(
-        self, target: str, size: int, *, bus: str = "virtio", kind: str = QCOW2
+        self,
+        target: str,
+        size: int,
+        *,
+        bus: str = "virtio",
+        kind: str = QCOW2,
+        template: Path | None = None,
     ) -> LabDisk:
         """A fresh volume named like a CloudStack volume: a qcow2 v3 or raw file in the
         pool, or (``block``) a loop device over a sparse file, linked where LINSTOR puts
@@ -434,6 +465,12 @@ class Lab:
         if kind not in DISK_KINDS:
             raise LabError(f"unknown disk kind {kind!r}: one of {', '.join(DISK_KINDS)}")
         volume_id = str(uuid.uuid4())
+        if template is not None:
+            # A copy of a template volume (the guest's ext4 ROOT), as CloudStack deploys one.
+            path = self.pool / volume_id
+            shutil.copyfile(template, path)
+            size = qemu_img.info(path).virtual_size
+            return LabDisk(path=path, target=target, size=size, bus=bus, kind=QCOW2)
         if kind != BLOCK:
             path = self.pool / volume_id
             qemu_img.create(path, size, fmt=kind)
@@ -455,20 +492,26 @@ class Lab:
         cdrom: bool = True,
         guest_agent: bool = False,
         start: bool = True,
+        boot: GuestImage | None = None,
+        volumes: Sequence[LabDisk] = (),
     ) -> LabVM:
         """A TCG domain with one volume per size given; started unless ``start=False``.
 
         ``kinds`` gives each volume's kind in the same order (``qcow2``, ``raw``, ``block``);
-        the volumes it does not reach are qcow2.
+        the volumes it does not reach are qcow2. ``volumes`` (made beforehand, from a
+        template say) come first. With ``boot`` the domain boots that kernel and initramfs:
+        the lab's real guest (see :mod:`tests.lab.guest`).
         """
         name = self._free_name()
         kind_of = list(kinds) + [QCOW2] * (len(disks) - len(kinds))
-        volumes = [
-            self.new_volume(f"vd{chr(ord('a') + i)}", s, kind=kind_of[i])
-            for i, s in enumerate(disks)
+        volumes = list(volumes) + [
+            self.new_volume(f"vd{chr(ord('a') + i)}", s, kind=kind_of[i - len(volumes)])
+            for i, s in enumerate(disks, start=len(volumes))
         ]
         dom_uuid = str(uuid.uuid4())
-        xml = _domain_xml(name, dom_uuid, self.dir, volumes, cdrom=cdrom, guest_agent=guest_agent)
+        xml = _domain_xml(
+            name, dom_uuid, self.dir, volumes, cdrom=cdrom, guest_agent=guest_agent, boot=boot
+        )
         vm = LabVM(self, name, dom_uuid, xml, volumes, persistent=persistent)
         self.vms.append(vm)
         if persistent:
