@@ -33,12 +33,15 @@ from shim.request import FULL, INCREMENTAL, BackupRequest, check_volume_id_count
 from shim.virt import checkpoints, host
 from shim.virt.connection import is_alive, open_connection, reconnect
 from shim.virt.disks import DomainDisk, parse_disks
-from shim.virt.jobs import BackupJob, is_active, recover_interrupted_job
+from shim.virt.jobs import BackupJob, is_active, job_running, recover_interrupted_job
 
 log = logging.getLogger(__name__)
 
 RECONNECT_SECONDS = 60
 """How long a failed backup waits for a restarting libvirtd before it gives up cleaning."""
+RELEASE_GRACE_SECONDS = 5.0
+"""How long a failed job's targets may stay open in QEMU before they are taken for stuck
+(libvirt closes an aborted job's targets a moment after the abort returns)."""
 
 JobObserver = Callable[[BackupJob], None]
 """Called with the libvirt job once it exists (progress, abort)."""
@@ -121,8 +124,10 @@ class LiveBackup:
         if not disks:
             raise BackupFailed(f"VM {self.request.vm} has no disks")
         stuck = host.files_held_open(self.dom, PARTIAL_SUFFIX + "/")
-        if stuck:
-            # Before anything asks QEMU about its block nodes: see _stuck_target_problem.
+        if stuck and not job_running(self.dom):
+            # A target held with no job to hold it (a run killed mid-job leaves a job, which
+            # recover_interrupted_job aborts): see _stuck_target_problem. Checked before
+            # anything asks QEMU about its block nodes.
             raise BackupFailed(
                 f"QEMU of {self.request.vm} still holds {stuck[0]} of an earlier failed backup "
                 "open; stop and start the VM before backing it up (a backup now would crash it)"
@@ -359,7 +364,9 @@ class LiveBackup:
                     log.info("resumed %s, paused by an I/O error of the backup", self.request.vm)
                 except libvirt.libvirtError as exc:
                     problems.append(f"cannot resume the VM: {exc.get_error_message()}")
-            stuck = host.files_held_open(self.dom, f"{self.directory.work}/")
+            stuck = host.files_still_held(
+                self.dom, f"{self.directory.work}/", RELEASE_GRACE_SECONDS
+            )
             if stuck:
                 problems.append(self._stuck_target_problem(stuck, plan.checkpoint))
             elif plan.checkpoint:

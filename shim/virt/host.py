@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -278,3 +279,14 @@ def files_held_open(dom: libvirt.virDomain, containing: str) -> list[str]:
         if containing in target:
             held.append(target)
     return sorted(held)
+
+
+def files_still_held(dom: libvirt.virDomain, containing: str, grace: float) -> list[str]:
+    """Like :func:`files_held_open`, given ``grace`` seconds to become empty: libvirt
+    closes a job's targets shortly after the job ends (an aborted one's a moment later)."""
+    deadline = time.monotonic() + grace
+    while True:
+        held = files_held_open(dom, containing)
+        if not held or time.monotonic() >= deadline:
+            return held
+        time.sleep(0.1)

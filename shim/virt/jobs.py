@@ -320,6 +320,16 @@ def _ended_reason(ended_by: str | None) -> str:
     return "the backup job ended without a result"
 
 
+def job_running(dom: libvirt.virDomain) -> bool:
+    """Whether libvirt reports a job of any kind on the domain (a monitor query at most
+    about the job itself, never about the block nodes)."""
+    try:
+        current = dom.jobStats()
+    except libvirt.libvirtError as exc:
+        raise VirtError(f"cannot read the VM's jobs: {exc.get_error_message()}") from None
+    return bool(current.get("type", libvirt.VIR_DOMAIN_JOB_NONE) != libvirt.VIR_DOMAIN_JOB_NONE)
+
+
 def abort_stale_job(conn: libvirt.virConnect, dom: libvirt.virDomain) -> bool:
     """Abort a backup job nobody is waiting for (its run died); True if there was one.
 
