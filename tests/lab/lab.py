@@ -728,5 +728,5 @@ def start_libvirtd_if_down() -> bool:
     found = proc.run(["pgrep", "-x", "libvirtd"], check=False).stdout.split()
     if any(system.pid_alive(int(pid)) for pid in found):
         return False
-    proc.run(["libvirtd", "-d"])
+    proc.run([str(REPO_ROOT / "scripts" / "lab-libvirtd")])
     return True
