@@ -4,12 +4,14 @@ echoed in stdout, stderr, the HTTP body or the log."""
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from tests.lab import Lab
 from tests.lab.badinputs import BAD_INPUTS
+from tests.lab.lab import start_libvirtd_if_down
 from tests.lab.scenarios import Scenario
 
 
@@ -18,7 +20,16 @@ def test_the_names_are_unique() -> None:
     assert len(set(names)) == len(names)
 
 
+@pytest.fixture(scope="module")
+def shared_lab(_lab_swept: None) -> Iterator[Lab]:
+    """One lab for every bad input: scenarios that only read a VM and its parent backup
+    share them (each checks that it changed nothing, so none can spoil the next)."""
+    with Lab() as lab:
+        yield lab
+    assert not start_libvirtd_if_down(), "libvirtd died during the bad inputs"
+
+
 @pytest.mark.lab
 @pytest.mark.parametrize("scenario", BAD_INPUTS, ids=[s.name for s in BAD_INPUTS])
-def test_bad_input_is_refused(scenario: Scenario, lab: Lab, tmp_path: Path) -> None:
-    scenario.run(lab, tmp_path)
+def test_bad_input_is_refused(scenario: Scenario, shared_lab: Lab, tmp_path: Path) -> None:
+    scenario.run(shared_lab, tmp_path)

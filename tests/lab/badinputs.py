@@ -176,18 +176,53 @@ class Setup:
         return json.dumps([{class_name: {**body, **changes}}]).encode()
 
 
-def _setup(lab: Lab, scratch: Path, *, vm: bool = True, parent: bool = False) -> Setup:
+@dataclass
+class _World:
+    """A repository, and a VM with its parent backup where asked: what scenarios that only
+    read them can share within one lab (each still checks that it changed nothing)."""
+
+    address: str
+    vm: LabVM | None
+    parent: str | None
+    parent_files: list[str]
+
+
+_WORLDS: dict[tuple[str, bool, bool], _World] = {}
+
+
+def _setup(
+    lab: Lab, scratch: Path, *, vm: bool = True, parent: bool = False, shared: bool = True
+) -> Setup:
+    """A scenario's world: shared with earlier scenarios of the same lab that asked for the
+    same (a VM, a parent backup) unless ``shared`` is False (a scenario that arranges the
+    repository itself). The mount options' secret is the scenario's own either way."""
     secret = f"S3cr3t{secrets.token_hex(8)}"
-    repo = lab.repository()
-    setup = Setup(
-        lab, scratch, secret, Repository(repo.type, repo.address, f"bind,password={secret}")
+    key = (str(lab.dir), vm or parent, parent)
+    world = _WORLDS.get(key) if shared else None
+    if world is None:
+        repo = lab.repository()
+        setup = Setup(
+            lab, scratch, secret, Repository(repo.type, repo.address, f"bind,password={secret}")
+        )
+        if vm or parent:
+            setup.vm = lab.create_vm(disks=(8 * MiB,))
+            setup.vm.write(0, 0, 1 * MiB, pattern=0x42)
+        if parent:
+            _take_parent(setup)
+        world = _World(repo.address, setup.vm, setup.parent, setup.parent_files)
+        if shared:
+            _WORLDS[key] = world
+        return setup
+    options = f"bind,password={secret}"
+    return Setup(
+        lab,
+        scratch,
+        secret,
+        Repository("none", world.address, options),
+        vm=world.vm,
+        parent=world.parent,
+        parent_files=list(world.parent_files),
     )
-    if vm or parent:
-        setup.vm = lab.create_vm(disks=(8 * MiB,))
-        setup.vm.write(0, 0, 1 * MiB, pattern=0x42)
-    if parent:
-        _take_parent(setup)
-    return setup
 
 
 def _take_parent(setup: Setup) -> None:
@@ -360,7 +395,9 @@ def dropin(
     """
 
     def run(lab: Lab, scratch: Path) -> None:
-        setup = _setup(lab, scratch, parent=parent or operation == "incremental")
+        setup = _setup(
+            lab, scratch, parent=parent or operation == "incremental", shared=prepare is None
+        )
         watch = list(prepare(setup)) if prepare else []
         given = changes(setup)
         argv = setup.argv(operation, given)
