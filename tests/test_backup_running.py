@@ -19,7 +19,7 @@ from shim.lock import LOCK_WAIT_ENV
 from shim.manifest import checksums, read_manifest
 from shim.nas import Repository
 from shim.virt import checkpoints
-from tests.lab import Lab, LabVM, MiB
+from tests.lab import FlakyNas, Lab, LabVM, MiB
 from tests.lab.leaks import leaks
 from tests.lab.system import mount_points
 from tests.support import (
@@ -272,13 +272,18 @@ def _full_argv(vm: LabVM, repo: Repository, path: str) -> list[str]:
 
 @dataclass
 class InFlight:
-    """A full backup of a VM with 768 MiB of data, caught while its job runs."""
+    """A full backup caught while its job runs: its NAS passes 2 MiB/s until healed."""
 
     vm: LabVM
-    repo: Repository
+    nas: FlakyNas
     proc: subprocess.Popen[str]
 
+    @property
+    def repo(self) -> Repository:
+        return self.nas.repository
+
     def finish(self) -> tuple[int, str]:
+        self.nas.heal()  # what the test did to the job is done: the rest need not crawl
         out, _ = self.proc.communicate(timeout=120)
         return self.proc.returncode, out
 
@@ -288,12 +293,14 @@ class InFlight:
 
 
 def _backup_in_flight(lab: Lab, log: Path, path: str = "2026.10.01.00.00.00") -> InFlight:
-    vm = lab.create_vm(disks=(1024 * MiB,))
-    vm.write(0, 0, 768 * MiB, pattern=0x5A)
-    repo = lab.repository()
-    proc = _start_dropin(_full_argv(vm, repo, path), log)
+    # A slowed NAS, not hundreds of MiB, makes the job last: 32 MiB take 16 s to land.
+    vm = lab.create_vm(disks=(64 * MiB,))
+    vm.write(0, 0, 32 * MiB, pattern=0x5A)
+    nas = lab.flaky_repository()
+    nas.throttle(2 * MiB)
+    proc = _start_dropin(_full_argv(vm, nas.repository, path), log)
     _wait_for_log(log, "backup job of", proc)
-    return InFlight(vm, repo, proc)
+    return InFlight(vm, nas, proc)
 
 
 def test_second_backup_of_the_same_vm_fails_fast(
@@ -377,7 +384,7 @@ def test_manifest_describes_the_backup(chain: Chain) -> None:
 def test_shim_killed_mid_backup_is_recovered_by_the_next_run(lab: Lab, tmp_path: Path) -> None:
     job = _backup_in_flight(lab, tmp_path / "killed.log", "killed")
     job.proc.kill()  # SIGKILL: no cleanup at all
-    job.proc.communicate(timeout=60)
+    job.finish()
     vm_dir = Path(job.repo.address) / job.vm.name
     assert (vm_dir / "killed.partial").is_dir()  # what it left: a partial directory,
     assert any(m.name.startswith("csbackup.") for m in mount_points())  # a mount,

@@ -265,6 +265,9 @@ def _interrupt_a_slow_freeze(
     try:
         in_flight = chain.start(mode, log, quiesce="true")
         in_flight.wait_for("freezing the guest's filesystems")
+        # The shim logs that line just before it asks; a second later the agent is surely
+        # inside its three-second freeze (a signal sooner may beat the request itself).
+        time.sleep(1.0)
         act(in_flight)
         return in_flight.finish()
     finally:

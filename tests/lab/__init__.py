@@ -10,9 +10,20 @@ QEMU's block layer, takes reference backups and compares images; everything it c
 removed by :meth:`Lab.close`, also when a test fails. See :mod:`tests.lab.lab`.
 """
 
-from tests.lab.lab import KiB, Lab, LabError, LabVM, MiB, compare, flatten, sweep_stale_labs
+from tests.lab.lab import (
+    FlakyNas,
+    KiB,
+    Lab,
+    LabError,
+    LabVM,
+    MiB,
+    compare,
+    flatten,
+    sweep_stale_labs,
+)
 
 __all__ = [
+    "FlakyNas",
     "KiB",
     "Lab",
     "LabError",

@@ -39,7 +39,7 @@ from tests.lab.chains import (
     run_dropin,
     verify_backup,
 )
-from tests.lab.lab import Lab, LabVM, MiB, compare, restart_libvirtd
+from tests.lab.lab import FlakyNas, Lab, LabVM, MiB, compare, restart_libvirtd
 from tests.lab.leaks import leaks
 from tests.lab.scenarios import Scenario
 from tests.lab.system import descendants_running, mount_points
@@ -55,6 +55,8 @@ class Points:
     refs: dict[str, list[Path]] = field(default_factory=dict)
     excluded: set[str] = field(default_factory=set)
     """Backups a scenario destroyed on purpose: not expected to restore any more."""
+    nas: FlakyNas | None = None
+    """The slowed NAS that makes a job last until its fault is done (then healed)."""
 
     @property
     def lab(self) -> Lab:
@@ -72,6 +74,8 @@ class Points:
 
     def settle(self, flight: InFlight) -> Run:
         """Finish a background run; a success gets its reference like :meth:`take`."""
+        if self.nas is not None:
+            self.nas.heal()  # the fault happened meanwhile: the rest need not crawl
         run = flight.finish()
         if run.returncode == 0:
             self.refs[flight.path] = self.vm.reference_backup()
@@ -87,6 +91,8 @@ class Points:
 
     def survived(self, *, fallback: bool | None) -> None:
         """The three promises after a fault (``fallback``: None when either is fine)."""
+        if self.nas is not None:
+            self.nas.heal()
         for path, refs in self.refs.items():
             if path not in self.excluded:
                 verify_backup(self.lab, self.chain.repo_dir, path, self.vm, refs)
@@ -123,16 +129,27 @@ def _points(
     return Points(chain)
 
 
-def _big(lab: Lab, scratch: Path, **kwargs: object) -> Points:
-    """A VM whose full backup copies 384 MiB: long enough to be caught mid-job."""
-    points = _points(lab, scratch, disks=(512 * MiB, 16 * MiB), **kwargs)  # type: ignore[arg-type]
-    points.vm.write(0, 0, 384 * MiB, pattern=0x44)
+BIG_WRITE = 32 * MiB
+SLOW_NAS_RATE = 2 * MiB
+"""Bytes per second: the incremental's 32 MiB would take about 16 s to land; each scenario
+heals the NAS as soon as its fault is done, so none waits for that."""
+
+
+def _big(lab: Lab, scratch: Path) -> Points:
+    """A VM whose incremental is caught mid-job: a slowed NAS, not a big disk, makes it
+    last (writing and copying hundreds of MiB costs the suite seconds per scenario)."""
+    nas = lab.flaky_repository()
+    points = _points(lab, scratch, disks=(64 * MiB, 16 * MiB), repo=nas.repository)
+    points.nas = nas
+    points.vm.write(0, 0, BIG_WRITE, pattern=0x44)
     return points
 
 
 def _full_then_start_big_incremental(points: Points, scratch: Path) -> InFlight:
     points.take("full")
-    points.vm.write(0, 0, 384 * MiB, pattern=0x45)
+    points.vm.write(0, 0, BIG_WRITE, pattern=0x45)
+    assert points.nas is not None
+    points.nas.throttle(SLOW_NAS_RATE)
     flight = points.chain.start("incremental", scratch / "flight.log")
     flight.wait_for("backup job of")
     return flight
