@@ -192,11 +192,15 @@ class Guest:
         finally:
             writer.stop()
 
-    def write_latencies(self, count: int, interval_ms: int = 10) -> list[float]:
+    def write_latencies(
+        self, count: int, interval_ms: int = 10, *, device: str = "", span: int = 32 * MiB
+    ) -> list[float]:
         """Seconds each of ``count`` 4 KiB O_DIRECT O_SYNC writes took in the guest
-        (ioping, on a 32 MiB file of the ext4 filesystem)."""
+        (ioping, at random offsets within ``span`` bytes: of a file of the ext4 filesystem,
+        or of ``device`` when given, overwriting it)."""
+        target = f"-WWW {device}" if device else f"-W {DATA_MOUNT}"
         out = self.run(
-            f"ioping -W -D -Y -s 4k -S 32m -c {count} -i {interval_ms}ms {DATA_MOUNT}",
+            f"ioping -D -Y -s 4k -S {span} -c {count} -i {interval_ms}ms {target}",
             timeout=count * (interval_ms / 1000 + 2) + 60,
         ).out
         return [float(v) * _UNIT_SECONDS[u] for v, u in _LATENCY.findall(out)][1:]
