@@ -1,4 +1,5 @@
-"""Taking a backup: the request, the plan, and the live (push) backup of a running VM.
+"""Taking a backup: the request, the plan, and the live backup of a running VM (push, or
+pull through a local scratch: :mod:`shim.pull`).
 
 One function, :func:`take_backup`, serves every entry point (the drop-in script and the
 socket service). It takes the VM's lock, decides whether the VM runs, mounts the
@@ -14,6 +15,8 @@ import contextlib
 import dataclasses
 import logging
 import os
+import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,15 +28,17 @@ from shim import qemu_img
 from shim.backupdir import BackupDirectory
 from shim.chain import PARTIAL_SUFFIX, Parents, relative_backing, resolve_parents
 from shim.contract import BackupOutcome
-from shim.errors import BackupFailed, CleanupFailed, ShimError, VirtError
+from shim.errors import BackupFailed, CleanupFailed, CommandFailed, ShimError, VirtError
 from shim.lock import VmLock
 from shim.nas import MountSession
 from shim.offline import OfflineBackup
+from shim.pull import DiskCopy, ExportCopier, Scratch, dirty_extents, scratch_setting
 from shim.request import FULL, INCREMENTAL, BackupRequest, check_volume_id_count
+from shim.storage_daemon import QmpError
 from shim.virt import checkpoints, host
 from shim.virt.connection import is_alive, open_connection, reconnect
 from shim.virt.disks import DomainDisk, parse_disks
-from shim.virt.jobs import BackupJob, is_active, job_running, recover_interrupted_job
+from shim.virt.jobs import BackupJob, JobStats, is_active, job_running, recover_interrupted_job
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +103,8 @@ class _Plan:
 
 
 class LiveBackup:
-    """A push backup of a running VM into one backup directory."""
+    """A backup of a running VM into one backup directory: push (QEMU writes the targets),
+    or pull when a scratch directory is set (the shim copies from libvirt's export)."""
 
     def __init__(
         self,
@@ -117,6 +123,8 @@ class LiveBackup:
         self.headers: dict[str, list[str]] = {}
         self.paused_before = False
         self.capacities: dict[str, int] = {}
+        scratch_root = request.scratch_dir or scratch_setting()
+        self.scratch = Scratch(scratch_root, request.vm) if scratch_root else None
 
     def run(self) -> BackupOutcome:
         """Check, plan, back up, and publish the directory; clean up after any failure."""
@@ -138,6 +146,8 @@ class LiveBackup:
         self.directory.check()
         parents = self._resolve_parents(disks)
         recover_interrupted_job(self.conn, self.dom, [d.target for d in disks])
+        if self.scratch is not None:
+            self.scratch.prepare()  # no job runs now: what is there is a dead run's
         self.paused_before = host.is_paused(self.dom)
         # The images' bitmap directories, read once: kept up to date as bitmaps are removed
         # (bitmaps this QEMU creates reach the header only when it stops).
@@ -152,12 +162,17 @@ class LiveBackup:
                 if self.on_job:
                     self.on_job(job)
                 self._begin(job, disks, plan)
-                stats = job.wait()
+                if self.scratch is None:
+                    stats = job.wait()
+                else:
+                    stats = self._pull(job, disks, plan, self.scratch)
             self._resparsify(disks)
             files = self._publish(disks, plan)
         except BaseException as exc:
             self._cleanup(disks, plan, job, exc)
             raise
+        finally:
+            self._remove_scratch()
         self._housekeep(disks, plan)
         outcome = self.directory.outcome(
             files,
@@ -252,17 +267,27 @@ class LiveBackup:
             else:
                 qemu_img.create(target, capacity)
 
-    def _begin(self, job: BackupJob, disks: list[DomainDisk], plan: _Plan) -> None:
-        backup = etree.Element("domainbackup", mode="push")
+    def _backup_xml(self, disks: list[DomainDisk], plan: _Plan) -> str:
+        scratch = self.scratch
+        backup = etree.Element("domainbackup", mode="push" if scratch is None else "pull")
         if plan.incremental_from:
             etree.SubElement(backup, "incremental").text = plan.incremental_from
+        if scratch is not None:
+            etree.SubElement(backup, "server", transport="unix", socket=str(scratch.socket))
         disks_el = etree.SubElement(backup, "disks")
         for disk in disks:
             el = etree.SubElement(disks_el, "disk", name=disk.target, backup="yes", type="file")
             if plan.incremental_from and disk.target not in plan.parents:
                 el.set("backupmode", "full")
-            etree.SubElement(el, "target", file=str(self.directory.work / disk.backup_name))
+            if scratch is None:
+                etree.SubElement(el, "target", file=str(self.directory.work / disk.backup_name))
+            else:
+                # libvirt creates it (sparse qcow2) and removes it when the job ends.
+                etree.SubElement(el, "scratch", file=str(scratch.image(disk.target)))
             etree.SubElement(el, "driver", type="qcow2")
+        return etree.tostring(backup, encoding="unicode")
+
+    def _begin(self, job: BackupJob, disks: list[DomainDisk], plan: _Plan) -> None:
         checkpoint_xml = None
         if plan.checkpoint:
             # libvirt refuses the whole checkpoint when one disk named as a bitmap carrier
@@ -279,18 +304,92 @@ class LiveBackup:
                 maybe_frozen = True
                 maybe_frozen = host.freeze(self.dom)
             job.begin(
-                etree.tostring(backup, encoding="unicode"),
+                self._backup_xml(disks, plan),
                 checkpoint_xml,
-                libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL,
+                libvirt.VIR_DOMAIN_BACKUP_BEGIN_REUSE_EXTERNAL if self.scratch is None else 0,
             )
         finally:
             if maybe_frozen:
                 host.thaw(self.dom)
         log.info(
-            "backup job of %s started (%s)",
+            "backup job of %s started (%s%s)",
             self.request.vm,
             f"incremental since {plan.incremental_from}" if plan.incremental_from else "full",
+            "" if self.scratch is None else f", pull through {self.scratch.dir}",
         )
+
+    def _pull(
+        self, job: BackupJob, disks: list[DomainDisk], plan: _Plan, scratch: Scratch
+    ) -> JobStats:
+        """Copy each disk from libvirt's NBD export to its target, then end the job."""
+        started = time.monotonic()
+        exports = _exports(self.dom.backupGetXMLDesc())
+        copies = []
+        for disk in disks:
+            export, bitmap = exports[disk.target]
+            incremental = plan.incremental_from is not None and disk.target in plan.parents
+            if incremental and not bitmap:
+                raise BackupFailed(f"libvirt exports no dirty bitmap for {disk.target}")
+            extents = dirty_extents(scratch.socket, export, bitmap) if incremental else None
+            copies.append(DiskCopy(export, self.directory.work / disk.backup_name, extents))
+        sizes = [self.capacities[d.target] for d in disks]
+        copier = ExportCopier(scratch.socket, copies, sizes, job.report_progress)
+        copied = threading.Event()
+        guard = threading.Thread(
+            target=self._release_paused_guest, args=(job, copied), name="pause-guard", daemon=True
+        )
+        guard.start()
+        try:
+            copier.run()
+        except (QmpError, CommandFailed) as exc:
+            # The export vanished under the copy: say why the job ended, if it did.
+            if job.io_error_pause:
+                raise BackupFailed(
+                    f"the VM was paused by an I/O error during the backup (is the scratch "
+                    f"directory {scratch.root} full?): the backup was stopped, the VM resumed"
+                ) from exc
+            raise BackupFailed(
+                job.ended_early() or f"copying from the export failed: {exc}"
+            ) from exc
+        finally:
+            copied.set()
+            guard.join()
+        ended = job.end().params
+        # libvirt reports a pull job it was told to end as cancelled; what happened is a
+        # completed backup of these bytes, and stdout says so as push mode's does.
+        return JobStats({
+            "type": libvirt.VIR_DOMAIN_JOB_COMPLETED,
+            "operation": libvirt.VIR_DOMAIN_JOB_OPERATION_BACKUP,
+            "time_elapsed": int((time.monotonic() - started) * 1000),
+            "disk_processed": copier.done, "disk_remaining": 0, "disk_total": copier.total,
+            **{key: ended[key] for key in ("disk_temp_used", "disk_temp_total") if key in ended},
+        })  # fmt: skip
+
+    def _release_paused_guest(self, job: BackupJob, copied: threading.Event) -> None:
+        """Pull mode's promise, kept in its own thread: a guest write never waits on the
+        backup. libvirt 9.0's scratch node stops the guest's write when it cannot hold the
+        old data (its disk is full; QEMU then pauses the VM): the job is ended at once,
+        which removes the copy-before-write, and the VM resumed, its write retried."""
+        while not copied.is_set():
+            if not job.wait_io_error_pause(0.1):
+                continue
+            log.error("%s paused on an I/O error during a pull backup: ending the job",
+                      self.request.vm)  # fmt: skip
+            try:
+                self.dom.abortJob()
+                if not self.paused_before:
+                    self.dom.resume()
+                    log.info("resumed %s", self.request.vm)
+            except libvirt.libvirtError as exc:
+                log.warning("releasing the paused VM: %s", exc.get_error_message())
+            return
+
+    def _remove_scratch(self) -> None:
+        # libvirt removed its scratch images with the job; the socket and directory are ours.
+        if self.scratch is not None:
+            left = [n for n in self.scratch.remove() if n != self.scratch.socket.name]
+            if left:
+                log.warning("removed scratch files libvirt left: %s", ", ".join(left))
 
     def _resparsify(self, disks: list[DomainDisk]) -> None:
         """Rewrite the full copy of each raw block device sparse, as upstream does.
@@ -355,8 +454,10 @@ class LiveBackup:
                 recover_interrupted_job(self.conn, self.dom, [d.target for d in disks])
             except VirtError as exc:
                 problems.append(str(exc))
-            if not self.paused_before and (
-                (job is not None and job.io_error_pause) or host.paused_by_io_error(self.dom)
+            if (
+                not self.paused_before
+                and host.is_paused(self.dom)
+                and ((job is not None and job.io_error_pause) or host.paused_by_io_error(self.dom))
             ):
                 # Push mode copies before a guest write: a failing NAS pauses the guest.
                 try:
@@ -441,3 +542,13 @@ class LiveBackup:
             except VirtError:
                 return [f"cannot delete checkpoint {name}: {exc}"]
         return []
+
+
+def _exports(backup_xml: str) -> dict[str, tuple[str, str]]:
+    """Disk target -> (NBD export name, dirty bitmap name or "") of a running pull job."""
+    exports = {}
+    for disk in etree.fromstring(backup_xml.encode()).iterfind("disks/disk"):
+        if disk.get("backup") == "yes":
+            name = disk.get("name", "")
+            exports[name] = (disk.get("exportname") or name, disk.get("exportbitmap") or "")
+    return exports

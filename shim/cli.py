@@ -41,7 +41,8 @@ Usage: nasbackup.sh -o <operation> -v|--vm <domain name> -t <storage type> \
 [--bitmap-new <name>] [--bitmap-parent <name>] [--parent-paths <p1,p2,...>] \
 [--parent-path <path>] [--rebase-target <path>] [--rebase-new-backing <path>] \
 [--backup-files <f1,f2,...>] [--restore-volume-paths <v1,v2,...>] \
-[-w|--mount-timeout <seconds, 0 for none>] [-u|--volumeuuids <u1,u2,...>]
+[-w|--mount-timeout <seconds, 0 for none>] [-u|--volumeuuids <u1,u2,...>] \
+[-S|--scratch-dir <local directory: pull mode>]
 Operations: backup, delete, stats, rebase, restore, verify.
 """
 
@@ -67,6 +68,8 @@ OPTIONS = {
     # A downstream distribution's agent: -w on every operation, -u on backups.
     "-w": "mount_timeout", "--mount-timeout": "mount_timeout",
     "-u": "volume_ids", "--volumeuuids": "volume_ids",
+    # apache/cloudstack PR 14194's pull-mode path: its local scratch directory.
+    "-S": "scratch_dir", "--scratch-dir": "scratch_dir",
 }  # fmt: skip
 
 MAX_ARGV_BYTES = 256 * 1024
@@ -178,6 +181,7 @@ def _backup(args: Arguments) -> Request:
         parent_paths=tuple(_split(args.get("parent_paths"))),
         parent_path=args.get("parent_path") or None,
         volume_ids=_volume_ids(args),
+        scratch_dir=args.get("scratch_dir") or None,
     )
 
 

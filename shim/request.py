@@ -37,6 +37,9 @@ class BackupRequest:
     volume_ids: Sequence[str] = ()
     """The downstream generation's ``-u``: the ids that name the disks' files, in disk
     order, in place of the sources' basenames (empty: the basenames)."""
+    scratch_dir: str | None = None
+    """``-S``: a local directory for pull mode's scratch images (None: the host setting,
+    :data:`shim.pull.SCRATCH_ENV`; neither: push mode)."""
 
     @property
     def effective_mode(self) -> str:
@@ -72,7 +75,18 @@ class BackupRequest:
             if bitmap is not None:
                 validate_bitmap_name(bitmap)
         validate_volume_ids(self.volume_ids, self.disk_paths)
+        if self.scratch_dir is not None:
+            validate_scratch_dir(self.scratch_dir)
         self.repository.validate()
+
+
+def validate_scratch_dir(path: str) -> None:
+    """Refuse a scratch directory that is not an existing local directory named absolutely
+    (pull mode's scratch images and NBD socket go there)."""
+    if not path.startswith("/"):
+        raise UsageError(f"the scratch directory must be an absolute path, not {path!r}")
+    if not Path(path).is_dir():
+        raise InputError(f"the scratch directory {path} does not exist")
 
 
 def validate_backup_path_of(vm: str, path: str) -> None:

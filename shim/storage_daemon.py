@@ -20,7 +20,7 @@ import subprocess
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
@@ -228,8 +228,13 @@ class StorageDaemon:
             raise DaemonHung(self._hung)
         return self._read("an event", until, POLL_SECONDS, wait=False) or None
 
-    def wait_jobs(self, job_ids: Sequence[str]) -> dict[str, dict[str, Any]]:
+    def wait_jobs(
+        self, job_ids: Sequence[str], on_progress: Callable[[int], None] | None = None
+    ) -> dict[str, dict[str, Any]]:
         """Block until every job ended; return each job's BLOCK_JOB_COMPLETED data.
+
+        ``on_progress`` is called with the bytes the jobs have done whenever their progress
+        is read (every :data:`JOB_PROGRESS_SECONDS`).
 
         A job that failed or was cancelled raises :class:`QmpError` with QEMU's reason.
         Jobs whose progress stays still for :data:`JOB_STALL_SECONDS` are cancelled and
@@ -253,6 +258,8 @@ class StorageDaemon:
                 raise cancel.Cancelled([QSD], token.reason)
             if now >= next_look:
                 current = self._progress(pending)
+                if on_progress is not None:
+                    on_progress(sum(done_bytes for _, done_bytes, _ in current))
                 if current != progress:
                     progress, moved = current, now
                 elif now - moved >= JOB_STALL_SECONDS:
@@ -340,6 +347,13 @@ class StorageDaemon:
                 self._kill()
             return
         self._quit()
+
+    def kill(self) -> None:
+        """Kill the daemon now, without a clean close: for a caller whose targets are
+        discarded anyway (a cancelled job would first drain its writes to a slow NAS).
+        Leaving the context afterwards does nothing more."""
+        self._hung = self._hung or f"{QSD} was killed"
+        self._kill()
 
     def _quit(self) -> None:
         if self._hung is not None:  # asking again would only wait again

@@ -8,9 +8,12 @@ unusable (an agent stopped for good) boot their own.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import os
 import signal
 import subprocess
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -19,6 +22,7 @@ import libvirt
 import pytest
 
 from shim import qemu_img
+from shim.pull import SCRATCH_ENV
 from tests.lab import Lab, MiB, compare, flatten, system
 from tests.lab.chains import InFlight, Run, disk_files
 from tests.lab.guest import Guest, SequenceCut, SequenceWriter, boot_guest
@@ -166,6 +170,96 @@ def test_a_full_nas_pauses_the_guest_and_the_failed_backup_resumes_it(
     chain.log = tmp_path / "after.log"
     chain.backup("incremental")
     assert leaks(lab) == []
+
+
+@contextlib.contextmanager
+def _pull_mode(size: str) -> Iterator[Path]:
+    """Pull mode for the drop-ins started meanwhile, through a scratch directory on a tmpfs
+    of ``size`` (a full local disk on demand)."""
+    path = Path(tempfile.mkdtemp(prefix="scratch.", dir="/tmp"))
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
+    saved = os.environ.get(SCRATCH_ENV)
+    os.environ[SCRATCH_ENV] = str(path)
+    try:
+        yield path
+    finally:
+        if saved is None:
+            del os.environ[SCRATCH_ENV]
+        else:
+            os.environ[SCRATCH_ENV] = saved
+        subprocess.run(["umount", "-l", str(path)], check=False)
+        path.rmdir()
+
+
+@pytest.mark.lab
+def test_in_pull_mode_a_full_nas_fails_the_backup_never_the_guest(
+    guest_lab: Lab, healthy: Guest, tmp_path: Path
+) -> None:
+    """The same fault as above, in pull mode: the guest's writes only ever wait on the
+    local scratch, so the VM never pauses; the backup fails in one line and the next one
+    succeeds."""
+    lab, guest = guest_lab, healthy
+    with _pull_mode("64m"):
+        nas = lab.flaky_repository()
+        chain = Chain(lab=lab, vm=guest.vm, repo=nas.repository, log=tmp_path / "first.log")
+        chain.backup("full")
+        checkpoints = guest.vm.checkpoints()
+        with guest.watch_pauses() as pauses:
+            code, stdout = _failing_full(chain, nas, guest, tmp_path / "failing.log")
+        assert "pull through" in (tmp_path / "failing.log").read_text()
+        assert pauses.io_error_pauses == 0, "the guest paused in pull mode"
+        assert (code, stdout.count("\n")) == (1, 1), stdout
+        assert "No space left on device" in stdout
+        nas.heal()
+        assert leaks(lab) == []
+        assert guest.vm.checkpoints() == checkpoints
+        chain.log = tmp_path / "after.log"
+        chain.backup("incremental")
+        assert leaks(lab) == []
+
+
+@pytest.mark.lab
+def test_in_pull_mode_a_full_scratch_fails_the_backup_never_the_guest(
+    guest_lab: Lab, healthy: Guest, tmp_path: Path
+) -> None:
+    """libvirt 9.0's scratch node fails the guest's write when the scratch directory is
+    full (QEMU pauses the VM): the shim ends the job at once and resumes the VM, whose write
+    is retried and succeeds. The guest sees a stall, never an error."""
+    lab, guest = guest_lab, healthy
+    nas = lab.flaky_repository()
+    chain = Chain(lab=lab, vm=guest.vm, repo=nas.repository, log=tmp_path / "agent.log")
+    checkpoints = guest.vm.checkpoints()
+    with _pull_mode("4m") as scratch:
+        nas.throttle(1_000_000)  # the copy lasts while the guest rewrites its disk
+        in_flight = chain.start("full", tmp_path / "failing.log")
+        in_flight.wait_for("backup job of")
+        with guest.watch_pauses() as pauses:
+            # 16 MiB of rewrites of data not yet copied: their old data fills the scratch.
+            guest.spawn(
+                "rm -f /run/dd.rc; dd if=/dev/urandom of=/dev/vdb bs=64k count=256 "
+                "oflag=direct 2>/dev/null; echo $? > /run/dd.rc"
+            )
+            run = in_flight.finish()
+            nas.heal()
+            assert _wait_for_file(guest, "/run/dd.rc") == "0", "the guest saw a write fail"
+        assert pauses.io_error_pauses >= 1, "the scratch never filled: the test did not happen"
+        assert pauses.paused_at is None and sum(pauses.intervals) < 2, pauses.intervals
+        assert run.returncode == 1 and "scratch directory" in run.stdout, run.stdout
+        assert list(scratch.iterdir()) == []
+    assert guest.vm.checkpoints() == checkpoints
+    assert leaks(lab) == []
+    chain.backup("full")  # push mode again: the NAS healed
+    assert leaks(lab) == []
+
+
+def _wait_for_file(guest: Guest, path: str, seconds: float = 60) -> str:
+    """The contents of a file a spawned guest command writes when it ends."""
+    deadline = time.monotonic() + seconds
+    while True:
+        result = guest.run(f"cat {path} 2>/dev/null", check=False)
+        if result.out.strip() or time.monotonic() > deadline:
+            return result.out.strip()
+        time.sleep(0.2)
 
 
 def _after_a_stuck_target(

@@ -89,10 +89,12 @@ class _Outcome:
     params: dict[str, Any] | None = None
     ended_by: str | None = None
     io_error_pause: bool = False
+    paused: threading.Event = field(default_factory=threading.Event)
 
 
 class BackupJob:
-    """One push backup of one domain, from :meth:`begin` to :meth:`wait`.
+    """One backup job of one domain: push, from :meth:`begin` to :meth:`wait`; pull, from
+    :meth:`begin` to :meth:`end` once its client has copied the export.
 
     Use it as a context manager: leaving the block unregisters the event callbacks, and
     leaving it with an exception while the job still runs aborts the job first.
@@ -107,6 +109,7 @@ class BackupJob:
         self._callbacks: list[int] = []
         self._close_registered = False
         self._running = False
+        self._copied: tuple[int, int] | None = None
 
     # -- events -----------------------------------------------------------------------------
     def _on_job_completed(self, _c: object, _d: object, params: dict[str, Any], _o: object) -> None:
@@ -122,8 +125,10 @@ class BackupJob:
             event == libvirt.VIR_DOMAIN_EVENT_SUSPENDED
             and detail == libvirt.VIR_DOMAIN_EVENT_SUSPENDED_IOERROR
         ):
-            # Push mode copies before a guest write: a failing target can pause the guest.
+            # Push mode copies before a guest write: a failing target can pause the guest
+            # (pull mode: a full scratch directory).
             self._outcome.io_error_pause = True
+            self._outcome.paused.set()
 
     def _on_close(self, _conn: object, reason: int, _o: object) -> None:
         self._finish(f"connection-closed:{reason}")
@@ -218,12 +223,52 @@ class BackupJob:
             ) from None
         return JobStats({**outcome.params, **params})
 
+    def wait_io_error_pause(self, timeout: float) -> bool:
+        """Whether the guest has been paused by an I/O error, waiting up to ``timeout``."""
+        return self._outcome.paused.wait(timeout)
+
+    def ended_early(self) -> str | None:
+        """Why the job ended under its client (a pull-mode job ends only when told to:
+        the VM stopped, someone aborted it, libvirt went away); None while it runs."""
+        if not self._outcome.finished.is_set():
+            return None
+        if self._outcome.params is not None:
+            errmsg = self._outcome.params.get("errmsg")
+            return f"backup job failed: {errmsg}" if errmsg else "the backup job was aborted"
+        return _ended_reason(self._outcome.ended_by)
+
+    def end(self) -> JobStats:
+        """End a pull-mode job whose client has copied everything (libvirt ends a pull job
+        when asked to abort it; its checkpoint stays) and return libvirt's statistics."""
+        early = self.ended_early()
+        if early is not None:
+            raise BackupFailed(early)
+        try:
+            self.dom.abortJob()
+        except libvirt.libvirtError as exc:
+            raise BackupFailed(f"cannot end the backup job: {exc.get_error_message()}") from None
+        if not self._outcome.finished.wait(_ABORT_GRACE_SECONDS):
+            raise BackupFailed(f"libvirt did not end the backup job in {_ABORT_GRACE_SECONDS} s")
+        self._running = False
+        with contextlib.suppress(libvirt.libvirtError):
+            self._barrier()  # the scratch images are closed and removed
+        self._confirm_end()
+        if self._outcome.params is None:
+            raise BackupFailed(_ended_reason(self._outcome.ended_by))
+        return JobStats(dict(self._outcome.params))
+
+    def report_progress(self, done: int, total: int) -> None:
+        """The copy's own progress, for a job whose copy libvirt does not see (pull mode)."""
+        self._copied = (done, total)
+
     def adopt(self) -> None:
         """Take over a job that already runs (so that :meth:`abort` and :meth:`wait` work)."""
         self._running = True
 
     def progress(self) -> JobStats:
         """The running job's statistics (bytes processed and total), for progress reports."""
+        if self._copied is not None:
+            return JobStats({"disk_processed": self._copied[0], "disk_total": self._copied[1]})
         try:
             return JobStats(self.dom.jobStats())
         except libvirt.libvirtError as exc:

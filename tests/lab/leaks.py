@@ -10,6 +10,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from shim.lock import LOCK_DIR
+from shim.pull import processes_naming, scratch_setting
 from shim.virt.jobs import JobMarker
 from tests.lab import system
 from tests.lab.lab import Lab
@@ -36,7 +37,8 @@ def leaks(lab: Lab) -> list[str]:
 
     Mounts and directories named ``csbackup.*`` in the temporary directory, paused lab VMs,
     held locks and unconfirmed job markers of lab VMs, partial backup directories in the
-    lab's repositories, and shim processes this process started that still run. All scoped
+    lab's repositories, shim processes this process started that still run, and in pull
+    mode the VMs' scratch directories and storage daemons using them. All scoped
     to this process and lab, so that two test runs on one host do not see each other's work
     as leaks.
     """
@@ -52,4 +54,8 @@ def leaks(lab: Lab) -> list[str]:
     found += [f"partial directory {p}" for p in glob.glob(f"{lab.dir}/nas-*/*/*.partial")]
     found += [f"job marker {vm.name}" for vm in lab.vms if JobMarker(vm.name).present]
     found += [f"process {pid}" for pid in system.descendants_running("shim.cli")]
+    scratch = scratch_setting()
+    if scratch:  # pull mode: the VMs' scratch directories, and daemons copying from them
+        found += [f"scratch {p}" for vm in lab.vms for p in glob.glob(f"{scratch}/{vm.name}")]
+        found += [f"process {pid} copying from {scratch}" for pid in processes_naming(scratch)]
     return found
