@@ -31,7 +31,7 @@ from shim import proc
 from shim.errors import InputError
 from shim.qemu_img import QEMU_IMG
 from shim.request import validate_scratch_dir
-from shim.storage_daemon import QmpError, StorageDaemon
+from shim.storage_daemon import StorageDaemon
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +39,8 @@ SCRATCH_ENV = "NASBACKUP_SHIM_SCRATCH_DIR"
 """The host setting: a local directory for scratch images; set, running VMs are backed up
 in pull mode (``-S DIR``/``--scratch-dir DIR`` sets it for one run)."""
 SOCKET_NAME = "nbd.sock"
+EXTENT_JOBS_AT_ONCE = 32
+"""An incremental's extents are copied this many at a time (a job each, side by side)."""
 _SOCKET_PATH_MAX = 107
 """A Unix socket path's limit (108 bytes with its terminating NUL)."""
 
@@ -177,12 +179,20 @@ class ExportCopier:
             try:
                 for i, copy in enumerate(self.copies):
                     self._attach(daemon, i, copy)
-                for i, copy in enumerate(self.copies):
-                    if copy.extents is None:
-                        self._copy(daemon, f"src{i}", f"tgt{i}", f"copy{i}")
-                    else:
-                        for k, extent in enumerate(copy.extents):
-                            self._copy_extent(daemon, i, k, extent)
+                # The disks side by side, as push mode's job copies them; an incremental's
+                # extents a batch at a time (each job has a pair of windows of its own).
+                fulls = [_Job(f"copy{i}", f"src{i}", f"tgt{i}") for i, c in enumerate(self.copies)
+                         if c.extents is None]  # fmt: skip
+                if fulls:
+                    self._run_batch(daemon, fulls)
+                extents = [
+                    (i, k, extent)
+                    for i, copy in enumerate(self.copies)
+                    for k, extent in enumerate(copy.extents or ())
+                ]
+                for first in range(0, len(extents), EXTENT_JOBS_AT_ONCE):
+                    batch = extents[first : first + EXTENT_JOBS_AT_ONCE]
+                    self._run_batch(daemon, [self._windows(daemon, *item) for item in batch])
                 for i in range(len(self.copies)):
                     # Detached before the daemon quits: the target's writes are flushed.
                     daemon.command("blockdev-del", **{"node-name": f"tgt{i}"})
@@ -202,40 +212,51 @@ class ExportCopier:
             file={"driver": "file", "filename": str(copy.target)},
         )
 
-    def _copy_extent(self, daemon: StorageDaemon, i: int, k: int, extent: Extent) -> None:
-        windows = {f"src{i}-{k}": f"src{i}", f"tgt{i}-{k}": f"tgt{i}"}
-        for node, under in windows.items():
+    @staticmethod
+    def _windows(daemon: StorageDaemon, i: int, k: int, extent: Extent) -> _Job:
+        """Raw windows on the export and the target at one extent, and the job between."""
+        job = _Job(f"copy{i}-{k}", f"src{i}-{k}", f"tgt{i}-{k}", windows=True)
+        for node, under in ((job.source, f"src{i}"), (job.target, f"tgt{i}")):
             daemon.command(
                 "blockdev-add",
                 driver="raw",
                 file=under,
                 offset=extent.start,
                 size=extent.length,
-                **{"node-name": node, "read-only": node.startswith("src")},
+                **{"node-name": node, "read-only": node == job.source},
             )
-        try:
-            self._copy(daemon, f"src{i}-{k}", f"tgt{i}-{k}", f"copy{i}-{k}")
-        finally:
-            for node in windows:
-                with contextlib.suppress(QmpError):
-                    daemon.command("blockdev-del", **{"node-name": node})
+        return job
 
-    def _copy(self, daemon: StorageDaemon, source: str, target: str, job: str) -> None:
+    def _run_batch(self, daemon: StorageDaemon, jobs: list[_Job]) -> None:
+        """Start ``jobs`` at once, wait for all of them, remove their windows."""
         base = self.done
-
-        def moved(done: int) -> None:
-            self._report(base + done)
-
-        daemon.command("blockdev-backup", device=source, target=target, sync="full", **{
-            "job-id": job,
-        })  # fmt: skip
-        ended = daemon.wait_jobs([job], on_progress=moved)
-        self._report(base + int(ended[job].get("len", 0)))
+        daemon.command("transaction", actions=[
+            {"type": "blockdev-backup", "data": {
+                "device": job.source, "target": job.target, "sync": "full", "job-id": job.id,
+            }} for job in jobs
+        ])  # fmt: skip
+        ended = daemon.wait_jobs([job.id for job in jobs], lambda done: self._report(base + done))
+        self._report(base + sum(int(data.get("len", 0)) for data in ended.values()))
+        for job in jobs:
+            if job.windows:
+                for node in (job.target, job.source):
+                    daemon.command("blockdev-del", **{"node-name": node})
 
     def _report(self, done: int) -> None:
         self.done = done
         if self._on_progress is not None:
             self._on_progress(done, self.total)
+
+
+@dataclass(frozen=True)
+class _Job:
+    """One backup job in the daemon: its id, source and target nodes."""
+
+    id: str
+    source: str
+    target: str
+    windows: bool = False
+    """Whether source and target are raw windows of this job's own (removed after it)."""
 
 
 def _escape(value: str) -> str:

@@ -6,7 +6,8 @@ from a stopped VM, flushed), the shim's own full against its incremental, a dept
 against a depth-10 one, a full flatten against a rebase. Tests check behaviour; this checks
 speed. Output: one ``P<n> <value> target <target> ok|MISS (details)`` line per metric, a
 blank line, then ``benchmarks: N/M on target``. P9 and P10 measure a real guest's I/O during
-a backup (:mod:`tests.lab.bench_guest`).
+a backup (:mod:`tests.lab.bench_guest`), P11 to P13 pull mode against push mode
+(:mod:`tests.lab.bench_pull`).
 """
 
 from __future__ import annotations
@@ -318,8 +319,14 @@ def run(selected: Sequence[str]) -> list[Metric]:
         from tests.lab.bench_guest import guest_metrics
 
         metrics += guest_metrics(list(selected))
+    if {"P11", "P12", "P13"} & set(selected):
+        # Pull mode against push mode (tests/lab/bench_pull.py), on a VM of its own.
+        from tests.lab.bench_pull import pull_metrics
+
+        metrics += pull_metrics(list(selected))
+    order = {f"P{i}": i for i in range(1, 20)}
     if not {f"P{i}" for i in range(1, 9)} & set(selected):
-        return metrics
+        return sorted(metrics, key=lambda m: order[m.name])
     with Lab() as lab:
         bench = Bench(lab, lab.dir / "bench.log")
         p1, p8, full_seconds = bench.full_against_floor()
@@ -333,14 +340,13 @@ def run(selected: Sequence[str]) -> list[Metric]:
         if "P7" in selected:
             metrics.append(service_latency())
         metrics.append(p8)
-    order = {f"P{i}": i for i in range(1, 11)}
     return sorted((m for m in metrics if m.name in selected), key=lambda m: order[m.name])
 
 
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``scripts/bench``."""
     parser = argparse.ArgumentParser(prog="bench", description=__doc__)
-    parser.add_argument("metrics", nargs="*", default=[f"P{i}" for i in range(1, 11)])
+    parser.add_argument("metrics", nargs="*", default=[f"P{i}" for i in range(1, 14)])
     args = parser.parse_args(argv)
     metrics = run(args.metrics)
     for metric in metrics:
