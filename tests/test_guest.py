@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import signal
 import subprocess
 import tempfile
@@ -178,15 +177,10 @@ def _pull_mode(size: str) -> Iterator[Path]:
     of ``size`` (a full local disk on demand)."""
     path = Path(tempfile.mkdtemp(prefix="scratch.", dir="/tmp"))
     subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], check=True)
-    saved = os.environ.get(SCRATCH_ENV)
-    os.environ[SCRATCH_ENV] = str(path)
     try:
-        yield path
+        with system.environment(SCRATCH_ENV, str(path)):
+            yield path
     finally:
-        if saved is None:
-            del os.environ[SCRATCH_ENV]
-        else:
-            os.environ[SCRATCH_ENV] = saved
         subprocess.run(["umount", "-l", str(path)], check=False)
         path.rmdir()
 

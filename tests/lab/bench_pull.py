@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import contextlib
-import os
 import statistics
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +18,7 @@ from pathlib import Path
 from shim.pull import SCRATCH_ENV
 from tests.lab.bench import Bench, Metric, PeakRss, evict
 from tests.lab.lab import Lab, MiB
+from tests.lab.system import environment
 
 ROUNDS = 3
 
@@ -26,15 +26,8 @@ ROUNDS = 3
 @contextlib.contextmanager
 def pull_mode(scratch: Path) -> Iterator[None]:
     """Pull mode for the drop-ins run meanwhile (the host setting)."""
-    saved = os.environ.get(SCRATCH_ENV)
-    os.environ[SCRATCH_ENV] = str(scratch)
-    try:
+    with environment(SCRATCH_ENV, str(scratch)):
         yield
-    finally:
-        if saved is None:
-            del os.environ[SCRATCH_ENV]
-        else:
-            os.environ[SCRATCH_ENV] = saved
 
 
 def pull_metrics(selected: list[str]) -> list[Metric]:

@@ -42,7 +42,7 @@ from tests.lab.chains import (
 from tests.lab.lab import FlakyNas, Lab, LabVM, MiB, compare, restart_libvirtd
 from tests.lab.leaks import leaks
 from tests.lab.scenarios import Scenario
-from tests.lab.system import descendants_running, mount_points
+from tests.lab.system import descendants_running, environment, mount_points
 
 FALLBACK = "INCREMENTAL_FALLBACK=true"
 
@@ -349,15 +349,8 @@ lock test."""
 @contextlib.contextmanager
 def _short_lock_wait() -> Iterator[None]:
     """Drop-in runs started in the block wait :data:`SHORT_LOCK_WAIT` for a VM's lock."""
-    saved = os.environ.get(LOCK_WAIT_ENV)
-    os.environ[LOCK_WAIT_ENV] = SHORT_LOCK_WAIT
-    try:
+    with environment(LOCK_WAIT_ENV, SHORT_LOCK_WAIT):
         yield
-    finally:
-        if saved is None:
-            del os.environ[LOCK_WAIT_ENV]
-        else:
-            os.environ[LOCK_WAIT_ENV] = saved
 
 
 def two_backups_of_one_vm_at_once(lab: Lab, scratch: Path) -> None:

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 
 from shim.nas import mount_points
@@ -63,3 +65,18 @@ def descendants_running(needle: str) -> list[int]:
                 pids.append(int(entry))
                 break
     return pids
+
+
+@contextlib.contextmanager
+def environment(name: str, value: str) -> Iterator[None]:
+    """``name=value`` in this process's environment (which the programs it starts inherit)
+    for the block; the earlier value, or none, afterwards."""
+    saved = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if saved is None:
+            del os.environ[name]
+        else:
+            os.environ[name] = saved
