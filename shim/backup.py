@@ -339,22 +339,31 @@ class LiveBackup:
             target=self._release_paused_guest, args=(job, copied), name="pause-guard", daemon=True
         )
         guard.start()
+        paused = (
+            f"the VM was paused by an I/O error during the backup (is the scratch directory "
+            f"{scratch.root} full?): the backup was stopped, the VM resumed"
+        )
         try:
             copier.run()
         except (QmpError, CommandFailed) as exc:
             # The export vanished under the copy: say why the job ended, if it did.
             if job.io_error_pause:
-                raise BackupFailed(
-                    f"the VM was paused by an I/O error during the backup (is the scratch "
-                    f"directory {scratch.root} full?): the backup was stopped, the VM resumed"
-                ) from exc
+                raise BackupFailed(paused) from exc
             raise BackupFailed(
                 job.ended_early() or f"copying from the export failed: {exc}"
             ) from exc
         finally:
             copied.set()
             guard.join()
+        if job.io_error_pause:  # the guard ended the job as the copy finished
+            raise BackupFailed(paused)
         ended = job.end().params
+        if job.io_error_pause and not self.paused_before and host.paused_by_io_error(self.dom):
+            # Paused after the copy was complete, before the job ended: the backup is whole,
+            # and with the job gone the guest's write no longer meets the scratch.
+            self.dom.resume()
+            log.warning("resumed %s, paused by a full scratch directory as the job ended",
+                        self.request.vm)  # fmt: skip
         # libvirt reports a pull job it was told to end as cancelled; what happened is a
         # completed backup of these bytes, and stdout says so as push mode's does.
         return JobStats({
