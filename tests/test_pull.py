@@ -4,6 +4,7 @@ stdout says, is what push mode gives; nothing is left in the scratch directory."
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import signal
 import subprocess
@@ -16,9 +17,11 @@ from pathlib import Path
 import pytest
 
 from shim.pull import SCRATCH_ENV, Scratch, processes_naming
+from tests.envelopes import fill, read
 from tests.lab import FlakyNas, Lab, LabVM, MiB
 from tests.lab.chains import InFlight
 from tests.lab.leaks import leaks
+from tests.service_support import FixtureRun, running
 from tests.support import (
     PARSERS,
     Chain,
@@ -163,3 +166,35 @@ def test_a_daemon_a_dead_run_left_is_killed(scratch: Path) -> None:
     finally:
         orphan.kill()
         orphan.wait()
+
+
+async def test_progress_and_abort_over_the_socket(lab: Lab, pull: Path, tmp_path: Path) -> None:
+    """The service reports a pull copy's progress (the copy's own bytes: libvirt does not
+    see them) and its abort stops the copy at once, cleaned up as after any failure."""
+    vm = lab.create_vm(disks=(64 * MiB,))
+    vm.write(0, 0, 48 * MiB, pattern=0x5A)
+    nas = lab.flaky_repository()
+    nas.throttle(2 * MiB)
+    run = FixtureRun(lab, vm, nas.repository)
+    async with running(tmp_path, max_backups=1) as service:
+        _, accepted = await service.post(
+            fill(read("merged", "full")[0], run.values()), run_async=True
+        )
+        job = accepted["jobId"]
+        deadline = time.monotonic() + 60
+        while True:  # the copy's progress is read every few seconds
+            body = await service.job(job)
+            if body["state"] == "running" and body["progress"]["processed"] > 0:
+                break
+            assert time.monotonic() < deadline, body
+            await asyncio.sleep(0.1)
+        assert body["progress"]["total"] == 64 * MiB
+        status, took, aborted = await service.abort(job)
+        assert status in (200, 202) and took < 1.5, (status, took)
+        assert aborted["state"] == "aborted", aborted
+        ((_, answer),) = aborted["answers"][0].items()
+        assert answer["result"] is False, answer
+    nas.heal()
+    assert vm.checkpoints() == [] and list(pull.iterdir()) == []
+    assert not list(Path(nas.repository.address).glob("*/*.partial"))
+    assert leaks(lab) == []
