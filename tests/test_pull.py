@@ -160,6 +160,10 @@ def test_a_daemon_a_dead_run_left_is_killed(scratch: Path) -> None:
         [sys.executable, "-c", "import time; time.sleep(600)", str(holder.socket)]
     )
     try:
+        deadline = time.monotonic() + 10
+        while orphan.pid not in processes_naming(str(holder.socket)):  # until it has exec'd
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
         holder.prepare()
         assert orphan.wait(timeout=10) == -signal.SIGKILL
         assert holder.dir.is_dir() and list(holder.dir.iterdir()) == []
