@@ -8,6 +8,7 @@ which belongs to the agent contract.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import subprocess
@@ -125,3 +126,16 @@ def _kill(child: subprocess.Popen[str]) -> tuple[str, str]:
     # SIGKILL, then reap it: a program stuck on a dead NAS may ignore anything milder.
     child.kill()
     return child.communicate()
+
+
+def processes_naming(text: str) -> list[int]:
+    """Processes whose command line contains ``text``."""
+    found = []
+    needle = os.fsencode(text)
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        with contextlib.suppress(OSError), open(f"/proc/{entry}/cmdline", "rb") as cmdline:
+            if needle in cmdline.read():
+                found.append(int(entry))
+    return found

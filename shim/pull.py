@@ -85,7 +85,7 @@ class Scratch:
     def prepare(self) -> None:
         """Create the VM's directory (private), clearing what a dead run left in it: its
         files, and the storage daemon a killed run left copying (it names the socket)."""
-        for pid in processes_naming(str(self.socket)):
+        for pid in proc.processes_naming(str(self.socket)):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
                 log.warning("killed process %d, left copying by a run that died", pid)
@@ -262,16 +262,3 @@ class _Job:
 def _escape(value: str) -> str:
     # QEMU's option syntax: a comma inside a value is written twice.
     return value.replace(",", ",,")
-
-
-def processes_naming(text: str) -> list[int]:
-    """Processes whose command line contains ``text``."""
-    found = []
-    needle = os.fsencode(text)
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        with contextlib.suppress(OSError):
-            if needle in Path(f"/proc/{entry}/cmdline").read_bytes():
-                found.append(int(entry))
-    return found

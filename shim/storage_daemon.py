@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import select
+import signal
 import socket
 import subprocess
 import tempfile
@@ -25,7 +26,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import IO, Any
 
-from shim import cancel
+from shim import cancel, proc
 from shim.errors import CommandFailed, ShimError
 
 log = logging.getLogger(__name__)
@@ -116,19 +117,29 @@ class StorageDaemon:
             self._proc = subprocess.Popen(
                 argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.STDOUT
             )
-        except FileNotFoundError:
-            listener.close()
-            self._remove_dir()
-            raise CommandFailed([QSD], 127, f"{QSD}: command not found") from None
-        self._drain = threading.Thread(
-            target=self._drain_output, args=(self._proc.stdout,), name="qsd-output", daemon=True
-        )
-        self._drain.start()
-        try:
+            self._drain = threading.Thread(
+                target=self._drain_output, args=(self._proc.stdout,), name="qsd-output",
+                daemon=True,
+            )  # fmt: skip
+            self._drain.start()
             self._accept(listener)
             self.command("qmp_capabilities")
+        except FileNotFoundError:
+            if self._proc is not None:
+                self._kill()
+                raise
+            self._remove_dir()
+            raise CommandFailed([QSD], 127, f"{QSD}: command not found") from None
         except BaseException:
-            self._kill()
+            if self._proc is None:
+                # A signal (SIGTERM: the agent's timeout) while Popen waited for the exec:
+                # the daemon may run, its pid never returned. It names our monitor's socket.
+                for pid in proc.processes_naming(str(self._socket_path)):
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(pid, signal.SIGKILL)
+                self._remove_dir()
+            else:
+                self._kill()
             raise
         finally:
             listener.close()

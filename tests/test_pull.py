@@ -16,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from shim.pull import SCRATCH_ENV, Scratch, processes_naming
+from shim.proc import processes_naming
+from shim.pull import SCRATCH_ENV, Scratch
 from tests.envelopes import fill, read
 from tests.lab import FlakyNas, Lab, LabVM, MiB
 from tests.lab.chains import InFlight

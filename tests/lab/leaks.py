@@ -10,7 +10,8 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from shim.lock import LOCK_DIR
-from shim.pull import processes_naming, scratch_setting
+from shim.proc import processes_naming
+from shim.pull import scratch_setting
 from shim.virt.jobs import JobMarker
 from tests.lab import system
 from tests.lab.lab import Lab
@@ -57,5 +58,14 @@ def leaks(lab: Lab) -> list[str]:
     scratch = scratch_setting()
     if scratch:  # pull mode: the VMs' scratch directories, and daemons copying from them
         found += [f"scratch {p}" for vm in lab.vms for p in glob.glob(f"{scratch}/{vm.name}")]
-        found += [f"process {pid} copying from {scratch}" for pid in processes_naming(scratch)]
+        found += [
+            f"process {pid} ({_command(pid)}) using {scratch}" for pid in processes_naming(scratch)
+        ]
     return found
+
+
+def _command(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()[:300]
+    except OSError:
+        return "gone"
