@@ -9,8 +9,8 @@ copies from the export to the backup's qcow2 files at the NAS's own pace.
 The copy runs in a ``qemu-storage-daemon``: an NBD client node per disk, the target qcow2
 (backed by its parent, as in push mode), and QEMU's backup job between them. A full copies
 the whole view (holes stay holes: the export reports them). An incremental copies only the
-extents the export's dirty-bitmap context marks, one job per extent between two ``raw``
-windows at that offset (QEMU has no QMP command to fill a bitmap, and ``qemu-img
+extents the export's dirty-bitmap context marks, a job per extent between two ``raw``
+windows at that offset, many side by side (QEMU has no QMP command to fill a bitmap, and ``qemu-img
 convert`` reads a dirty-bitmap view inverted). QEMU moves every byte; Python reads the
 extent map (``qemu-img map``) and speaks QMP.
 """
@@ -31,7 +31,7 @@ from shim import proc
 from shim.errors import InputError
 from shim.qemu_img import QEMU_IMG
 from shim.request import validate_scratch_dir
-from shim.storage_daemon import StorageDaemon
+from shim.storage_daemon import StorageDaemon, blockdev_nbd
 
 log = logging.getLogger(__name__)
 
@@ -111,15 +111,7 @@ def dirty_extents(socket: Path, export: str, bitmap: str) -> list[Extent]:
     (the context's dirty bit is where base:allocation has its hole bit); only the map is
     read, never data.
     """
-    opts = ",".join(
-        [
-            "driver=nbd",
-            "server.type=unix",
-            f"server.path={_escape(str(socket))}",
-            f"export={_escape(export)}",
-            f"x-dirty-bitmap=qemu:dirty-bitmap:{_escape(bitmap)}",
-        ]
-    )
+    opts = blockdev_nbd(socket, export, bitmap=bitmap)
     out = proc.run([QEMU_IMG, "map", "--output=json", "--image-opts", opts]).stdout
     extents: list[Extent] = []
     for entry in json.loads(out):
@@ -171,8 +163,7 @@ class ExportCopier:
         # The export's socket on the daemon's command line: a run killed meanwhile leaves a
         # daemon that the next one finds by it (Scratch.prepare).
         sources = [
-            f"driver=nbd,node-name=src{i},server.type=unix,server.path={_escape(str(self.socket))}"
-            f",export={_escape(copy.export)},read-only=on"
+            blockdev_nbd(self.socket, copy.export, node=f"src{i}")
             for i, copy in enumerate(self.copies)
         ]
         with StorageDaemon(sources) as daemon:
@@ -257,8 +248,3 @@ class _Job:
     target: str
     windows: bool = False
     """Whether source and target are raw windows of this job's own (removed after it)."""
-
-
-def _escape(value: str) -> str:
-    # QEMU's option syntax: a comma inside a value is written twice.
-    return value.replace(",", ",,")

@@ -439,6 +439,20 @@ def blockdev_qcow2(node: str, file_node: str, *, read_only: bool = False) -> str
     return f"driver=qcow2,file={file_node},node-name={node}{ro}"
 
 
+def blockdev_nbd(socket: str | os.PathLike[str], export: str, *, node: str = "",
+                 bitmap: str = "") -> str:  # fmt: skip
+    """A read-only ``--blockdev`` (or ``qemu-img --image-opts``) for an NBD export on a Unix
+    socket; with ``bitmap``, block status reports that dirty-bitmap context (a dirty extent
+    reads as a hole, through QEMU's NBD client)."""
+    opts = [
+        "driver=nbd", "server.type=unix", f"server.path={_escape(os.fspath(socket))}",
+        f"export={_escape(export)}", "read-only=on",
+    ]  # fmt: skip
+    opts += [f"node-name={node}"] if node else []
+    opts += [f"x-dirty-bitmap=qemu:dirty-bitmap:{_escape(bitmap)}"] if bitmap else []
+    return ",".join(opts)
+
+
 def _escape(value: str) -> str:
     # QEMU's option syntax: a comma inside a value is written twice.
     return value.replace(",", ",,")
