@@ -1,4 +1,6 @@
-"""One backup directory's life: written aside, published by a rename, or removed.
+"""One backup directory's life: written aside, made durable, published by a rename, or
+removed; and the filesystem helpers that life needs (fsync, removal, sweeping the work of
+runs that died, sizes as ``du`` counts them).
 
 A backup is written into ``<path>.partial`` and renamed to ``<path>`` only once its files
 are complete, fsynced and its manifest written; nothing ever points into a partial
@@ -10,19 +12,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from shim.chain import (
-    directory_size,
-    fsync_dir,
-    fsync_tree,
-    partial_dir,
-    relative_backing,
-    remove_tree,
-    sweep_dead_work,
-    vm_dir_of,
-)
+from shim.chain import relative_backing, vm_dir_of
 from shim.contract import BackupOutcome
 from shim.errors import InputError
 from shim.manifest import (
@@ -38,6 +32,8 @@ from shim.redact import public_source
 from shim.virt.disks import DomainDisk
 
 log = logging.getLogger(__name__)
+
+PARTIAL_SUFFIX = ".partial"
 
 
 class BackupDirectory:
@@ -107,7 +103,7 @@ class BackupDirectory:
             checksum_algorithm=algorithm,
         )
         write_manifest(self.work, manifest)
-        fsync_tree(self.work)
+        fsync_tree(self.work)  # the disk files, the manifest, and the directory's entries
         if self.final.exists():
             self.final.rmdir()  # an empty directory someone prepared
         os.rename(self.work, self.final)
@@ -147,3 +143,80 @@ def parent_dir_name(parents: dict[str, Path]) -> str | None:
     for parent in parents.values():
         return parent.parent.name
     return None
+
+
+def rewrite_manifest(directory: Path, manifest: Manifest) -> None:
+    """Replace the manifest of a published backup durably (after a rebase)."""
+    write_manifest(directory, manifest)
+    fsync_dir(directory)
+
+
+def partial_dir(final: Path) -> Path:
+    """Where a backup is written before it is complete (renamed to ``final`` on success)."""
+    return final.with_name(final.name + PARTIAL_SUFFIX)
+
+
+def directory_size(path: Path) -> int:
+    """Bytes under ``path`` as ``du -sb`` counts them (apparent sizes, the directory's own
+    entry included, hard links once)."""
+    seen: set[tuple[int, int]] = set()
+    total = 0
+    for root, dirs, files in os.walk(path):
+        for name in [*dirs, *files]:
+            st = os.lstat(os.path.join(root, name))
+            if (st.st_dev, st.st_ino) not in seen:
+                seen.add((st.st_dev, st.st_ino))
+                total += st.st_size
+    return total + os.lstat(path).st_size
+
+
+def remove_tree(path: Path) -> None:
+    """Remove a directory this run created (never follows symlinks out of it)."""
+    if path.is_symlink():
+        path.unlink()
+    elif path.exists():
+        shutil.rmtree(path)
+
+
+def fsync_tree(path: Path) -> None:
+    """Make every file under ``path`` and the directory entries durable."""
+    for root, _dirs, files in os.walk(path):
+        for name in files:
+            fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        fsync_dir(Path(root))
+
+
+def fsync_dir(path: Path) -> None:
+    """fsync a directory, so that entries created or renamed in it survive a crash."""
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def sweep_dead_work(root: Path, vm: str) -> list[Path]:
+    """Remove the ``*.partial`` and ``.*.deleting`` directories of runs that died, in the
+    directory of VM ``vm`` under the repository's ``root``.
+
+    Call only while holding ``vm``'s lock: then no living run owns any of them. Only the
+    directory named after that VM is swept, and not when it is a symlink: one that leads
+    into another VM's directory would make this run remove a backup in progress there,
+    under a lock that does not protect it.
+    """
+    removed: list[Path] = []
+    vm_dir = root / vm
+    if vm_dir.is_symlink() or not vm_dir.is_dir():
+        return removed
+    for entry in vm_dir.iterdir():
+        dead = entry.name.endswith(PARTIAL_SUFFIX) or (
+            entry.name.startswith(".") and entry.name.endswith(".deleting")
+        )
+        if dead and entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+            removed.append(entry)
+    return removed

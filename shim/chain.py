@@ -1,4 +1,4 @@
-"""Backup chains on the NAS: file names, parents of each disk, backing links, sizes.
+"""Backup chains on the NAS: file names, parents of each disk, backing links, dependants.
 
 A backup directory ``<vm>/<timestamp>/`` holds ``root.<volId>.qcow2`` and
 ``datadisk.<volId>.qcow2``; an incremental file's backing is its own disk's parent file,
@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import re
-import shutil
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -20,7 +19,6 @@ from shim.errors import CommandFailed, InputError
 from shim.nas import MountSession
 from shim.virt.disks import DomainDisk
 
-PARTIAL_SUFFIX = ".partial"
 _BACKUP_FILE = re.compile(r"^(?P<role>root|datadisk)\.(?P<volume_id>.+)\.qcow2$")
 
 
@@ -134,54 +132,6 @@ def relative_backing(parent: Path, directory: Path) -> str:
     return os.path.relpath(parent, directory)
 
 
-def partial_dir(final: Path) -> Path:
-    """Where a backup is written before it is complete (renamed to ``final`` on success)."""
-    return final.with_name(final.name + PARTIAL_SUFFIX)
-
-
-def directory_size(path: Path) -> int:
-    """Bytes under ``path`` as ``du -sb`` counts them (apparent sizes, the directory's own
-    entry included, hard links once)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for name in [*dirs, *files]:
-            st = os.lstat(os.path.join(root, name))
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total + os.lstat(path).st_size
-
-
-def remove_tree(path: Path) -> None:
-    """Remove a directory this run created (never follows symlinks out of it)."""
-    if path.is_symlink():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-
-
-def fsync_tree(path: Path) -> None:
-    """Make every file under ``path`` and the directory entries durable."""
-    for root, _dirs, files in os.walk(path):
-        for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_NOFOLLOW)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-        fsync_dir(Path(root))
-
-
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so that entries created or renamed in it survive a crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 _QCOW2_MAGIC = b"QFI\xfb"
 
 
@@ -233,26 +183,3 @@ def dependants(directory: Path) -> list[Path]:
             if backing and os.path.realpath(sibling / backing).startswith(target):
                 found.append(file)
     return found
-
-
-def sweep_dead_work(root: Path, vm: str) -> list[Path]:
-    """Remove the ``*.partial`` and ``.*.deleting`` directories of runs that died, in the
-    directory of VM ``vm`` under the repository's ``root``.
-
-    Call only while holding ``vm``'s lock: then no living run owns any of them. Only the
-    directory named after that VM is swept, and not when it is a symlink: one that leads
-    into another VM's directory would make this run remove a backup in progress there,
-    under a lock that does not protect it.
-    """
-    removed: list[Path] = []
-    vm_dir = root / vm
-    if vm_dir.is_symlink() or not vm_dir.is_dir():
-        return removed
-    for entry in vm_dir.iterdir():
-        dead = entry.name.endswith(PARTIAL_SUFFIX) or (
-            entry.name.startswith(".") and entry.name.endswith(".deleting")
-        )
-        if dead and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-            removed.append(entry)
-    return removed

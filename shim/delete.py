@@ -6,7 +6,8 @@ import logging
 import os
 from pathlib import Path
 
-from shim.chain import dependants, remove_tree, sweep_dead_work
+from shim.backupdir import remove_tree, sweep_dead_work
+from shim.chain import dependants
 from shim.errors import BackupFailed, InputError
 from shim.lock import VmLock
 from shim.nas import MountSession, Repository

@@ -25,7 +25,6 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from shim import proc
-from shim.chain import fsync_dir
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -131,7 +130,8 @@ def disk_records(directory: Path, disks: Sequence[DiskFile], algorithm: str) -> 
 
 
 def write_manifest(directory: Path, manifest: Manifest) -> Path:
-    """Write ``manifest.json`` durably: temporary file, fsync, rename."""
+    """Write ``manifest.json``: temporary file, fsync, rename. The caller fsyncs
+    ``directory`` (:mod:`shim.backupdir` does, which owns the directory's durability)."""
     created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     doc = {**asdict(manifest), "created": created}
     final = directory / MANIFEST
@@ -142,7 +142,6 @@ def write_manifest(directory: Path, manifest: Manifest) -> Path:
         fh.flush()
         os.fsync(fh.fileno())
     os.rename(tmp, final)
-    fsync_dir(directory)
     return final
 
 

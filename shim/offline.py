@@ -15,17 +15,17 @@ import logging
 import os
 import stat
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import libvirt
 
 from shim import qemu_img
-from shim.backupdir import BackupDirectory
-from shim.chain import relative_backing, resolve_parents
+from shim.chain import Parents
 from shim.contract import BackupOutcome
 from shim.errors import BackupFailed, CommandFailed, InputError, VirtError
+from shim.method import BackupMethod
 from shim.nas import MountSession
+from shim.plan import BackupPlan, plan_backup, planned_checkpoint
 from shim.request import BackupRequest, check_volume_id_count
 from shim.storage_daemon import QmpError, StorageDaemon, node_bitmaps
 from shim.virt import checkpoints
@@ -105,42 +105,34 @@ def declared_formats(dom: libvirt.virDomain | None) -> dict[str, str]:
     }
 
 
-@dataclass
-class _Plan:
-    checkpoint: str | None
-    parent_bitmap: str | None = None
-    parents: dict[str, Path] = field(default_factory=dict)
-    fallback: bool = False
-
-
-class OfflineBackup:
+class OfflineBackup(BackupMethod):
     """A backup of a stopped VM's disks into one backup directory."""
+
+    offline = True
 
     def __init__(
         self, request: BackupRequest, session: MountSession, dom: libvirt.virDomain | None
     ) -> None:
-        self.request = request
-        self.session = session
+        super().__init__(request, session)
         self.dom = dom
-        self.directory = BackupDirectory(session, request.path)
-        self.sizes: dict[str, int] = {}
 
     def run(self) -> BackupOutcome:
         """Copy every disk, publish the directory; clean up after any failure."""
         disks = source_disks(
             self.request.disk_paths, self.request.volume_ids, declared_formats(self.dom)
         )
+        parents = self.read_parents(disks)  # before anything is written
         self.directory.prepare()
+        all_carry = all(d.carries_bitmaps for d in disks)
         try:
-            plan = self._copy(disks)
-            files = self._publish(disks, plan)
+            plan = self._copy(disks, parents)
+            files = self.publish(disks, plan, bitmap=plan.checkpoint if all_carry else None)
         except BaseException as exc:
             log.error("offline backup of %s failed: %s", self.request.vm, exc)
             self.directory.discard()
             raise
         if plan.checkpoint and self.dom is not None:
             self._forget_libvirt_checkpoints(self.dom)
-        all_carry = all(d.carries_bitmaps for d in disks)
         outcome = self.directory.outcome(
             files,
             bitmap_created=plan.checkpoint if all_carry else None,
@@ -150,16 +142,15 @@ class OfflineBackup:
         return outcome
 
     # -- the copy ---------------------------------------------------------------------------
-    def _copy(self, disks: list[DomainDisk]) -> _Plan:
+    def _copy(self, disks: list[DomainDisk], parents: Parents | None) -> BackupPlan:
         request = self.request
-        mode = request.effective_mode
-        plan = _Plan(checkpoint=request.bitmap_new if mode in ("full", "incremental") else None)
         local = [d for d in disks if d.source_type != "network"]
         for disk in disks:
             if disk.source_type == "network":
                 self._convert(disk)
         if not local:
-            return plan
+            # No disk carries a bitmap: the planner never asks about the parent.
+            return plan_backup(request, disks, parents, lambda parent, files: None)
         # Sizes first: once the daemon holds the images, even qemu-img info is locked out.
         sizes = self.sizes
         sizes.update(
@@ -168,7 +159,7 @@ class OfflineBackup:
         blockdevs = []
         for i, disk in enumerate(local):
             driver = "host_device" if disk.source_type == "block" else "file"
-            writable = plan.checkpoint is not None and disk.carries_bitmaps
+            writable = planned_checkpoint(request) is not None and disk.carries_bitmaps
             ro = "" if writable else ",read-only=on"
             source = disk.source.replace(",", ",,")
             blockdevs += [
@@ -177,37 +168,32 @@ class OfflineBackup:
             ]
         try:
             with StorageDaemon(blockdevs) as daemon:
-                self._copy_in(daemon, disks, local, sizes, plan)
+                return self._copy_in(daemon, disks, local, parents)
         except CommandFailed as exc:
             if "lock" in exc.stderr:
                 raise BackupFailed(
                     f"the disks of VM {request.vm} are in use (has it started?): {exc}"
                 ) from None
             raise
-        return plan
 
     def _copy_in(
         self,
         daemon: StorageDaemon,
         disks: list[DomainDisk],
         local: list[DomainDisk],
-        sizes: dict[str, int],
-        plan: _Plan,
-    ) -> None:
+        parents: Parents | None,
+    ) -> BackupPlan:
         request = self.request
         nodes = {d.target: f"src{i}" for i, d in enumerate(local)}
-        if request.effective_mode == "incremental" and request.bitmap_parent:
-            reason = self._plan_incremental(daemon, disks, nodes, request.bitmap_parent, plan)
-            if reason:
-                log.warning("offline incremental impossible (%s): taking a full backup", reason)
-                plan.fallback = True
-                plan.parents = {}
-                plan.parent_bitmap = None
+        plan = plan_backup(
+            request,
+            disks,
+            parents,
+            lambda parent, files: self._bitmap_problem(daemon, disks, nodes, parent, files),
+        )
         actions = []
         for disk in local:
-            actions += self._prepare_target(
-                daemon, disk, nodes[disk.target], sizes[disk.target], plan
-            )
+            actions += self._prepare_target(daemon, disk, nodes[disk.target], plan)
         carriers = [nodes[d.target] for d in local if plan.checkpoint and d.carries_bitmaps]
         daemon.command("transaction", actions=actions)
         log.info("offline copy of %d disk(s) of %s started", len(local), request.vm)
@@ -226,18 +212,13 @@ class OfflineBackup:
             for name in node_bitmaps(daemon, node):
                 if name != plan.checkpoint:
                     self._remove_bitmap(daemon, node, name)
+        return plan
 
     def _prepare_target(
-        self, daemon: StorageDaemon, disk: DomainDisk, node: str, size: int, plan: _Plan
+        self, daemon: StorageDaemon, disk: DomainDisk, node: str, plan: BackupPlan
     ) -> list[dict[str, object]]:
         """Create and attach ``disk``'s target; return its transaction actions."""
-        target = self.directory.work / disk.backup_name
-        parent = plan.parents.get(disk.target)
-        if parent is not None:
-            backing = relative_backing(parent, self.directory.final)
-            qemu_img.create(target, size, backing=backing, backing_fmt="qcow2")
-        else:
-            qemu_img.create(target, size)
+        target = self.create_target(disk, plan)
         # Zeroes written to the target become sparse (re-sparsifies raw DRBD output); with
         # its backing open, a zero cluster reads as zero, never as parent data.
         daemon.command(
@@ -255,45 +236,30 @@ class OfflineBackup:
             "target": f"{node}-tgt",
             "job-id": f"{node}-job",
         }
-        if parent is not None:
-            backup.update(sync="incremental", bitmap=plan.parent_bitmap)
+        if disk.target in plan.parents:
+            backup.update(sync="incremental", bitmap=plan.incremental_from)
         else:
             backup["sync"] = "full"
         actions.append({"type": "blockdev-backup", "data": backup})
         return actions
 
-    def _plan_incremental(
-        self,
+    @staticmethod
+    def _bitmap_problem(
         daemon: StorageDaemon,
         disks: list[DomainDisk],
         nodes: dict[str, str],
         parent_bitmap: str,
-        plan: _Plan,
+        files: dict[str, Path],
     ) -> str | None:
-        parents = resolve_parents(
-            self.session,
-            disks,
-            self.request.path,
-            parent_paths=self.request.parent_paths,
-            parent_path=self.request.parent_path,
-            bitmap_parent=parent_bitmap,
-        )
-        if parents.problems:
-            return "; ".join(parents.problems)
-        if not parents.files:
-            return "no disk has a parent backup file"
+        """Why the images cannot serve ``parent_bitmap`` as the parent (None: they can)."""
         for disk in disks:
-            if disk.target not in parents.files:
-                continue  # attached since the parent: copied full
-            if not disk.carries_bitmaps:
-                return f"{disk.source} is not a qcow2 file: it cannot carry a bitmap"
+            if disk.target not in files:
+                continue  # attached since the parent, or no bitmaps: copied full
             bitmaps = node_bitmaps(daemon, nodes[disk.target])
             if parent_bitmap not in bitmaps:
                 return f"{disk.source} has no bitmap {parent_bitmap}"
             if not bitmaps[parent_bitmap]:
                 return f"bitmap {parent_bitmap} of {disk.source} is inconsistent"
-        plan.parents = parents.files
-        plan.parent_bitmap = parent_bitmap
         return None
 
     @staticmethod
@@ -317,16 +283,3 @@ class OfflineBackup:
                 checkpoints.delete(dom, checkpoint.name, metadata_only=True)
         except VirtError as exc:  # housekeeping never fails a published backup
             log.warning("cannot clear the checkpoint metadata of %s: %s", self.request.vm, exc)
-
-    def _publish(self, disks: list[DomainDisk], plan: _Plan) -> list[str]:
-        return self.directory.publish(
-            vm=self.request.vm,
-            requested_mode=self.request.effective_mode,
-            offline=True,
-            checkpoint=plan.checkpoint,
-            bitmap=plan.checkpoint if all(d.carries_bitmaps for d in disks) else None,
-            parents=plan.parents,
-            fallback=plan.fallback,
-            disks=disks,
-            sizes=self.sizes,
-        )

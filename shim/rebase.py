@@ -15,10 +15,11 @@ import os
 from pathlib import Path
 
 from shim import proc, qemu_img
+from shim.backupdir import rewrite_manifest
 from shim.chain import backup_files, parse_backup_file_name, relative_backing, vm_dir_of
 from shim.errors import InputError
 from shim.lock import VmLock
-from shim.manifest import checksums, read_manifest, write_manifest
+from shim.manifest import checksums, read_manifest
 from shim.nas import MountSession, Repository
 from shim.request import RebaseRequest
 
@@ -89,4 +90,4 @@ def _update_manifest(directory: Path, rebased: list[Path]) -> None:
                 record, checksum=digests[file], stored_size=file.stat().st_size, backing=backing
             )
         )
-    write_manifest(directory, dataclasses.replace(manifest, disks=disks, parent=parent))
+    rewrite_manifest(directory, dataclasses.replace(manifest, disks=disks, parent=parent))

@@ -21,8 +21,9 @@ from pathlib import Path
 import libvirt
 
 from shim import qemu_img
+from shim.backupdir import fsync_dir
 from shim.cancel import Cancelled
-from shim.chain import backup_files, fsync_dir, vm_dir_of
+from shim.chain import backup_files, vm_dir_of
 from shim.contract import RestoreOutcome
 from shim.errors import BackupFailed, CommandFailed, InputError, MountError
 from shim.lock import VmLock

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from shim.chain import directory_size
+from shim.backupdir import directory_size
 from shim.nas import Repository
 from tests.envelopes import fill, mismatches, read
 from tests.lab import Lab, LabVM

@@ -7,7 +7,7 @@ import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
-from shim.chain import directory_size
+from shim.backupdir import directory_size
 from tests.lab.chains import (
     BACKUP_GENERATIONS,
     DROPIN,

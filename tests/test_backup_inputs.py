@@ -14,7 +14,8 @@ import libvirt
 import pytest
 
 from shim import offline, qemu_img
-from shim.chain import resolve_parents, sweep_dead_work
+from shim.backupdir import sweep_dead_work
+from shim.chain import resolve_parents
 from shim.errors import BackupFailed, InputError
 from shim.manifest import MANIFEST
 from shim.nas import MountSession, Repository

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from shim import cli, qemu_img
-from shim.chain import directory_size
+from shim.backupdir import directory_size
 from shim.contract import jobinfo_text
 from shim.errors import VirtError
 from shim.lock import LOCK_WAIT_ENV

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from shim import cli
-from shim.backup import named_disks
 from shim.errors import InputError, UsageError
+from shim.live import named_disks
 from shim.nas import MOUNT_TIMEOUT_SECONDS, Repository
 from shim.offline import source_disks
 from shim.operations import (

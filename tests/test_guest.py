@@ -260,7 +260,7 @@ def _after_a_stuck_target(
     lab: Lab, guest: Guest, chain: Chain, stdout: str, tmp_path: Path
 ) -> None:
     """QEMU 7.2 kept the failed job's filter, holding the target open (about one run in
-    ten; see shim.backup.Backup._stuck_target_problem): the VM must stay up, untouched, the
+    ten; see shim.live.LiveBackup._stuck_target_problem): the VM must stay up, untouched, the
     operator told to restart it, and the next backup refused until then."""
     print("QEMU kept the failed copy-before-write filter: checking the restart path")
     assert stdout == "Backup cleanup failed\n"  # exit 20's line: the reason is in the log

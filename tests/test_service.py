@@ -22,7 +22,7 @@ import pytest
 from commands.envelope import dump, load_commands
 from commands.model import GetBackupStorageStatsCommand
 from commands.wrappers import Generation
-from shim.chain import directory_size
+from shim.backupdir import directory_size
 from shim.errors import CleanupFailed
 from shim.lock import LOCK_WAIT_ENV, VmLock
 from shim.service import Service, ServiceConfig, StartupRefused, TcpAddress

@@ -15,7 +15,7 @@ import contextlib
 import logging
 import os
 import threading
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -305,6 +305,10 @@ class BackupJob:
         # waits for that job to end, i.e. until QEMU has released the files. The completed
         # statistics alone are answered at once and are no barrier.
         self.dom.jobStats()
+
+
+JobObserver = Callable[[BackupJob], None]
+"""Called with the libvirt job once it exists (progress, abort)."""
 
 
 def recover_interrupted_job(

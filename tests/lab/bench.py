@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim import qemu_img
-from shim.chain import fsync_tree
+from shim.backupdir import fsync_tree
 from tests.lab import Lab, LabVM, MiB
 from tests.lab.system import descendants_running
 

@@ -42,7 +42,7 @@ from typing import Any, TypeVar
 
 from commands.envelope import dump
 from commands.model import DeleteBackupCommand, TakeBackupCommand
-from shim.chain import directory_size
+from shim.backupdir import directory_size
 from shim.errors import ShimError
 from shim.log import LOG_FILE_ENV
 from shim.nas import Repository

@@ -1,0 +1,76 @@
+"""The interface every way of taking a backup implements, and the steps they share.
+
+Three methods exist: a live push backup (QEMU writes the targets on the NAS), a live pull
+backup (the shim copies from libvirt's export through a local scratch) and an offline
+backup of a stopped VM's disks. Each plans with :mod:`shim.plan`, writes its files into
+one :class:`~shim.backupdir.BackupDirectory` with the targets created here, and publishes
+it here, so a restore, ``verify`` and every CloudStack generation see one format.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Sequence
+from pathlib import Path
+
+from shim import qemu_img
+from shim.backupdir import BackupDirectory
+from shim.chain import Parents, relative_backing
+from shim.contract import BackupOutcome
+from shim.nas import MountSession
+from shim.plan import BackupPlan, read_parents
+from shim.request import BackupRequest
+from shim.virt.disks import DomainDisk
+
+
+class BackupMethod(ABC):
+    """One backup of one VM into the directory ``request.path`` of the mounted repository."""
+
+    offline: bool = False
+    """Recorded in the manifest: the disks were copied while the VM was stopped."""
+
+    def __init__(self, request: BackupRequest, session: MountSession) -> None:
+        self.request = request
+        self.session = session
+        self.directory = BackupDirectory(session, request.path)
+        self.sizes: dict[str, int] = {}
+        """Disk target -> virtual size, filled before the targets are created."""
+
+    @abstractmethod
+    def run(self) -> BackupOutcome:
+        """Take the backup and publish it; raise a ShimError after any failure, with this
+        run's traces gone (its partial directory, and whatever the method changed)."""
+
+    def read_parents(self, disks: Sequence[DomainDisk]) -> Parents | None:
+        """The request's parent files (see :func:`shim.plan.read_parents`)."""
+        return read_parents(self.request, self.session, disks)
+
+    def create_target(self, disk: DomainDisk, plan: BackupPlan) -> Path:
+        """Create ``disk``'s empty qcow2 in the partial directory, backed by its own parent
+        file by a relative path when the plan has one (a valid chain from then on)."""
+        target = self.directory.work / disk.backup_name
+        size = self.sizes[disk.target]
+        parent = plan.parents.get(disk.target)
+        if parent is None:
+            qemu_img.create(target, size)
+        else:
+            backing = relative_backing(parent, self.directory.final)
+            qemu_img.create(target, size, backing=backing, backing_fmt="qcow2")
+        return target
+
+    def publish(
+        self, disks: Sequence[DomainDisk], plan: BackupPlan, bitmap: str | None
+    ) -> list[str]:
+        """Publish the directory (manifest last, durable, renamed into place); ``bitmap``
+        is the checkpoint the manifest records. Returns the file names, manifest last."""
+        return self.directory.publish(
+            vm=self.request.vm,
+            requested_mode=self.request.effective_mode,
+            offline=self.offline,
+            checkpoint=plan.checkpoint,
+            bitmap=bitmap,
+            parents=plan.parents,
+            fallback=plan.fallback,
+            disks=disks,
+            sizes=self.sizes,
+        )
