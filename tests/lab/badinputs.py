@@ -412,7 +412,7 @@ def dropin(
             + echoes([setup.secret], stdout=done.stdout, stderr=done.stderr, log=_read(setup.log))
         )
 
-    return Scenario(name, run)
+    return Scenario(name, run, live_backup=operation in ("full", "incremental"))
 
 
 def _outside(setup: Setup, link: Path) -> list[Path]:

@@ -17,3 +17,5 @@ class Scenario:
     name: str
     run: Callable[[Lab, Path], None]
     """Runs the scenario in ``lab`` with a scratch directory; raises if it was not survived."""
+    live_backup: bool = False
+    """It asks for a backup of a running VM: the suite runs it in pull mode too."""
