@@ -31,7 +31,7 @@ from shim.errors import BackupFailed, CleanupFailed, CommandFailed, ShimError, V
 from shim.method import BackupMethod
 from shim.nas import MountSession
 from shim.plan import BackupPlan, plan_backup
-from shim.pull import DiskCopy, ExportCopier, Scratch, dirty_extents
+from shim.pull import SCRATCH_SUFFIX, DiskCopy, ExportCopier, Scratch, dirty_extents
 from shim.request import BackupRequest, check_volume_id_count
 from shim.storage_daemon import QmpError
 from shim.virt import checkpoints, host
@@ -53,6 +53,9 @@ RECONNECT_SECONDS = 60
 RELEASE_GRACE_SECONDS = 5.0
 """How long a failed job's targets may stay open in QEMU before they are taken for stuck
 (libvirt closes an aborted job's targets a moment after the abort returns)."""
+_GUARD_POLL_SECONDS = 0.02
+"""How often pull mode's pause guard looks whether the copy is over (the backup's end waits
+for it)."""
 
 
 def named_disks(disks: list[DomainDisk], volume_ids: Sequence[str]) -> list[DomainDisk]:
@@ -423,7 +426,9 @@ class PullBackup(LiveBackup):
             if incremental and not bitmap:
                 raise BackupFailed(f"libvirt exports no dirty bitmap for {disk.target}")
             extents = dirty_extents(scratch.socket, export, bitmap) if incremental else None
-            copies.append(DiskCopy(export, self.directory.work / disk.backup_name, extents))
+            target = self.directory.work / disk.backup_name
+            selection = scratch.selection(disk.target) if incremental else None
+            copies.append(DiskCopy(export, target, extents, selection))
         sizes = [self.sizes[d.target] for d in disks]
         copier = ExportCopier(scratch.socket, copies, sizes, job.report_progress)
         copied = threading.Event()
@@ -472,7 +477,7 @@ class PullBackup(LiveBackup):
         old data (its disk is full; QEMU then pauses the VM): the job is ended at once,
         which removes the copy-before-write, and the VM resumed, its write retried."""
         while not copied.is_set():
-            if not job.wait_io_error_pause(0.1):
+            if not job.wait_io_error_pause(_GUARD_POLL_SECONDS):
                 continue
             log.error("%s paused on an I/O error during a pull backup: ending the job",
                       self.request.vm)  # fmt: skip
@@ -487,7 +492,7 @@ class PullBackup(LiveBackup):
 
     def _finish(self) -> None:
         # libvirt removed its scratch images with the job; the socket and directory are ours.
-        left = [n for n in self.scratch.remove() if n != self.scratch.socket.name]
+        left = [n for n in self.scratch.remove() if n.endswith(SCRATCH_SUFFIX)]
         if left:
             log.warning("removed scratch files libvirt left: %s", ", ".join(left))
 

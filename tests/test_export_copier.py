@@ -1,0 +1,97 @@
+"""The pull-mode copy engine (:class:`shim.pull.ExportCopier`) against a real NBD export of
+a local image, without libvirt: an incremental copies exactly its selected extents, in one
+job per disk, and a selection that does not mark them is refused before any byte moves."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from shim import pull, qemu_img
+from shim.pull import DiskCopy, ExportCopier, Extent, selected_bytes
+from shim.storage_daemon import QmpError
+
+MiB = 1024 * 1024
+SIZE = 64 * MiB
+EXTENTS = [Extent(1 * MiB, 1 * MiB), Extent(10 * MiB, 3 * MiB), Extent(40 * MiB, 64 * 1024)]
+
+
+@pytest.fixture
+def export(tmp_path: Path) -> Iterator[Path]:
+    """A 64 MiB qcow2 full of 0x11, exported read-only as ``vda`` on a Unix socket."""
+    source = tmp_path / "source.qcow2"
+    qemu_img.create(source, SIZE)
+    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x11 0 {SIZE}", str(source)],
+                   check=True, capture_output=True)  # fmt: skip
+    socket = tmp_path / "nbd.sock"
+    daemon = subprocess.Popen([
+        "qemu-storage-daemon",
+        "--blockdev", f"driver=file,filename={source},node-name=file,read-only=on",
+        "--blockdev", "driver=qcow2,file=file,node-name=vda,read-only=on",
+        "--nbd-server", f"addr.type=unix,addr.path={socket}",
+        "--export", "type=nbd,id=vda,node-name=vda,name=vda",
+    ])  # fmt: skip
+    try:
+        deadline = time.monotonic() + 10
+        while not socket.exists() and time.monotonic() < deadline:
+            time.sleep(0.02)
+        yield socket
+    finally:
+        daemon.terminate()
+        daemon.wait()
+
+
+def _data_extents(image: Path) -> list[Extent]:
+    out = subprocess.run(["qemu-img", "map", "--output=json", str(image)],
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    found: list[Extent] = []
+    for entry in json.loads(out):
+        if entry["data"] and entry["depth"] == 0:
+            start, length = entry["start"], entry["length"]
+            if found and found[-1].start + found[-1].length == start:
+                found[-1] = Extent(found[-1].start, found[-1].length + length)
+            else:
+                found.append(Extent(start, length))
+    return found
+
+
+def test_an_incremental_copies_exactly_its_selected_extents(export: Path, tmp_path: Path) -> None:
+    target = tmp_path / "target.qcow2"
+    qemu_img.create(target, SIZE)
+    copy = DiskCopy("vda", target, EXTENTS, tmp_path / "vda.selection.qcow2")
+    seen: list[tuple[int, int]] = []
+    copier = ExportCopier(export, [copy], [SIZE], lambda done, total: seen.append((done, total)))
+    assert copier.run() == selected_bytes(EXTENTS) == 4 * MiB + 64 * 1024
+    assert _data_extents(target) == EXTENTS
+    assert seen[-1] == (copier.total, copier.total)
+
+
+def test_a_disk_without_changes_is_not_copied(export: Path, tmp_path: Path) -> None:
+    target = tmp_path / "target.qcow2"
+    qemu_img.create(target, SIZE)
+    selection = tmp_path / "vda.selection.qcow2"
+    assert ExportCopier(export, [DiskCopy("vda", target, [], selection)], [SIZE]).run() == 0
+    assert _data_extents(target) == []
+    assert not selection.exists()
+
+
+def test_a_selection_that_misses_an_extent_is_refused(
+    export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = pull.write_selection
+
+    def loses_one(path: Path, size: int, extents: list[Extent]) -> None:
+        written(path, size, extents[:-1])
+
+    monkeypatch.setattr(pull, "write_selection", loses_one)
+    target = tmp_path / "target.qcow2"
+    qemu_img.create(target, SIZE)
+    copy = DiskCopy("vda", target, EXTENTS, tmp_path / "vda.selection.qcow2")
+    with pytest.raises(QmpError, match="marks 4194304 bytes, not the 4259840"):
+        ExportCopier(export, [copy], [SIZE]).run()
+    assert _data_extents(target) == []
