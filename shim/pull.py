@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import signal
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,8 +55,10 @@ SELECTION_BITMAP = "selection"
 SELECTION_GRANULARITY = 64 * 1024
 """libvirt's bitmaps have the qcow2 cluster size as granularity: 64 KiB by default."""
 COPY_WORKERS = 16
-"""Requests each disk's copy keeps in flight (QEMU's default, 64, holds up to 64 MiB of
-buffers per disk for no measured gain)."""
+"""Requests each incremental's job keeps in flight (QEMU's default, 64, holds up to 64 MiB
+of buffers per disk for no measured gain)."""
+_WATCH_SECONDS = 0.5
+"""How often a full's progress is read (the bytes its target holds)."""
 QEMU_IO = "qemu-io"
 _EXTENTS_PER_QEMU_IO = 2000
 """Extents per ``qemu-io`` run (a ``-c`` each: the argument list stays small)."""
@@ -185,10 +188,17 @@ class DiskCopy:
 
 
 class ExportCopier:
-    """Copies disks from libvirt's NBD export into their targets in one storage daemon.
+    """Copies disks from libvirt's NBD export into their targets.
 
-    ``on_progress(done, total)`` is called with bytes as the copy moves (the total is known
-    for incrementals from their extents, for fulls from the virtual sizes).
+    A full is ``qemu-img convert`` of the export into its empty target, one disk after the
+    other: it writes the clusters in order (a backup job's parallel requests land out of
+    order, and a restore then reads the file all over), and it was twice as fast as a
+    backup job on a disk of 8 GiB holding 4 GiB (6.1 s against 13.0 s, measured side by
+    side). The incrementals run in one storage daemon, each a ``sync=incremental`` job
+    selected by :func:`write_selection`, all disks at once.
+
+    ``on_progress(done, total)`` is called with bytes as the copy moves: for a full, what
+    its target holds so far against the virtual size; for an incremental, the job's own.
     """
 
     def __init__(
@@ -202,7 +212,7 @@ class ExportCopier:
         self.copies = list(copies)
         self.sizes = list(sizes)
         self.total = sum(
-            size if c.extents is None else sum(e.length for e in c.extents)
+            size if c.extents is None else selected_bytes(c.extents)
             for c, size in zip(self.copies, sizes, strict=True)
         )
         self.done = 0
@@ -210,44 +220,61 @@ class ExportCopier:
 
     def run(self) -> int:
         """Copy everything; return the bytes covered. Raises on any failure (QmpError,
-        DaemonHung, Cancelled); the daemon is gone when it returns or raises."""
-        # The export's socket on the daemon's command line: a run killed meanwhile leaves a
-        # daemon that the next one finds by it (Scratch.prepare).
+        DaemonHung, CommandFailed, Cancelled); no copying process is left when it does.
+
+        The export's socket is on every copying process's command line: a run killed
+        meanwhile leaves them to the next one, which finds them by it (Scratch.prepare)."""
         # A disk without a dirty extent needs no copy: its empty target reads its parent.
-        copying = [(i, c) for i, c in enumerate(self.copies) if c.extents is None or c.extents]
-        if not copying:
-            return self.done
+        incrementals = [(i, c) for i, c in enumerate(self.copies) if c.extents]
+        if incrementals:
+            self._copy_incrementals(incrementals)
+        for i, copy in enumerate(self.copies):
+            if copy.extents is None:
+                self._convert(copy, self.sizes[i])
+        self._report(self.total)
+        return self.done
+
+    def _convert(self, copy: DiskCopy, size: int) -> None:
+        base = self.done
+        source = blockdev_nbd(self.socket, copy.export)
+        argv = [QEMU_IMG, "convert", "-n", "--target-is-zero", "-O", "qcow2",
+                "--image-opts", source, str(copy.target)]  # fmt: skip
+        # The target was created empty: zeroes are skipped, holes stay holes. Made durable
+        # with the whole directory before it is published.
+        with _Watch(copy.target, lambda held: self._report(base + min(held, size))):
+            proc.run(argv)
+        self._report(base + size)
+
+    def _copy_incrementals(self, incrementals: list[tuple[int, DiskCopy]]) -> None:
         blockdevs = []
-        for i, copy in copying:
-            blockdevs.append(blockdev_nbd(self.socket, copy.export, node=f"src{i}"))
-            if copy.extents is not None:
-                if copy.selection is None:
-                    raise ValueError("an incremental copy needs a selection image")
-                write_selection(copy.selection, self.sizes[i], copy.extents)
-                blockdevs += [
-                    blockdev_file(f"sel{i}-file", copy.selection, read_only=True),
-                    blockdev_qcow2(f"sel{i}", f"sel{i}-file", read_only=True),
-                ]
+        for i, copy in incrementals:
+            if copy.extents is None or copy.selection is None:
+                raise ValueError("an incremental copy needs its extents and a selection image")
+            write_selection(copy.selection, self.sizes[i], copy.extents)
+            blockdevs += [
+                blockdev_nbd(self.socket, copy.export, node=f"src{i}"),
+                blockdev_file(f"sel{i}-file", copy.selection, read_only=True),
+                blockdev_qcow2(f"sel{i}", f"sel{i}-file", read_only=True),
+            ]
+        base = self.done
         with StorageDaemon(blockdevs) as daemon:
             try:
-                jobs = [self._prepare(daemon, i, copy) for i, copy in copying]
-                # Every disk at once, as push mode's job copies them.
+                jobs = [self._prepare(daemon, i, copy) for i, copy in incrementals]
                 daemon.command("transaction", actions=[
                     {"type": "blockdev-backup", "data": job} for job in jobs
                 ])  # fmt: skip
                 ids = [str(job["job-id"]) for job in jobs]
-                ended = daemon.wait_jobs(ids, self._report)
-                self._report(sum(int(data.get("len", 0)) for data in ended.values()))
-                for i, _copy in copying:
+                ended = daemon.wait_jobs(ids, lambda done: self._report(base + done))
+                self._report(base + sum(int(data.get("len", 0)) for data in ended.values()))
+                for i, _copy in incrementals:
                     # Detached before the daemon quits: the target's writes are flushed.
                     daemon.command("blockdev-del", **{"node-name": f"tgt{i}"})
             except BaseException:
                 daemon.kill()  # the targets are discarded: nothing to drain to the NAS
                 raise
-        return self.done
 
     def _prepare(self, daemon: StorageDaemon, i: int, copy: DiskCopy) -> dict[str, object]:
-        """Attach disk ``i``'s target (and select its extents); return its job's arguments."""
+        """Attach disk ``i``'s target and select its extents; return its job's arguments."""
         # Backed by its parent as the header says (an incremental's unwritten clusters read
         # through); zeroes written become zero clusters, never parent data.
         daemon.command(
@@ -256,12 +283,6 @@ class ExportCopier:
             **{"node-name": f"tgt{i}", "discard": "unmap", "detect-zeroes": "unmap"},
             file={"driver": "file", "filename": str(copy.target)},
         )
-        job: dict[str, object] = {
-            "device": f"src{i}", "target": f"tgt{i}", "job-id": f"copy{i}",
-            "x-perf": {"max-workers": COPY_WORKERS},
-        }  # fmt: skip
-        if copy.extents is None:
-            return {**job, "sync": "full"}
         bitmap = {"node": f"src{i}", "name": SELECTION_BITMAP}
         daemon.command("block-dirty-bitmap-add", **bitmap, granularity=SELECTION_GRANULARITY)
         daemon.command(
@@ -270,18 +291,46 @@ class ExportCopier:
         )  # fmt: skip
         # The selection is checked, not trusted: a copy of other extents would be a chain
         # that restores to data the VM never held.
+        extents = copy.extents or ()
         selected = _bitmap_count(daemon, f"src{i}", SELECTION_BITMAP)
-        if selected != selected_bytes(copy.extents):
+        if selected != selected_bytes(extents):
             raise QmpError(
                 f"the selection of {copy.export} marks {selected} bytes, "
-                f"not the {selected_bytes(copy.extents)} of its dirty extents"
+                f"not the {selected_bytes(extents)} of its dirty extents"
             )
-        return {**job, "sync": "incremental", "bitmap": SELECTION_BITMAP}
+        return {
+            "device": f"src{i}", "target": f"tgt{i}", "job-id": f"copy{i}",
+            "sync": "incremental", "bitmap": SELECTION_BITMAP,
+            "x-perf": {"max-workers": COPY_WORKERS},
+        }  # fmt: skip
 
     def _report(self, done: int) -> None:
         self.done = done
         if self._on_progress is not None:
             self._on_progress(done, self.total)
+
+
+class _Watch:
+    """Reports the bytes a file holds, every :data:`_WATCH_SECONDS`, while in the block."""
+
+    def __init__(self, path: Path, report: Callable[[int], None]) -> None:
+        self._path = path
+        self._report = report
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="copy-progress", daemon=True)
+
+    def __enter__(self) -> _Watch:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_WATCH_SECONDS):
+            with contextlib.suppress(OSError):
+                self._report(os.stat(self._path).st_blocks * 512)
 
 
 def _bitmap_count(daemon: StorageDaemon, node: str, name: str) -> int:

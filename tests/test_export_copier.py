@@ -18,15 +18,20 @@ from shim.storage_daemon import QmpError
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
-EXTENTS = [Extent(1 * MiB, 1 * MiB), Extent(10 * MiB, 3 * MiB), Extent(40 * MiB, 64 * 1024)]
+EXTENTS = [Extent(1 * MiB, 1 * MiB), Extent(10 * MiB, 3 * MiB), Extent(50 * MiB, 64 * 1024)]
+WRITES = [f"write -P {0x10 + k} {k * 4 * MiB} {4 * MiB}" for k in range(8)] + [
+    f"write -P 0x77 {48 * MiB} {8 * MiB}"
+]
+"""The source: 32 MiB of data, a 16 MiB hole, 8 MiB of data, a hole to its end."""
 
 
 @pytest.fixture
 def export(tmp_path: Path) -> Iterator[Path]:
-    """A 64 MiB qcow2 full of 0x11, exported read-only as ``vda`` on a Unix socket."""
+    """A 64 MiB qcow2 holding :data:`WRITES`, exported read-only as ``vda`` on a socket."""
     source = tmp_path / "source.qcow2"
     qemu_img.create(source, SIZE)
-    subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P 0x11 0 {SIZE}", str(source)],
+    commands = [arg for write in WRITES for arg in ("-c", write)]
+    subprocess.run(["qemu-io", "-f", "qcow2", *commands, str(source)],
                    check=True, capture_output=True)  # fmt: skip
     socket = tmp_path / "nbd.sock"
     daemon = subprocess.Popen([
@@ -95,3 +100,22 @@ def test_a_selection_that_misses_an_extent_is_refused(
     with pytest.raises(QmpError, match="marks 4194304 bytes, not the 4259840"):
         ExportCopier(export, [copy], [SIZE]).run()
     assert _data_extents(target) == []
+
+
+def test_a_full_copies_the_view_in_order_and_sparse(export: Path, tmp_path: Path) -> None:
+    """Every byte, holes kept, and the clusters stored in the disk's order (a restore reads
+    the file straight through)."""
+    target = tmp_path / "target.qcow2"
+    qemu_img.create(target, SIZE)
+    seen: list[tuple[int, int]] = []
+    copier = ExportCopier(
+        export, [DiskCopy("vda", target)], [SIZE], lambda done, total: seen.append((done, total))
+    )
+    assert copier.run() == SIZE
+    assert seen[-1] == (SIZE, SIZE)
+    assert qemu_img.compare(target, tmp_path / "source.qcow2")
+    assert _data_extents(target) == [Extent(0, 32 * MiB), Extent(48 * MiB, 8 * MiB)]
+    out = subprocess.run(["qemu-img", "map", "--output=json", str(target)],
+                         check=True, capture_output=True, text=True).stdout  # fmt: skip
+    offsets = [entry["offset"] for entry in json.loads(out) if entry["data"]]
+    assert offsets == sorted(offsets), "clusters stored out of order"

@@ -7,7 +7,8 @@ against a depth-10 one, a full flatten against a rebase. Tests check behaviour; 
 speed. Output: one ``P<n> <value> target <target> ok|MISS (details)`` line per metric, a
 blank line, then ``benchmarks: N/M on target``. P9 and P10 measure a real guest's I/O during
 a backup (:mod:`tests.lab.bench_guest`), P11 to P13 pull mode against push mode
-(:mod:`tests.lab.bench_pull`).
+(:mod:`tests.lab.bench_pull`), P14 and P15 a big disk in pull mode against the copy floor
+(:mod:`tests.lab.bench_scale`).
 """
 
 from __future__ import annotations
@@ -126,11 +127,18 @@ def timed(action: Callable[[], object]) -> float:
 class Bench:
     """One VM, one repository, every measurement."""
 
-    def __init__(self, lab: Lab, log: Path) -> None:
+    def __init__(
+        self,
+        lab: Lab,
+        log: Path,
+        disks: Sequence[int] = (1 * GiB, 256 * MiB),
+        *,
+        start: bool = True,
+    ) -> None:
         self.lab = lab
         self.log = log
         self.repo = lab.repository()
-        self.vm = lab.create_vm(disks=(1 * GiB, 256 * MiB))
+        self.vm = lab.create_vm(disks=disks, start=start)
         self.backups: list[str] = []
         self.bitmaps: list[str] = []
         self.rng = random.Random(7)  # noqa: S311 - reproducible offsets, not secrets
@@ -324,6 +332,11 @@ def run(selected: Sequence[str]) -> list[Metric]:
         from tests.lab.bench_pull import pull_metrics
 
         metrics += pull_metrics(list(selected))
+    if {"P14", "P15"} & set(selected):
+        # A big disk in pull mode against the copy floor (tests/lab/bench_scale.py).
+        from tests.lab.bench_scale import scale_metrics
+
+        metrics += scale_metrics(list(selected))
     order = {f"P{i}": i for i in range(1, 20)}
     if not {f"P{i}" for i in range(1, 9)} & set(selected):
         return sorted(metrics, key=lambda m: order[m.name])
@@ -346,7 +359,7 @@ def run(selected: Sequence[str]) -> list[Metric]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``scripts/bench``."""
     parser = argparse.ArgumentParser(prog="bench", description=__doc__)
-    parser.add_argument("metrics", nargs="*", default=[f"P{i}" for i in range(1, 14)])
+    parser.add_argument("metrics", nargs="*", default=[f"P{i}" for i in range(1, 16)])
     args = parser.parse_args(argv)
     metrics = run(args.metrics)
     for metric in metrics:

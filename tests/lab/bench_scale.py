@@ -1,0 +1,111 @@
+"""P14 and P15: a big disk in pull mode (:mod:`shim.pull`), against the copy floor.
+
+One 8 GiB disk holding 4 GiB (64 MiB written in every other 128 MiB, through QEMU's block
+layer), page cache evicted before each run, medians of two:
+
+* ``P14``: the full's wall time in pull mode ÷ the copy floor (``qemu-img convert`` of the
+  stopped disk into the repository, then fsync: the same flush as a backup's). Push mode's
+  figure is printed beside it. Target 1.3.
+* ``P15``: flattening that full (``qemu-img convert`` of the backup file, as the Java
+  restore does) ÷ the same convert of the source disk, medians of five alternating runs.
+  Push mode's is printed too. Target 1.3.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import statistics
+import subprocess
+from pathlib import Path
+
+from shim import qemu_img
+from shim.backupdir import fsync_tree
+from tests.lab.bench import Bench, Metric, evict, timed
+from tests.lab.bench_pull import pull_mode
+from tests.lab.lab import Lab, LabVM, MiB
+
+GiB = 1024 * MiB
+SIZE = 8 * GiB
+STRIDE = 128 * MiB
+WRITTEN = 64 * MiB
+ROUNDS = 2
+FLATTEN_ROUNDS = 5
+
+
+def _fill(vm: LabVM) -> None:
+    """4 GiB of data over the 8 GiB disk, written through QEMU's block layer (qemu-io)."""
+    commands = []
+    for k, offset in enumerate(range(0, SIZE, STRIDE)):
+        commands += ["-c", f"write -P {k % 251 + 1} {offset} {WRITTEN}"]
+    subprocess.run(["qemu-io", "-f", "qcow2", *commands, str(vm.disks[0].path)],
+                   check=True, capture_output=True)  # fmt: skip
+
+
+def scale_metrics(selected: list[str]) -> list[Metric]:
+    """The selected ones of P14 and P15, on a VM of their own."""
+    with Lab() as lab:
+        bench = Bench(lab, lab.dir / "scale.log", disks=(SIZE,), start=False)
+        vm = bench.vm
+        _fill(vm)
+        source = vm.disks[0].path
+        floors = []
+        for _ in range(ROUNDS):
+            floor_dir = lab.new_dir("floor")
+            evict([source])
+
+            def copy_floor(target: Path = floor_dir) -> None:
+                qemu_img.convert(source, target / source.name)
+                fsync_tree(target)
+
+            floors.append(timed(copy_floor))
+            shutil.rmtree(floor_dir)
+        vm.start()
+        scratch = lab.new_dir("scratch")
+        fulls: dict[str, list[float]] = {"push": [], "pull": []}
+        kept: dict[str, Path] = {}
+        for k in range(ROUNDS):
+            for mode in ("push", "pull"):
+                evict([source])
+                with contextlib.ExitStack() as stack:
+                    if mode == "pull":
+                        stack.enter_context(pull_mode(scratch))
+                    fulls[mode].append(bench.backup("full")[0])
+                backup = bench.files(bench.backups[-1])[0]
+                if k == ROUNDS - 1:
+                    kept[mode] = backup
+                else:
+                    backup.unlink()  # 4 GiB each: the disk need not hold them all
+        vm.stop()
+        # This host's disk is noisy (the same convert takes 3 to 10 s): alternate, medians.
+        flattens: dict[str, list[float]] = {"source": [], "push": [], "pull": []}
+        for _ in range(FLATTEN_ROUNDS):
+            for name, image in (("source", source), *kept.items()):
+                flattens[name].append(_flatten_seconds(lab, image))
+    flat = {name: statistics.median(runs) for name, runs in flattens.items()}
+    floor = statistics.median(floors)
+    full = {mode: statistics.median(runs) for mode, runs in fulls.items()}
+    metrics = [
+        Metric(
+            "P14", full["pull"] / floor, 1.3,
+            f"8 GiB disk holding 4 GiB, median of {ROUNDS}: pull {full['pull']:.2f} s, copy "
+            f"floor {floor:.2f} s; push {full['push']:.2f} s ({full['push'] / floor:.2f})",
+        ),
+        Metric(
+            "P15", flat["pull"] / flat["source"], 1.3,
+            f"flattening the full, median of {FLATTEN_ROUNDS}: pull's {flat['pull']:.2f} s, "
+            f"the source's {flat['source']:.2f} s; push's {flat['push']:.2f} s "
+            f"({flat['push'] / flat['source']:.2f})",
+        ),
+    ]  # fmt: skip
+    return [m for m in metrics if m.name in selected]
+
+
+def _flatten_seconds(lab: Lab, image: Path) -> float:
+    """``qemu-img convert`` of ``image`` (and its chain) into a local qcow2, cache cold."""
+    out_dir = lab.new_dir("flat")
+    evict([image])
+    try:
+        return timed(lambda: qemu_img.convert(image, out_dir / "flat.qcow2"))
+    finally:
+        shutil.rmtree(out_dir)
