@@ -24,6 +24,7 @@ from shim.manifest import (
     DiskFile,
     Manifest,
     checksum_algorithm,
+    checksums_at_backup,
     disk_records,
     write_manifest,
 )
@@ -99,7 +100,7 @@ class BackupDirectory:
             bitmap=bitmap,
             parent=parent_dir_name(parents),
             fallback=fallback,
-            disks=disk_records(self.work, files, algorithm),
+            disks=disk_records(self.work, files, algorithm, read_back=checksums_at_backup()),
             checksum_algorithm=algorithm,
         )
         write_manifest(self.work, manifest)

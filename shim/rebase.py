@@ -19,7 +19,7 @@ from shim.backupdir import rewrite_manifest
 from shim.chain import backup_files, parse_backup_file_name, relative_backing, vm_dir_of
 from shim.errors import InputError
 from shim.lock import VmLock
-from shim.manifest import checksums, read_manifest
+from shim.manifest import UNSEALED, checksums, checksums_at_backup, read_manifest
 from shim.nas import MountSession, Repository
 from shim.request import RebaseRequest
 
@@ -74,7 +74,11 @@ def _update_manifest(directory: Path, rebased: list[Path]) -> None:
     manifest = read_manifest(directory)
     if manifest is None:
         return
-    digests = checksums(rebased, manifest.checksum_algorithm)
+    # A rebased file changed: its checksum is computed again, or left to the next verify.
+    if checksums_at_backup():
+        digests = checksums(rebased, manifest.checksum_algorithm)
+    else:
+        digests = dict.fromkeys(rebased, UNSEALED)
     names = {f.name: f for f in rebased}
     disks = []
     parent = manifest.parent

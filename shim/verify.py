@@ -5,19 +5,26 @@ link relative, qcow2, and resolving inside the VM's directory; every file's chec
 to the one its directory's manifest recorded. A directory without a manifest is an
 incomplete backup. stdout lists each file verified; the first problem fails the operation
 (all of them are logged).
+
+A file whose checksum its backup left to the first verify (:data:`shim.manifest.UNSEALED`)
+gets it recorded ("sealed") when everything verified, under the VM's lock and only if the
+file did not change meanwhile; a later verify then compares against it.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 from pathlib import Path
 
 from shim import qemu_img
+from shim.backupdir import rewrite_manifest
 from shim.cancel import Cancelled
 from shim.chain import backup_files, vm_dir_of
-from shim.errors import BackupFailed, CommandFailed
-from shim.manifest import Manifest, checksums, read_manifest
+from shim.errors import BackupFailed, CommandFailed, LockBusy
+from shim.lock import VmLock
+from shim.manifest import UNSEALED, Manifest, checksums, read_manifest
 from shim.nas import MountSession, Repository
 
 log = logging.getLogger(__name__)
@@ -36,12 +43,13 @@ def verify_backup(repository: Repository, path: str) -> list[str]:
             _walk_chain(top, vm_root, problems, checked)
         if not backup_files(directory):
             problems.append(f"{path} holds no backup file")
-        _check_digests(list(checked), problems)
+        unsealed = _check_digests(list(checked), problems)
         for problem in problems:
             log.error("verify %s: %s", path, problem)
         if problems:
             more = f" (+{len(problems) - 1} more in the log)" if len(problems) > 1 else ""
             raise BackupFailed(f"verify failed: {problems[0]}{more}")
+        _seal(vm_dir_of(path), unsealed)
         return [f"ok {file.relative_to(session.root.resolve())}" for file in checked]
 
 
@@ -82,7 +90,18 @@ def _walk_chain(top: Path, vm_root: Path, problems: list[str], checked: dict[Pat
         file = parent
 
 
-def _check_digests(files: list[Path], problems: list[str]) -> None:
+@dataclasses.dataclass(frozen=True)
+class _Computed:
+    """A checksum computed for a file whose manifest had none, and the file as it was."""
+
+    digest: str
+    size: int
+    mtime_ns: int
+
+
+def _check_digests(files: list[Path], problems: list[str]) -> dict[Path, _Computed]:
+    """Compare each file's checksum with its manifest's; return those to seal."""
+    stats = {file: os.stat(file) for file in files}
     manifests: dict[Path, Manifest | None] = {}
     for directory in dict.fromkeys(f.parent for f in files):
         try:
@@ -104,14 +123,51 @@ def _check_digests(files: list[Path], problems: list[str]) -> None:
             digests.update(checksums(group, algorithm))
         except ValueError as exc:
             problems.append(f"{group[0].parent.name}/manifest.json: {exc}")
+    unsealed: dict[Path, _Computed] = {}
     for file, digest in digests.items():
         manifest = manifests[file.parent]
         assert manifest is not None  # noqa: S101 - grouped above
         recorded = {d.file: d.checksum for d in manifest.disks}.get(file.name)
         if recorded is None:
             problems.append(f"{file.parent.name}/{file.name} is not in its manifest")
+        elif recorded == UNSEALED:
+            unsealed[file] = _Computed(digest, stats[file].st_size, stats[file].st_mtime_ns)
         elif recorded != digest:
             problems.append(f"{file.parent.name}/{file.name}: checksum differs from the manifest")
+    return unsealed
+
+
+def _seal(vm: str, computed: dict[Path, _Computed]) -> None:
+    """Record the checksums this verify computed for files that had none. Never fails the
+    verify: a busy VM or a read-only repository leaves them to the next one."""
+    if not computed:
+        return
+    try:
+        with VmLock(vm):
+            for directory in dict.fromkeys(f.parent for f in computed):
+                _seal_directory(directory, computed)
+    except (LockBusy, OSError, ValueError) as exc:
+        log.warning("checksums not recorded, the next verify records them: %s", exc)
+
+
+def _seal_directory(directory: Path, computed: dict[Path, _Computed]) -> None:
+    manifest = read_manifest(directory)
+    if manifest is None:
+        return
+    records, sealed = [], []
+    for record in manifest.disks:
+        file = directory / record.file
+        known = computed.get(file)
+        if known is not None and record.checksum == UNSEALED:
+            st = os.stat(file)
+            if (st.st_size, st.st_mtime_ns) == (known.size, known.mtime_ns):  # not rebased since
+                records.append(dataclasses.replace(record, checksum=known.digest))
+                sealed.append(record.file)
+                continue
+        records.append(record)
+    if sealed:
+        rewrite_manifest(directory, dataclasses.replace(manifest, disks=records))
+        log.info("recorded the checksums of %s/%s", directory.name, ", ".join(sealed))
 
 
 def _shown(file: Path, vm_root: Path) -> str:

@@ -27,6 +27,7 @@ from pathlib import Path
 
 from shim import qemu_img
 from shim.backupdir import fsync_tree
+from shim.nas import Repository
 from tests.lab import Lab, LabVM, MiB
 from tests.lab.system import descendants_running
 
@@ -134,10 +135,11 @@ class Bench:
         disks: Sequence[int] = (1 * GiB, 256 * MiB),
         *,
         start: bool = True,
+        repo: Repository | None = None,
     ) -> None:
         self.lab = lab
         self.log = log
-        self.repo = lab.repository()
+        self.repo = repo or lab.repository()
         self.vm = lab.create_vm(disks=disks, start=start)
         self.backups: list[str] = []
         self.bitmaps: list[str] = []
@@ -332,8 +334,8 @@ def run(selected: Sequence[str]) -> list[Metric]:
         from tests.lab.bench_pull import pull_metrics
 
         metrics += pull_metrics(list(selected))
-    if {"P14", "P15"} & set(selected):
-        # A big disk in pull mode against the copy floor (tests/lab/bench_scale.py).
+    if {"P14", "P15", "P16"} & set(selected):
+        # At scale: a big disk against the copy floor, the NAS's traffic (bench_scale.py).
         from tests.lab.bench_scale import scale_metrics
 
         metrics += scale_metrics(list(selected))
@@ -359,7 +361,7 @@ def run(selected: Sequence[str]) -> list[Metric]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``scripts/bench``."""
     parser = argparse.ArgumentParser(prog="bench", description=__doc__)
-    parser.add_argument("metrics", nargs="*", default=[f"P{i}" for i in range(1, 16)])
+    parser.add_argument("metrics", nargs="*", default=[f"P{i}" for i in range(1, 17)])
     args = parser.parse_args(argv)
     metrics = run(args.metrics)
     for metric in metrics:

@@ -16,12 +16,19 @@ lab exports a directory through this filesystem, and flag files in the backing d
   EXPORT/hang DIR`` then hangs in the kernel's path lookup. Like a hard NFS mount, the
   wait ends when the waiting process is killed (FUSE's interrupt).
 
-Run as ``python -m tests.lab.flakyfs BACKING MOUNTPOINT`` (foreground); unmount to stop.
+With ``--count`` (for the benchmarks) it counts the bytes read and written through it:
+each time a file is released (closed) it writes ``{"read": N, "written": M}`` to
+``.counters`` in the backing directory; and the kernel caches no file data (``direct_io``),
+so that a read-back of what was just written cannot hide in the page cache.
+
+Run as ``python -m tests.lab.flakyfs BACKING MOUNTPOINT [--count]`` (foreground); unmount
+to stop.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import sys
 import threading
@@ -37,6 +44,7 @@ SLOW_FLAG = ".slow-writes"
 FULL_FLAG = ".full"
 RATE_FLAG = ".rate"
 HANG_FLAG = ".hang-lookups"
+COUNTERS = ".counters"
 HANG_DIR = "hang"
 """Lookups of this directory, and of anything under it, hang while ``HANG_FLAG`` exists."""
 _HANG_POLL_SECONDS = 0.1
@@ -46,8 +54,9 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
     """Every operation passes through to ``root``; writes fail or slow down, and lookups
     under ``hang`` block, while the flags say so."""
 
-    def __init__(self, root: str) -> None:
+    def __init__(self, root: str, *, count: bool = False) -> None:
         self.root = os.path.realpath(root)
+        self.count = count
         self.flag = os.path.join(self.root, FAIL_FLAG)
         self.slow_flag = os.path.join(self.root, SLOW_FLAG)
         self.hang_flag = os.path.join(self.root, HANG_FLAG)
@@ -55,6 +64,9 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
         self.rate_flag = os.path.join(self.root, RATE_FLAG)
         self._rate_lock = threading.Lock()
         self._line_free_at = 0.0
+        self._count_lock = threading.Lock()
+        self.bytes_read = 0
+        self.bytes_written = 0
 
     def _path(self, path: str) -> str:
         return os.path.join(self.root, path.lstrip("/"))
@@ -157,7 +169,10 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
         return os.open(self._path(path), os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
 
     def read(self, path: str, size: int, offset: int, fh: int) -> bytes:
-        return os.pread(fh, size, offset)
+        data = os.pread(fh, size, offset)
+        with self._count_lock:
+            self.bytes_read += len(data)
+        return data
 
     def write(self, path: str, data: bytes, offset: int, fh: int) -> int:
         if self._failing():
@@ -168,7 +183,10 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
             time.sleep(delay)
         self._throttle(len(data))
         self._full()
-        return os.pwrite(fh, data, offset)
+        written = os.pwrite(fh, data, offset)
+        with self._count_lock:
+            self.bytes_written += written
+        return written
 
     def truncate(self, path: str, length: int, fh: int | None = None) -> None:
         if self._failing():
@@ -187,6 +205,14 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
 
     def release(self, path: str, fh: int) -> None:
         os.close(fh)
+        if not self.count:
+            return
+        with self._count_lock:
+            counts = {"read": self.bytes_read, "written": self.bytes_written}
+        tmp = os.path.join(self.root, f"{COUNTERS}.tmp")
+        with open(tmp, "w", encoding="ascii") as out:
+            json.dump(counts, out)
+        os.replace(tmp, os.path.join(self.root, COUNTERS))
 
 
 def _interrupted() -> bool:
@@ -196,11 +222,12 @@ def _interrupted() -> bool:
 
 
 def main(argv: list[str]) -> int:
-    """``python -m tests.lab.flakyfs BACKING MOUNTPOINT``: serve until unmounted."""
-    backing, mountpoint = argv
+    """``python -m tests.lab.flakyfs BACKING MOUNTPOINT [--count]``: serve until unmounted."""
+    backing, mountpoint, *flags = argv
+    count = "--count" in flags
     Path(mountpoint).mkdir(parents=True, exist_ok=True)
-    FUSE(FlakyPassthrough(backing), mountpoint, foreground=True, nothreads=False,
-         allow_other=True, fsname="flakynas")  # fmt: skip
+    FUSE(FlakyPassthrough(backing, count=count), mountpoint, foreground=True,
+         nothreads=False, allow_other=True, fsname="flakynas", direct_io=count)  # fmt: skip
     return 0
 
 

@@ -9,6 +9,7 @@ and remove all of it: domains, checkpoint metadata, mounts, files.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import random
@@ -36,7 +37,15 @@ from shim.virt.disks import parse_disks, volume_id_of
 from shim.virt.host import qemu_monitor
 from shim.virt.jobs import BackupJob
 from tests.lab import system
-from tests.lab.flakyfs import FAIL_FLAG, FULL_FLAG, HANG_DIR, HANG_FLAG, RATE_FLAG, SLOW_FLAG
+from tests.lab.flakyfs import (
+    COUNTERS,
+    FAIL_FLAG,
+    FULL_FLAG,
+    HANG_DIR,
+    HANG_FLAG,
+    RATE_FLAG,
+    SLOW_FLAG,
+)
 from tests.lab.guest_image import GuestImage
 
 log = logging.getLogger(__name__)
@@ -410,6 +419,15 @@ class FlakyNas:
         repo = self.repository
         return Repository(repo.type, f"{repo.address}/{HANG_DIR}", repo.options)
 
+    def traffic(self) -> tuple[int, int]:
+        """Bytes read and written through this NAS so far, as of the last file closed (a
+        NAS made ``counting`` only)."""
+        try:
+            counts = json.loads((self.backing / COUNTERS).read_text(encoding="ascii"))
+        except FileNotFoundError:
+            return 0, 0
+        return int(counts["read"]), int(counts["written"])
+
     def heal(self) -> None:
         """The NAS works normally again: every flag removed (hung lookups go on)."""
         for flag in (FAIL_FLAG, SLOW_FLAG, HANG_FLAG, FULL_FLAG, RATE_FLAG):
@@ -538,12 +556,14 @@ class Lab:
             proc.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "labnas", str(export)])
         return Repository(type="none", address=str(export), options="bind")
 
-    def flaky_repository(self) -> FlakyNas:
-        """A repository whose writes can be made to fail with EIO (a FUSE passthrough)."""
+    def flaky_repository(self, *, counting: bool = False) -> FlakyNas:
+        """A repository whose writes can be made to fail with EIO (a FUSE passthrough);
+        ``counting``, it counts its traffic (:meth:`FlakyNas.traffic`), uncached."""
         backing = self.new_dir("flaky-backing")
         export = self.new_dir("nas")
+        flags = ["--count"] if counting else []
         process = subprocess.Popen(
-            [sys.executable, "-m", "tests.lab.flakyfs", str(backing), str(export)],
+            [sys.executable, "-m", "tests.lab.flakyfs", str(backing), str(export), *flags],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
             cwd=REPO_ROOT,
         )  # fmt: skip
