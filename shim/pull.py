@@ -6,17 +6,17 @@ keeps each disk's point-in-time view with copy-before-write into a sparse **scra
 image on local storage and exports that view over NBD on a Unix socket; the shim then
 copies from the export to the backup's qcow2 files at the NAS's own pace.
 
-The copy runs in a ``qemu-storage-daemon``: an NBD client node per disk, the target qcow2
-(backed by its parent, as in push mode), and QEMU's backup job between them, one per disk,
-all at once. A full copies the whole view (holes stay holes: the export reports them). An
-incremental copies only the extents the export's dirty-bitmap context marks: QEMU's NBD
-client cannot hand that context to a job, and QMP has no command to set a bitmap's bits,
-so the extents are written as zeroes (``qemu-io``, no data stored) into a small local qcow2
-whose persistent bitmap records them, and that bitmap is merged into one on the source
-node for a ``sync=incremental`` job: push mode's copy, in order, from the export. (A job
-per extent between raw windows was 1.6 times slower than push mode's job on scattered
-changes; ``qemu-img convert`` reads a dirty-bitmap view inverted.) QEMU moves every byte;
-Python reads the extent map (``qemu-img map``) and speaks QMP.
+A full is ``qemu-img convert`` of the export into its empty target: holes stay holes (the
+export reports them) and the clusters are stored in the disk's order. An incremental copies
+only the extents the export's dirty-bitmap context marks, in a ``qemu-storage-daemon``: an
+NBD client node per disk, the target qcow2 backed by its parent (as in push mode), and a
+``sync=incremental`` backup job between them, every disk at once. QEMU's NBD client cannot
+hand the export's context to a job, and QMP has no command to set a bitmap's bits, so the
+extents are written as zeroes (``qemu-io``, no data stored) into a small local qcow2 whose
+persistent bitmap records them, and that bitmap is merged into one on the source node.
+(A job per extent between raw windows was 1.6 times slower than push mode's job on
+scattered changes; ``qemu-img convert`` reads a dirty-bitmap view inverted.) QEMU moves
+every byte; Python reads the extent map (``qemu-img map``) and speaks QMP.
 """
 
 from __future__ import annotations
@@ -146,13 +146,16 @@ def write_selection(path: Path, size: int, extents: Sequence[Extent]) -> None:
 
 
 def selected_bytes(extents: Sequence[Extent]) -> int:
-    """The bytes a bitmap of :data:`SELECTION_GRANULARITY` marking ``extents`` counts."""
-    grains: set[int] = set()
-    for extent in extents:
-        first = extent.start // SELECTION_GRANULARITY
+    """The bytes a bitmap of :data:`SELECTION_GRANULARITY` marking ``extents`` counts
+    (a grain two extents share counts once; no grain is enumerated: a disk may be 1 TiB)."""
+    grains, counted_to = 0, -1
+    for extent in sorted(extents, key=lambda e: e.start):
+        first = max(extent.start // SELECTION_GRANULARITY, counted_to + 1)
         last = (extent.start + extent.length - 1) // SELECTION_GRANULARITY
-        grains.update(range(first, last + 1))
-    return len(grains) * SELECTION_GRANULARITY
+        if last >= first:
+            grains += last - first + 1
+            counted_to = last
+    return grains * SELECTION_GRANULARITY
 
 
 def dirty_extents(socket: Path, export: str, bitmap: str) -> list[Extent]:

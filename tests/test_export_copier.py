@@ -119,3 +119,13 @@ def test_a_full_copies_the_view_in_order_and_sparse(export: Path, tmp_path: Path
                          check=True, capture_output=True, text=True).stdout  # fmt: skip
     offsets = [entry["offset"] for entry in json.loads(out) if entry["data"]]
     assert offsets == sorted(offsets), "clusters stored out of order"
+
+
+def test_selected_bytes_counts_each_grain_once() -> None:
+    grain = pull.SELECTION_GRANULARITY
+    assert selected_bytes([]) == 0
+    assert selected_bytes([Extent(0, 1)]) == grain
+    assert selected_bytes([Extent(grain - 1, 2)]) == 2 * grain
+    assert selected_bytes([Extent(10, 20), Extent(100, 20)]) == grain  # one shared grain
+    assert selected_bytes([Extent(5 * grain, grain), Extent(0, 1)]) == 2 * grain  # unsorted
+    assert selected_bytes([Extent(0, 1 << 40)]) == 1 << 40  # 1 TiB: counted, not listed
