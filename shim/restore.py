@@ -16,11 +16,12 @@ import logging
 import os
 import stat
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import libvirt
 
-from shim import qemu_img
+from shim import cancel, qemu_img
 from shim.backupdir import fsync_dir
 from shim.cancel import Cancelled
 from shim.chain import backup_files, vm_dir_of
@@ -35,6 +36,9 @@ from shim.virt.disks import parse_disks, volume_id_of
 from shim.virt.host import attach_volume
 
 log = logging.getLogger(__name__)
+
+CHECKS_AT_ONCE = 8
+"""``qemu-img check`` processes a restore runs side by side on the chains it reads."""
 
 
 MOUNT_FAILED = "Failed to mount the backup repository on the KVM host"
@@ -58,9 +62,9 @@ def restore_backup(request: RestoreRequest) -> RestoreOutcome:
                 f"{len(sources)} backup file(s) for {len(request.targets)} target volume(s)"
             )
         _refuse_running_disks(request.targets)
-        for source, uuid in zip(sources, uuids, strict=True):
-            if not _chain_is_clean(source):
-                raise BackupFailed(f"Backup qcow2 file for the volume [{uuid}] is corrupt.")
+        corrupt = _first_corrupt(sources)
+        if corrupt is not None:
+            raise BackupFailed(f"Backup qcow2 file for the volume [{uuids[corrupt]}] is corrupt.")
         sizes = []
         for source, target, uuid in zip(sources, request.targets, uuids, strict=True):
             try:
@@ -77,19 +81,37 @@ def restore_backup(request: RestoreRequest) -> RestoreOutcome:
         return RestoreOutcome(targets=list(request.targets), virtual_sizes=sizes)
 
 
-def _chain_is_clean(source: Path) -> bool:
-    """Whether every file of the chain opens as qcow2 and passes ``qemu-img check``."""
-    try:
-        for link in qemu_img.chain(source):
-            if not qemu_img.check(link.filename).clean:
-                log.error("%s fails qemu-img check", link.filename)
+def _first_corrupt(sources: Sequence[Path]) -> int | None:
+    """The index of the first source whose chain does not open as qcow2 or fails
+    ``qemu-img check`` (None when every chain is clean). The checks run side by side: the
+    30th incremental of a chain is 31 files per disk, and each check is a process start
+    more than it is work (31 in a row took 1.2 s)."""
+    chains: list[list[str]] = []
+    for index, source in enumerate(sources):
+        try:
+            chains.append([link.filename for link in qemu_img.chain(source)])
+        except CommandFailed as exc:
+            log.error("%s cannot be opened: %s", source, exc)
+            return index
+    files = list(dict.fromkeys(file for chain in chains for file in chain))
+    token = cancel.current()
+
+    def clean(file: str) -> bool:
+        with cancel.bound(token):  # a stopped restore stops its checks too
+            try:
+                return qemu_img.check(file).clean
+            except CommandFailed as exc:
+                log.error("%s cannot be checked: %s", file, exc)
                 return False
-    except Cancelled:
-        raise  # a stopped check says nothing about the chain
-    except CommandFailed as exc:
-        log.error("%s cannot be opened: %s", source, exc)
-        return False
-    return True
+
+    with ThreadPoolExecutor(max_workers=min(len(files), CHECKS_AT_ONCE)) as pool:
+        verdicts = dict(zip(files, pool.map(clean, files), strict=True))
+    for index, chain in enumerate(chains):
+        for file in chain:
+            if not verdicts[file]:
+                log.error("%s fails qemu-img check", file)
+                return index
+    return None
 
 
 @contextlib.contextmanager

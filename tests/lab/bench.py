@@ -251,23 +251,31 @@ class Bench:
         deep = self.backups[-1]
         _, _ = self.backup("full")
         shallow = self.backups[-1]
-        times = {}
-        for name, backup in (("depth-10", deep), ("depth-1", shallow)):
-            volumes = [
-                self.lab.new_volume(f"r{i}", d.size).path for i, d in enumerate(self.vm.disks)
-            ]
-            evict(self.chain_files(backup))
-
-            def restore(b: str = backup, v: list[Path] = volumes) -> str:
-                return self.nasbackup(
-                    "-o", "restore", "-p", b, "--restore-volume-paths", ",".join(map(str, v))
-                )  # fmt: skip
-
-            times[name] = timed(restore)
+        times = {"depth-10": self.restore_seconds(deep), "depth-1": self.restore_seconds(shallow)}
         return Metric(
             "P4", times["depth-10"] / times["depth-1"], 1.3,
             f"depth-10 {times['depth-10']:.2f} s, depth-1 {times['depth-1']:.2f} s",
         )  # fmt: skip
+
+    def restore_seconds(self, backup: str, vm: LabVM | None = None) -> float:
+        """Seconds the drop-in's restore of ``backup`` into fresh volumes takes, its chain's
+        data cold (the volumes are removed afterwards)."""
+        vm = vm or self.vm
+        volumes = [self.lab.new_volume(f"r{i}", d.size).path for i, d in enumerate(vm.disks)]
+        evict(self.chain_files(backup))
+        argv = [
+            "-o",
+            "restore",
+            "-p",
+            backup,
+            "--restore-volume-paths",
+            ",".join(map(str, volumes)),
+        ]
+        try:
+            return timed(lambda: self.nasbackup(*argv))
+        finally:
+            for volume in volumes:
+                volume.unlink()
 
     def chain_files(self, backup: str) -> list[Path]:
         """Every file of every disk's chain of ``backup``."""
@@ -321,8 +329,8 @@ def service_latency() -> Metric:
     return stats_latency()
 
 
-def run(selected: Sequence[str]) -> list[Metric]:
-    """Every selected metric, in order."""
+def run(selected: Sequence[str], *, peers: bool = False) -> list[Metric]:
+    """Every selected metric, in order; P19 only with ``peers`` (it installs a peer)."""
     metrics: list[Metric] = []
     if {"P9", "P10"} & set(selected):
         # A real guest's I/O (tests/lab/bench_guest.py), on a lab of its own.
@@ -334,11 +342,16 @@ def run(selected: Sequence[str]) -> list[Metric]:
         from tests.lab.bench_pull import pull_metrics
 
         metrics += pull_metrics(list(selected))
-    if {"P14", "P15", "P16"} & set(selected):
+    if {"P14", "P15", "P16", "P17", "P18"} & set(selected):
         # At scale: a big disk against the copy floor, the NAS's traffic (bench_scale.py).
         from tests.lab.bench_scale import scale_metrics
 
         metrics += scale_metrics(list(selected))
+    if "P19" in selected and peers:
+        # Against virtnbdbackup, same shapes, same run (tests/lab/bench_peers.py).
+        from tests.lab.bench_peers import peer_metric
+
+        metrics.append(peer_metric())
     order = {f"P{i}": i for i in range(1, 20)}
     if not {f"P{i}" for i in range(1, 9)} & set(selected):
         return sorted(metrics, key=lambda m: order[m.name])
@@ -361,9 +374,13 @@ def run(selected: Sequence[str]) -> list[Metric]:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of ``scripts/bench``."""
     parser = argparse.ArgumentParser(prog="bench", description=__doc__)
-    parser.add_argument("metrics", nargs="*", default=[f"P{i}" for i in range(1, 17)])
+    parser.add_argument("metrics", nargs="*", default=[f"P{i}" for i in range(1, 20)])
+    parser.add_argument(
+        "--peers", action="store_true",
+        help="also P19: against virtnbdbackup (installed from the distribution if missing)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
-    metrics = run(args.metrics)
+    metrics = run(args.metrics, peers=args.peers)
     for metric in metrics:
         print(metric.line(), flush=True)
     missed = [m for m in metrics if not m.ok]

@@ -4,6 +4,10 @@ a backup costs the NAS.
 * ``P16``: bytes read from the NAS during a full ÷ bytes written, counted by the lab's FUSE
   NAS with the kernel's page cache off (the larger of push and pull mode; an incremental's
   figures printed too). Target 0.02.
+* ``P17``: a disk of 1 TiB holding 256 MiB against the same 256 MiB on a 1 GiB disk, the
+  full's and the restore's wall times (the largest ratio of push and pull mode; the stored
+  sizes printed). Target 1.5.
+* ``P18``: restoring the 30th incremental of a chain ÷ restoring its full. Target 1.5.
 
 One 8 GiB disk holding 4 GiB (64 MiB written in every other 128 MiB, through QEMU's block
 layer), page cache evicted before each run, medians of two:
@@ -31,6 +35,9 @@ from tests.lab.bench_pull import pull_mode
 from tests.lab.lab import Lab, LabVM, MiB
 
 GiB = 1024 * MiB
+TiB = 1024 * GiB
+SPARSE_PIECE = 64 * MiB
+CHAIN_LENGTH = 30
 SIZE = 8 * GiB
 STRIDE = 128 * MiB
 WRITTEN = 64 * MiB
@@ -48,11 +55,82 @@ def _fill(vm: LabVM) -> None:
 
 
 def scale_metrics(selected: list[str]) -> list[Metric]:
-    """The selected ones of P14 to P16, each on a VM of its own."""
+    """The selected ones of P14 to P18, each on VMs of its own."""
     metrics = big_disk_metrics() if {"P14", "P15"} & set(selected) else []
     if "P16" in selected:
         metrics.append(nas_traffic())
+    if "P17" in selected:
+        metrics.append(sparse_disk())
+    if "P18" in selected:
+        metrics.append(long_chain_restore())
     return [m for m in metrics if m.name in selected]
+
+
+def sparse_disk() -> Metric:
+    """P17: a disk of 1 TiB holding 256 MiB against the same data on a 1 GiB disk: the
+    full's and the restore's wall times, push and pull mode; the largest ratio."""
+    results: dict[str, dict[str, tuple[float, int, float]]] = {}
+    with Lab() as lab:
+        scratch = lab.new_dir("scratch")
+        for name, size in (("1TiB", TiB), ("1GiB", GiB)):
+            bench = Bench(lab, lab.dir / f"sparse-{name}.log", disks=(size,), start=False)
+            # 256 MiB in four pieces spread over the disk, as a filesystem would place them.
+            pieces = [0, size // 4, size // 2, size - SPARSE_PIECE]
+            commands = [a for k, o in enumerate(pieces)
+                        for a in ("-c", f"write -P {k + 1} {o} {SPARSE_PIECE}")]  # fmt: skip
+            subprocess.run(["qemu-io", "-f", "qcow2", *commands, str(bench.vm.disks[0].path)],
+                           check=True, capture_output=True)  # fmt: skip
+            bench.vm.start()
+            for mode in ("push", "pull"):
+                evict([bench.vm.disks[0].path])
+                with contextlib.ExitStack() as stack:
+                    if mode == "pull":
+                        stack.enter_context(pull_mode(scratch))
+                    seconds = bench.backup("full")[0]
+                backup = bench.files(bench.backups[-1])[0]
+                stored = backup.stat().st_blocks * 512
+                results.setdefault(mode, {})[name] = (
+                    seconds,
+                    stored,
+                    bench.restore_seconds(bench.backups[-1]),
+                )
+            bench.vm.stop()
+    ratios, shown = [], []
+    for mode, by_size in results.items():
+        (big_full, big_stored, big_restore), (full, stored, restore) = (
+            by_size["1TiB"],
+            by_size["1GiB"],
+        )
+        ratios += [big_full / full, big_restore / restore]
+        shown.append(
+            f"{mode}: full {big_full:.2f} s vs {full:.2f} s, stored {big_stored / MiB:.0f} "
+            f"vs {stored / MiB:.0f} MiB, restore {big_restore:.2f} s vs {restore:.2f} s"
+        )
+    return Metric("P17", max(ratios), 1.5, "1 TiB holding 256 MiB vs 1 GiB: " + "; ".join(shown))
+
+
+def long_chain_restore() -> Metric:
+    """P18: restoring the 30th incremental of a chain ÷ restoring its full (medians of 3,
+    alternating; each incremental after 1 % of the first disk rewritten)."""
+    with Lab() as lab:
+        bench = Bench(lab, lab.dir / "chain.log")
+        bench.vm.write(0, 0, 512 * MiB, pattern=0x5A)
+        bench.vm.write(1, 0, 128 * MiB, pattern=0xA5)
+        bench.backup("full")
+        full = bench.backups[-1]
+        for _ in range(CHAIN_LENGTH):
+            bench.dirty(0.01)
+            bench.backup("incremental")
+        last = bench.backups[-1]
+        times: dict[str, list[float]] = {"last": [], "full": []}
+        for _ in range(3):
+            times["last"].append(bench.restore_seconds(last))
+            times["full"].append(bench.restore_seconds(full))
+    deep, shallow = statistics.median(times["last"]), statistics.median(times["full"])
+    return Metric(
+        "P18", deep / shallow, 1.5,
+        f"restore of incremental {CHAIN_LENGTH}: {deep:.2f} s, of its full: {shallow:.2f} s",
+    )  # fmt: skip
 
 
 def nas_traffic() -> Metric:
