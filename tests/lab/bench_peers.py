@@ -37,7 +37,7 @@ def install_peer() -> str:
     if shutil.which(PEER) is None:
         env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
         subprocess.run(["apt-get", "install", "-y", "-q", PEER], check=True, env=env,
-                       stdout=subprocess.DEVNULL)  # fmt: skip
+                       capture_output=True)  # fmt: skip
     done = subprocess.run([PEER, "--version"], capture_output=True, text=True, check=True)
     return (done.stdout or done.stderr).strip()
 
