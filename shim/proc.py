@@ -12,9 +12,11 @@ import contextlib
 import logging
 import os
 import subprocess
+import tempfile
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from typing import IO
 
 from shim import cancel
 from shim.errors import CommandFailed
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 _ENV = {**os.environ, "LC_ALL": "C", "LANG": "C"}
 _POLL_SECONDS = 0.1
 """How often a running program's cancellation token is looked at."""
+_MANY_POLL_SECONDS = 0.02
+"""How often :func:`run_many` looks at its children."""
 
 
 @dataclass(frozen=True)
@@ -120,6 +124,93 @@ def _communicate(
         if deadline is not None and time.monotonic() >= deadline:
             _, stderr = _kill(child)
             raise CommandFailed(argv, None, mask(stderr, secrets), timed_out=True) from None
+
+
+def run_many(
+    argvs: Sequence[Sequence[str]],
+    *,
+    at_once: int,
+    check: bool = True,
+    on_poll: Callable[[], None] | None = None,
+) -> list[Result]:
+    """Run every argv as :func:`run` does, up to ``at_once`` side by side, all from this
+    thread; return their results in order.
+
+    ``on_poll`` is called every few milliseconds while children run (progress, a stall
+    watch) and may raise. Whatever ends the wait early (the thread's cancellation, a
+    failure with ``check``, ``on_poll`` raising, a signal's ``Interrupted``) kills every
+    child still running before it propagates: none outlives the call.
+    """
+    token = cancel.current()
+    results: list[Result | None] = [None] * len(argvs)
+    waiting = list(enumerate(argvs))
+    running: dict[int, _Child] = {}
+    try:
+        while waiting or running:
+            while waiting and len(running) < at_once:
+                index, argv = waiting.pop(0)
+                running[index] = _Child(argv)
+            for index, child in list(running.items()):
+                if child.process.poll() is None:
+                    continue
+                del running[index]
+                result = results[index] = child.result()
+                if result.returncode != 0:
+                    log.debug("exit %d: %s: %s", result.returncode, child.shown, result.stderr)
+                    if check:
+                        raise CommandFailed(argvs[index], result.returncode, result.stderr)
+            if running and token is not None and token.take():
+                first = next(iter(running.values()))
+                log.info("stopped %s: %s", first.argv[0], token.reason)
+                raise cancel.Cancelled(first.argv, token.reason)
+            if on_poll is not None:
+                on_poll()
+            if running:
+                time.sleep(_MANY_POLL_SECONDS)
+    except BaseException:
+        for child in running.values():
+            child.kill()
+        raise
+    return [r for r in results if r is not None]
+
+
+class _Child:
+    """One program of :func:`run_many`, its output in temporary files (no pipe to drain)."""
+
+    def __init__(self, argv: Sequence[str]) -> None:
+        self.argv = list(argv)
+        self.shown = mask(" ".join(argv), ())
+        log.debug("run: %s", self.shown)
+        # Closed by _close once the child has ended (or been killed).
+        self._out: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
+        self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
+        try:
+            self.process = subprocess.Popen(
+                self.argv, stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err, env=_ENV
+            )
+        except FileNotFoundError:
+            self._close()
+            raise CommandFailed(argv, 127, f"{argv[0]}: command not found") from None
+
+    def result(self) -> Result:
+        """What the ended program printed, and how it exited."""
+        outputs = []
+        for stream in (self._out, self._err):
+            stream.seek(0)
+            outputs.append(mask(stream.read().decode(errors="replace"), ()))
+        self._close()
+        return Result(self.process.returncode, outputs[0], outputs[1])
+
+    def kill(self) -> None:
+        """SIGKILL and reap it."""
+        with contextlib.suppress(ProcessLookupError):
+            self.process.kill()
+        self.process.wait()
+        self._close()
+
+    def _close(self) -> None:
+        self._out.close()
+        self._err.close()
 
 
 def _kill(child: subprocess.Popen[str]) -> tuple[str, str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -153,8 +154,29 @@ class CheckResult:
 
 def check(path: StrPath, *, fmt: str = "qcow2") -> CheckResult:
     """``qemu-img check`` of one image (not its backing files)."""
-    argv = [QEMU_IMG, "check", "--output=json", "-f", fmt, str(path)]
-    result = proc.run(argv, check=False)
+    argv = _check_argv(path, fmt)
+    return _check_result(argv, proc.run(argv, check=False))
+
+
+def check_many(paths: Sequence[StrPath], *, at_once: int) -> list[CheckResult | CommandFailed]:
+    """``qemu-img check`` of each qcow2 image, ``at_once`` side by side: per image its
+    result, or why it could not be checked. A cancellation or signal stops them all."""
+    argvs = [_check_argv(path, "qcow2") for path in paths]
+    found: list[CheckResult | CommandFailed] = []
+    for argv, result in zip(argvs, proc.run_many(argvs, at_once=at_once, check=False),
+                            strict=True):  # fmt: skip
+        try:
+            found.append(_check_result(argv, result))
+        except CommandFailed as exc:
+            found.append(exc)
+    return found
+
+
+def _check_argv(path: StrPath, fmt: str) -> list[str]:
+    return [QEMU_IMG, "check", "--output=json", "-f", fmt, str(path)]
+
+
+def _check_result(argv: list[str], result: proc.Result) -> CheckResult:
     # Exit 2 is corruption, 3 leaks: both still print the JSON report.
     if result.returncode not in (0, 2, 3) or not result.stdout.strip():
         raise CommandFailed(argv, result.returncode, result.stderr)

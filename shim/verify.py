@@ -1,14 +1,15 @@
 """``-o verify``: prove a backup and its whole chain sound, reading only metadata and hashes.
 
 Every file of the backup and of its backing chain: ``qemu-img check`` clean; every backing
-link relative, qcow2, and resolving inside the VM's directory; every file's checksum equal
-to the one its directory's manifest recorded. A directory without a manifest is an
-incomplete backup. stdout lists each file verified; the first problem fails the operation
-(all of them are logged).
+link relative, qcow2, and resolving inside the VM's directory; every file's size, and its
+checksum, equal to what its directory's manifest recorded. A directory without a manifest
+is an incomplete backup. stdout lists each file verified; the first problem fails the
+operation (all of them are logged).
 
 A file whose checksum its backup left to the first verify (:data:`shim.manifest.UNSEALED`)
-gets it recorded ("sealed") when everything verified, under the VM's lock and only if the
-file did not change meanwhile; a later verify then compares against it.
+has only its size and structure to compare; its checksum is computed and recorded
+("sealed") when everything verified, if the VM's lock is free at once and the file did not
+change meanwhile; a later verify then compares against it.
 """
 
 from __future__ import annotations
@@ -127,13 +128,20 @@ def _check_digests(files: list[Path], problems: list[str]) -> dict[Path, _Comput
     for file, digest in digests.items():
         manifest = manifests[file.parent]
         assert manifest is not None  # noqa: S101 - grouped above
-        recorded = {d.file: d.checksum for d in manifest.disks}.get(file.name)
-        if recorded is None:
-            problems.append(f"{file.parent.name}/{file.name} is not in its manifest")
-        elif recorded == UNSEALED:
+        record = {d.file: d for d in manifest.disks}.get(file.name)
+        name = f"{file.parent.name}/{file.name}"
+        if record is None:
+            problems.append(f"{name} is not in its manifest")
+        elif stats[file].st_size != record.stored_size:
+            # Checked for every file, sealed or not: a file cut short on the NAS before
+            # its first verify must not have its damage sealed as its checksum.
+            problems.append(
+                f"{name} holds {stats[file].st_size} bytes, its manifest {record.stored_size}"
+            )
+        elif record.checksum == UNSEALED:
             unsealed[file] = _Computed(digest, stats[file].st_size, stats[file].st_mtime_ns)
-        elif recorded != digest:
-            problems.append(f"{file.parent.name}/{file.name}: checksum differs from the manifest")
+        elif record.checksum != digest:
+            problems.append(f"{name}: checksum differs from the manifest")
     return unsealed
 
 
@@ -143,7 +151,8 @@ def _seal(vm: str, computed: dict[Path, _Computed]) -> None:
     if not computed:
         return
     try:
-        with VmLock(vm):
+        # At once or not at all: a verify that passed must not wait on a backup of the VM.
+        with VmLock(vm, wait=0):
             for directory in dict.fromkeys(f.parent for f in computed):
                 _seal_directory(directory, computed)
     except (LockBusy, OSError, ValueError) as exc:

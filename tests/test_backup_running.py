@@ -429,6 +429,21 @@ def test_the_first_verify_records_the_checksums_and_later_ones_compare(chain: Ch
     assert flipped.returncode == 1 and "checksum differs" in flipped.stdout
 
 
+def test_a_file_resized_before_its_first_verify_fails_it(chain: Chain) -> None:
+    """Its checksum is not recorded yet: its size, recorded by the backup, still tells (a
+    torn or appended write on the NAS), and the damage is not sealed as its checksum."""
+    chain.vm.write(0, 0, 1 * MiB, pattern=0x3D)
+    _, path = chain.backup("full")
+    file = disk_files(chain.repo_dir, path, chain.vm)[0]
+    with open(file, "ab") as fh:
+        fh.write(b"\xa5" * 4096)
+    values = {"operation": "verify", **repo_values(chain.repo), "path": path}
+    cut = run_dropin(build_argv("", values, "verify"), log_file=chain.log)
+    assert cut.returncode == 1 and "bytes, its manifest" in cut.stdout, cut.stdout
+    manifest = read_manifest(chain.repo_dir / path)
+    assert manifest is not None and all(d.checksum == UNSEALED for d in manifest.disks)
+
+
 def test_sha256_checksums_when_asked(chain: Chain, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NASBACKUP_SHIM_CHECKSUM", "sha256")
     monkeypatch.setenv(CHECKSUM_AT_ENV, "backup")  # computed as the backup ends

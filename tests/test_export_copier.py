@@ -13,6 +13,8 @@ from pathlib import Path
 import pytest
 
 from shim import pull, qemu_img
+from shim.errors import CommandFailed
+from shim.proc import processes_naming
 from shim.pull import DiskCopy, ExportCopier, Extent, selected_bytes
 from shim.storage_daemon import QmpError
 
@@ -129,3 +131,22 @@ def test_selected_bytes_counts_each_grain_once() -> None:
     assert selected_bytes([Extent(10, 20), Extent(100, 20)]) == grain  # one shared grain
     assert selected_bytes([Extent(5 * grain, grain), Extent(0, 1)]) == 2 * grain  # unsorted
     assert selected_bytes([Extent(0, 1 << 40)]) == 1 << 40  # 1 TiB: counted, not listed
+
+
+def test_a_full_that_stops_moving_is_stopped_and_fails(
+    export: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A copy stuck on a dead NAS or export (here: a qemu-img that stops itself before it
+    copies anything) fails after the stall time, and its process is gone."""
+    stuck = tmp_path / "stuck-qemu-img"
+    stuck.write_text('#!/bin/sh\nkill -STOP $$\nexec qemu-img "$@"\n', encoding="ascii")
+    stuck.chmod(0o755)
+    monkeypatch.setattr(pull, "QEMU_IMG", str(stuck))
+    monkeypatch.setattr(pull, "COPY_STALL_SECONDS", 1.0)
+    target = tmp_path / "target.qcow2"
+    qemu_img.create(target, SIZE)
+    started = time.monotonic()
+    with pytest.raises(CommandFailed, match="no progress in 1 s"):
+        ExportCopier(export, [DiskCopy("vda", target)], [SIZE]).run()
+    assert time.monotonic() - started < 5
+    assert processes_naming(str(target)) == []

@@ -68,3 +68,43 @@ def test_a_token_cancelled_between_programs_stops_the_next_one() -> None:
         proc.run(["true"])
     # A killed program counts as timed out: a mount it may have finished is detached.
     assert info.value.timed_out and isinstance(info.value, CommandFailed)
+
+
+def _sleepers(marker: str) -> list[int]:
+    """Pids of the ``sleep`` children a test started, found by their unique argument."""
+    return proc.processes_naming(marker)
+
+
+def test_run_many_runs_side_by_side_and_keeps_the_order() -> None:
+    started = time.monotonic()
+    results = proc.run_many(
+        [["sh", "-c", f"sleep 0.3; echo {k}"] for k in range(4)], at_once=4, check=False
+    )
+    assert [r.stdout for r in results] == ["0\n", "1\n", "2\n", "3\n"]
+    assert time.monotonic() - started < 1.0  # four 0.3 s programs, not 1.2 s in a row
+    failed = proc.run_many([["true"], ["sh", "-c", "echo bad >&2; exit 3"]], at_once=1,
+                           check=False)  # fmt: skip
+    assert [(r.returncode, r.stderr) for r in failed] == [(0, ""), (3, "bad\n")]
+
+
+@pytest.mark.parametrize("how", ["cancelled", "on_poll raised", "a sibling failed"])
+def test_run_many_leaves_no_child_when_stopped(how: str) -> None:
+    marker = f"31.{time.monotonic_ns() % 1000000}"  # a sleep length no other process has
+    argvs = [["sleep", marker] for _ in range(3)]
+    token = cancel.CancelToken()
+    polls: list[float] = []
+
+    def on_poll() -> None:
+        polls.append(time.monotonic())
+        if how == "on_poll raised" and len(polls) > 10:
+            raise InputError("the watch gave up")
+
+    if how == "cancelled":
+        threading.Timer(0.3, token.cancel, args=("aborted",)).start()
+    if how == "a sibling failed":
+        argvs.insert(1, ["sh", "-c", "sleep 0.2; exit 1"])
+    started = time.monotonic()
+    with cancel.bound(token), pytest.raises((Interrupted, InputError, CommandFailed)):
+        proc.run_many(argvs, at_once=4, on_poll=on_poll)
+    assert time.monotonic() - started < 3
+    assert _sleepers(marker) == []

@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from shim import qemu_img, restore
+from shim.errors import CommandFailed
 
 MiB = 1024 * 1024
 
@@ -43,13 +44,13 @@ def test_clean_chains_pass_and_each_file_is_checked_once(
 ) -> None:
     root, data = _chain(tmp_path, "root", 30), _chain(tmp_path, "data", 3)
     checked: list[str] = []
-    real_check = qemu_img.check
+    real_check_many = qemu_img.check_many
 
-    def counting(path: str | Path, *, fmt: str = "qcow2") -> qemu_img.CheckResult:
-        checked.append(str(path))
-        return real_check(path, fmt=fmt)
+    def counting(paths: list[str], *, at_once: int) -> list[qemu_img.CheckResult | CommandFailed]:
+        checked.extend(map(str, paths))
+        return real_check_many(paths, at_once=at_once)
 
-    monkeypatch.setattr(qemu_img, "check", counting)
+    monkeypatch.setattr(qemu_img, "check_many", counting)
     assert restore._first_corrupt([root[-1], data[-1], root[-1]]) is None
     assert sorted(checked) == sorted(str(f) for f in [*root, *data])
 
