@@ -131,15 +131,16 @@ def run_many(
     *,
     at_once: int,
     check: bool = True,
-    on_poll: Callable[[], None] | None = None,
+    on_poll: Callable[[list[int]], None] | None = None,
 ) -> list[Result]:
     """Run every argv as :func:`run` does, up to ``at_once`` side by side, all from this
     thread; return their results in order.
 
-    ``on_poll`` is called every few milliseconds while children run (progress, a stall
-    watch) and may raise. Whatever ends the wait early (the thread's cancellation, a
-    failure with ``check``, ``on_poll`` raising, a signal's ``Interrupted``) kills every
-    child still running before it propagates: none outlives the call.
+    ``on_poll`` is called every few milliseconds with the running children's pids
+    (progress, a stall watch) and may raise. Whatever ends the wait early (the thread's
+    cancellation, a failure with ``check``, ``on_poll`` raising, a signal's
+    ``Interrupted``) kills every child still running before it propagates: none outlives
+    the call.
     """
     token = cancel.current()
     results: list[Result | None] = [None] * len(argvs)
@@ -163,8 +164,8 @@ def run_many(
                 first = next(iter(running.values()))
                 log.info("stopped %s: %s", first.argv[0], token.reason)
                 raise cancel.Cancelled(first.argv, token.reason)
-            if on_poll is not None:
-                on_poll()
+            if on_poll is not None and running:
+                on_poll([child.process.pid for child in running.values()])
             if running:
                 time.sleep(_MANY_POLL_SECONDS)
     except BaseException:

@@ -252,11 +252,14 @@ class ExportCopier:
             for copy, _size in fulls
         ]  # fmt: skip
         watch = _Watch([(copy.target, size) for copy, size in fulls], self.done)
-        proc.run_many(argvs, at_once=len(argvs), on_poll=lambda: self._watch(watch, argvs[0]))
+        # One disk after another: each qemu-img holds its own buffers and libraries (two
+        # side by side took the drop-in's tree from 75 to 86 MB), and the scratch images
+        # are held until the job ends either way.
+        proc.run_many(argvs, at_once=1, on_poll=lambda pids: self._watch(watch, pids, argvs[0]))
         self._report(watch.base + sum(size for _copy, size in fulls))
 
-    def _watch(self, watch: _Watch, argv: list[str]) -> None:
-        held = watch.poll()
+    def _watch(self, watch: _Watch, pids: list[int], argv: list[str]) -> None:
+        held = watch.poll(pids)
         if held is not None:
             self._report(held)
         if watch.stalled():
@@ -331,34 +334,52 @@ class ExportCopier:
 
 
 class _Watch:
-    """What full copies' targets hold, read every :data:`_WATCH_SECONDS`, and whether it
-    has stayed still for :data:`COPY_STALL_SECONDS`."""
+    """Full copies seen from outside, every :data:`_WATCH_SECONDS`: the bytes their targets
+    hold (the progress), and whether their processes have done nothing (no CPU time, no
+    byte written) for :data:`COPY_STALL_SECONDS`. Not the bytes stored alone: a disk of
+    zeroes is read for minutes without its target growing (and a socket's reads are not in
+    ``/proc/<pid>/io``); a copy stuck on a dead NAS or a wedged export burns no CPU."""
 
     def __init__(self, targets: list[tuple[Path, int]], base: int) -> None:
         self.base = base
         self._targets = targets
         self._read_at = time.monotonic()
-        self._held = -1
+        self._moved = -1
         self._moved_at = self._read_at
 
-    def poll(self) -> int | None:
+    def poll(self, pids: list[int]) -> int | None:
         """``base`` plus the bytes the targets hold (each at most its size), when it is
-        time to read them again; else None."""
+        time to look again; else None."""
         now = time.monotonic()
         if now - self._read_at < _WATCH_SECONDS:
             return None
         self._read_at = now
+        moved = sum(_activity(pid) for pid in pids)
+        if moved != self._moved:
+            self._moved, self._moved_at = moved, now
         held = 0
         for path, size in self._targets:
             with contextlib.suppress(OSError):
                 held += min(os.stat(path).st_blocks * 512, size)
-        if held != self._held:
-            self._held, self._moved_at = held, now
         return self.base + held
 
     def stalled(self) -> bool:
-        """Whether the targets have held the same bytes for the stall time."""
+        """Whether the copying processes have done nothing for the stall time."""
         return time.monotonic() - self._moved_at >= COPY_STALL_SECONDS
+
+
+def _activity(pid: int) -> int:
+    """A number that grows while process ``pid`` works: its CPU ticks plus the bytes it
+    wrote (0 once it is gone)."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as stat:
+            fields = stat.read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/io", encoding="ascii") as io:
+            written = next(int(line.split(":")[1]) for line in io if line.startswith("wchar:"))
+    except (OSError, IndexError, StopIteration, ValueError):
+        return 0
+    # After the command's ")": state is field 3 of stat(5), utime and stime 14 and 15.
+    return int(fields[11]) + int(fields[12]) + written
 
 
 def _bitmap_count(daemon: StorageDaemon, node: str, name: str) -> int:

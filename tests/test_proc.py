@@ -94,7 +94,8 @@ def test_run_many_leaves_no_child_when_stopped(how: str) -> None:
     token = cancel.CancelToken()
     polls: list[float] = []
 
-    def on_poll() -> None:
+    def on_poll(pids: list[int]) -> None:
+        assert pids
         polls.append(time.monotonic())
         if how == "on_poll raised" and len(polls) > 10:
             raise InputError("the watch gave up")
