@@ -191,7 +191,13 @@ def test_a_stop_is_not_taken_for_a_bad_file(
     with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
         verify._walk_chain(top, tmp_path / "vm", [], {})
     with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
-        restore._chain_is_clean(top)
+        restore._first_corrupt([top])
+    # Stopped during the checks that run side by side, not while listing the chain.
+    link = qemu_img.ImageInfo(str(top), "qcow2", 1, 1, None, None, (), {})
+    monkeypatch.setattr(qemu_img, "chain", lambda _p: [link])
+    monkeypatch.setattr(qemu_img, "check_many", stopped)
+    with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
+        restore._first_corrupt([top])
     top.touch()
     with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
         restore._replace_file(top, tmp_path / "volume", exists=True)
