@@ -40,6 +40,7 @@ from shim.storage_daemon import (
     JOB_STALL_SECONDS,
     QmpError,
     StorageDaemon,
+    bitmap_count,
     blockdev_file,
     blockdev_nbd,
     blockdev_qcow2,
@@ -51,6 +52,8 @@ SCRATCH_ENV = "NASBACKUP_SHIM_SCRATCH_DIR"
 """The host setting: a local directory for scratch images; set, running VMs are backed up
 in pull mode (``-S DIR``/``--scratch-dir DIR`` sets it for one run)."""
 SOCKET_NAME = "nbd.sock"
+SCRATCH_SUFFIX = ".scratch.qcow2"
+"""libvirt's scratch image of a disk: ``<target>.scratch.qcow2``."""
 SELECTION_BITMAP = "selection"
 """The bitmap that selects an incremental's extents, in its local image and on the source."""
 SELECTION_GRANULARITY = 64 * 1024
@@ -59,7 +62,8 @@ COPY_WORKERS = 16
 """Requests each incremental's job keeps in flight (QEMU's default, 64, holds up to 64 MiB
 of buffers per disk for no measured gain)."""
 COPY_STALL_SECONDS = JOB_STALL_SECONDS
-"""A full copy whose targets hold the same bytes this long is stopped and fails."""
+"""A full copy whose process does nothing (no CPU time, no write) this long is stopped and
+fails."""
 _WATCH_SECONDS = 0.5
 """How often a full's progress is read (the bytes its target holds)."""
 QEMU_IO = "qemu-io"
@@ -132,9 +136,6 @@ class Scratch:
         return names
 
 
-SCRATCH_SUFFIX = ".scratch.qcow2"
-
-
 def write_selection(path: Path, size: int, extents: Sequence[Extent]) -> None:
     """A qcow2 of ``size`` bytes whose persistent bitmap :data:`SELECTION_BITMAP` marks
     ``extents``: they are written as zeroes, which store no data but dirty the bitmap."""
@@ -196,8 +197,8 @@ class DiskCopy:
 class ExportCopier:
     """Copies disks from libvirt's NBD export into their targets.
 
-    A full is ``qemu-img convert`` of the export into its empty target, every disk at once:
-    it writes the clusters in order (a backup job's parallel requests land out of order,
+    A full is ``qemu-img convert`` of the export into its empty target, one disk after
+    another: it writes the clusters in order (a backup job's parallel requests land out of order,
     and a restore then reads the file all over), and it was twice as fast as a backup job
     on a disk of 8 GiB holding 4 GiB (6.1 s against 13.0 s, measured side by side). The
     incrementals run in one storage daemon, each a ``sync=incremental`` job selected by
@@ -315,7 +316,7 @@ class ExportCopier:
         # The selection is checked, not trusted: a copy of other extents would be a chain
         # that restores to data the VM never held.
         extents = copy.extents or ()
-        selected = _bitmap_count(daemon, f"src{i}", SELECTION_BITMAP)
+        selected = bitmap_count(daemon, f"src{i}", SELECTION_BITMAP)
         if selected != selected_bytes(extents):
             raise QmpError(
                 f"the selection of {copy.export} marks {selected} bytes, "
@@ -380,13 +381,3 @@ def _activity(pid: int) -> int:
         return 0
     # After the command's ")": state is field 3 of stat(5), utime and stime 14 and 15.
     return int(fields[11]) + int(fields[12]) + written
-
-
-def _bitmap_count(daemon: StorageDaemon, node: str, name: str) -> int:
-    """The bytes the bitmap ``name`` of ``node`` marks dirty."""
-    for info in daemon.command("query-named-block-nodes", flat=True):
-        if info.get("node-name") == node:
-            for bitmap in info.get("dirty-bitmaps", []):
-                if bitmap.get("name") == name:
-                    return int(bitmap["count"])
-    raise QmpError(f"node {node} has no bitmap {name}")

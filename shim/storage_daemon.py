@@ -416,15 +416,28 @@ class StorageDaemon:
 
 
 def node_bitmaps(daemon: StorageDaemon, node: str) -> dict[str, bool]:
-    """Bitmap name -> consistent, for one node (an inconsistent one survived a crash)."""
+    """Persistent bitmap name -> consistent, for one node (an inconsistent one survived a
+    crash)."""
+    return {
+        b["name"]: not b.get("inconsistent", False)
+        for b in _dirty_bitmaps(daemon, node)
+        if b.get("persistent", True)
+    }
+
+
+def bitmap_count(daemon: StorageDaemon, node: str, name: str) -> int:
+    """The bytes the bitmap ``name`` of ``node`` marks dirty."""
+    for bitmap in _dirty_bitmaps(daemon, node):
+        if bitmap.get("name") == name:
+            return int(bitmap["count"])
+    raise QmpError(f"node {node} has no bitmap {name}")
+
+
+def _dirty_bitmaps(daemon: StorageDaemon, node: str) -> list[dict[str, Any]]:
     for info in daemon.command("query-named-block-nodes", flat=True):
         if info.get("node-name") == node:
-            return {
-                b["name"]: not b.get("inconsistent", False)
-                for b in info.get("dirty-bitmaps", [])
-                if b.get("persistent", True)
-            }
-    return {}
+            return list(info.get("dirty-bitmaps", []))
+    return []
 
 
 def blockdev_file(node: str, path: str | os.PathLike[str], *, read_only: bool = False) -> str:
