@@ -38,6 +38,11 @@ def log_id(value: str | None) -> Iterator[None]:
         _context.logid = previous
 
 
+def current_log_id() -> str | None:
+    """The log id this thread's lines carry (to hand to a worker thread's :func:`log_id`)."""
+    return getattr(_context, "logid", None)
+
+
 class _Formatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(
@@ -58,7 +63,7 @@ class _LogIdFilter(logging.Filter):
     def filter(self, record: logging.LogRecord) -> bool:
         """Always keep the record."""
         if not hasattr(record, "logid"):
-            record.logid = getattr(_context, "logid", None)
+            record.logid = current_log_id()
         return True
 
 

@@ -63,7 +63,7 @@ def _walk_chain(top: Path, vm_root: Path, problems: list[str], checked: dict[Pat
             return
         try:
             info = qemu_img.info(file, fmt="qcow2")
-            result = qemu_img.check(file)
+            result = qemu_img.check(file, chain=False)  # the walk opens each backing file
         except Cancelled:
             raise  # stopped: verifying on would run every later check undisturbed
         except CommandFailed as exc:

@@ -15,7 +15,15 @@ from shim.manifest import MANIFEST
 from tests.lab import Lab, MiB, compare, flatten
 from tests.lab.leaks import leaks
 from tests.lab.system import descendants_running
-from tests.support import DROPIN, Chain, build_argv, disk_files, repo_values, run_dropin
+from tests.support import (
+    DROPIN,
+    Chain,
+    break_refcount,
+    build_argv,
+    disk_files,
+    repo_values,
+    run_dropin,
+)
 
 pytestmark = pytest.mark.lab
 
@@ -48,6 +56,13 @@ def _restores(chain: Chain, backup: str, refs: list[Path]) -> bool:
         if not same:
             return False
     return True
+
+
+def _restores_into(volumes: list[Path], refs: list[Path]) -> bool:
+    return all(
+        qemu_img.compare(ref, volume, second_fmt="raw")
+        for volume, ref in zip(volumes, refs, strict=True)
+    )
 
 
 def test_delete_middle_after_rebase_keeps_every_point(chain: Chain) -> None:
@@ -229,6 +244,58 @@ def test_restore_refusals_leave_volumes_untouched(chain: Chain) -> None:
     # The refusals harmed no backup: the full, below the corrupted file, still restores
     # identical to the VM as it was then.
     assert _restores(chain, chain.backups[0], refs[0])
+    assert leaks(chain.lab) == []
+
+
+def test_a_later_disk_failing_its_check_leaves_every_volume_as_it_was(chain: Chain) -> None:
+    # The chains are checked while the first disk is copied beside its volume: that copy is
+    # made and compared, but no volume is replaced before every chain has passed its check.
+    _three_deep(chain)
+    break_refcount(disk_files(chain.repo_dir, chain.backups[1], chain.vm)[1])
+    volumes_dir = chain.lab.new_dir("vols")
+    volumes = []
+    for k, disk in enumerate(chain.vm.disks):
+        volume = volumes_dir / f"{k}0c9a1c3e-8d1a-4a4b-9a5e-1f2e3d4c5b6a"
+        qemu_img.create(volume, disk.size)
+        subprocess.run(["qemu-io", "-f", "qcow2", "-c", f"write -P {0x30 + k} 0 1M", str(volume)],
+                       check=True, capture_output=True)  # fmt: skip
+        volumes.append(volume)
+    before = [v.read_bytes() for v in volumes]
+    broken = _op(chain, "restore", path=chain.backups[-1],
+                 restore_paths=",".join(map(str, volumes)))  # fmt: skip
+    assert broken.returncode == 1
+    assert f"[{volumes[1].name}] is corrupt" in broken.stdout, broken.stdout
+    assert [v.read_bytes() for v in volumes] == before
+    assert sorted(volumes_dir.iterdir()) == volumes  # no staged copy left beside them
+    assert "fails qemu-img check" in chain.log.read_text()
+    assert leaks(chain.lab) == []
+
+
+def test_a_restore_is_on_stable_storage_before_it_replaces_the_volume(chain: Chain) -> None:
+    # qemu-img convert leaves its target's data in the page cache: the restore flushes the
+    # copy before the rename, and a flush that fails (writes succeeded) fails the restore,
+    # the volume as it was. Raw volumes: creating one flushes nothing that could fail first.
+    _three_deep(chain)
+    nas = chain.lab.flaky_repository()
+    volumes = []
+    for k, disk in enumerate(chain.vm.disks):
+        volume = Path(nas.repository.address) / f"{k}0c9a1c3e-8d1a-4a4b-9a5e-1f2e3d4c5b6a"
+        volume.write_bytes(bytes([0x40 + k]) * disk.size)
+        volumes.append(volume)
+    nas.fail_fsync()
+    failed = _op(chain, "restore", path=chain.backups[-1],
+                 restore_paths=",".join(map(str, volumes)))  # fmt: skip
+    assert failed.returncode == 1
+    assert f"backup volume [{volumes[0].name}]" in failed.stdout, failed.stdout
+    for k, volume in enumerate(volumes):
+        assert volume.read_bytes() == bytes([0x40 + k]) * chain.vm.disks[k].size
+    left = {p.name for p in volumes[0].parent.iterdir()} - {".fail-fsync"}  # the flag
+    assert left == {v.name for v in volumes}  # the unflushed copy removed
+    nas.heal()
+    done = _op(chain, "restore", path=chain.backups[-1],
+               restore_paths=",".join(map(str, volumes)))  # fmt: skip
+    assert done.returncode == 0, done.stdout
+    assert _restores_into(volumes, chain.vm.reference_backup())
     assert leaks(chain.lab) == []
 
 

@@ -200,4 +200,4 @@ def test_a_stop_is_not_taken_for_a_bad_file(
         restore._first_corrupt([top])
     top.touch()
     with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
-        restore._replace_file(top, tmp_path / "volume", exists=True)
+        restore._replace_file(top, tmp_path / "volume", exists=True, require_clean=lambda: None)

@@ -1,16 +1,23 @@
 """The restore's check of the chains it reads (``shim.restore._first_corrupt``), on real
 qcow2 chains: a file that opens but fails ``qemu-img check``, deep in a chain, is found and
-named by its disk; every file of a clean chain is checked once."""
+named by its disk; every file of a clean chain is checked once; the checks' worker thread
+(``shim.restore._ChainChecks``) stops with the restore and logs under its log id."""
 
 from __future__ import annotations
 
+import logging
+import os
 import subprocess
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
-from shim import qemu_img, restore
-from shim.errors import CommandFailed
+from shim import cancel, proc, qemu_img, restore
+from shim.errors import BackupFailed, CommandFailed
+from shim.log import _LogIdFilter, log_id
+from tests.support import break_refcount
 
 MiB = 1024 * 1024
 
@@ -24,19 +31,6 @@ def _chain(directory: Path, name: str, depth: int) -> list[Path]:
         files.append(directory / f"{name}{k}.qcow2")
         qemu_img.create(files[k], backing=files[k - 1].name, backing_fmt="qcow2")
     return files
-
-
-def _zero_refcount_of_the_header(image: Path) -> None:
-    """Cluster 0's refcount set to 0: the image still opens, ``qemu-img check`` finds it."""
-    with open(image, "r+b") as fh:
-        fh.seek(48)  # the header's refcount_table_offset
-        table = int.from_bytes(fh.read(8), "big")
-        fh.seek(table)
-        block = int.from_bytes(fh.read(8), "big")
-        fh.seek(block)
-        fh.write(b"\0\0")  # 16-bit refcounts: the first is cluster 0's
-    assert qemu_img.info(image).format == "qcow2"
-    assert not qemu_img.check(image).clean
 
 
 def test_clean_chains_pass_and_each_file_is_checked_once(
@@ -57,6 +51,73 @@ def test_clean_chains_pass_and_each_file_is_checked_once(
 
 def test_a_corrupt_file_deep_in_a_chain_names_its_disk(tmp_path: Path) -> None:
     root, data = _chain(tmp_path, "root", 2), _chain(tmp_path, "data", 30)
-    _zero_refcount_of_the_header(data[0])
+    break_refcount(data[0])
     assert restore._first_corrupt([root[-1], data[-1]]) == 1
     assert restore._first_corrupt([data[-1], root[-1]]) == 0
+
+
+def test_a_file_is_checked_alone_without_opening_its_chain(tmp_path: Path) -> None:
+    # The restore lists each chain first (a missing backing file fails there); its checks
+    # then open one file each, not the whole chain below it.
+    files = _chain(tmp_path, "root", 2)
+    files[0].unlink()
+    with pytest.raises(CommandFailed):
+        qemu_img.check(files[-1])
+    assert qemu_img.check(files[-1], chain=False).clean
+    (verdict,) = qemu_img.check_many([files[-1]], at_once=1)
+    assert isinstance(verdict, qemu_img.CheckResult) and verdict.clean
+    with pytest.raises(CommandFailed):
+        qemu_img.chain(files[-1])
+    assert restore._first_corrupt([files[-1]]) == 0
+
+
+def test_stopping_a_restore_stops_its_checks(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The checks run in a worker thread: leaving the restore (a failure, a signal) kills
+    # their programs and waits for the thread; cancelling the operation stops them too.
+    marker = f"30.{os.getpid()}"  # a sleep of its own: named by its argument
+
+    def slow_checks(_sources: object) -> None:
+        proc.run(["sleep", marker])
+
+    monkeypatch.setattr(restore, "_first_corrupt", slow_checks)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError), restore._ChainChecks([], []):
+        _wait_for(lambda: proc.processes_naming(marker))
+        (pid,) = proc.processes_naming(marker)
+        # At the lowest CPU priority, below the copies (field 19 of /proc/<pid>/stat).
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        assert int(stat.rsplit(")", 1)[1].split()[16]) == restore.CHECKS_NICE
+        raise RuntimeError("the copy failed")
+    assert proc.processes_naming(marker) == []
+    token = cancel.CancelToken()
+    with cancel.bound(token), restore._ChainChecks([], []) as checks:
+        _wait_for(lambda: proc.processes_naming(marker))
+        token.cancel("aborted")
+        with pytest.raises(cancel.Cancelled, match="aborted"):
+            checks.require()
+    assert proc.processes_naming(marker) == []
+    assert time.monotonic() - started < 10
+
+
+def test_the_checks_log_with_the_operations_log_id(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    (top,) = _chain(tmp_path, "root", 0)
+    break_refcount(top)
+    caplog.set_level(logging.ERROR, logger="shim")
+    caplog.handler.addFilter(_LogIdFilter())  # as the agent log's handler stamps records
+    with (
+        log_id("job-7"),
+        restore._ChainChecks([top], ["vol-1"]) as checks,
+        pytest.raises(BackupFailed, match=r"volume \[vol-1\] is corrupt"),
+    ):
+        checks.require()
+    (record,) = [r for r in caplog.records if "fails qemu-img check" in r.getMessage()]
+    assert getattr(record, "logid", None) == "job-7"
+
+
+def _wait_for(condition: Callable[[], object], timeout: float = 10) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.02)

@@ -76,6 +76,20 @@ def disk_files(
     return [repo_dir / backup / name for name in names]
 
 
+def break_refcount(image: Path) -> None:
+    """Set cluster 0's refcount to 0: the image still opens and reads, only
+    ``qemu-img check`` finds it."""
+    with open(image, "r+b") as fh:
+        fh.seek(48)  # the header's refcount_table_offset
+        table = int.from_bytes(fh.read(8), "big")
+        fh.seek(table)
+        block = int.from_bytes(fh.read(8), "big")
+        fh.seek(block)
+        fh.write(b"\0\0")  # 16-bit refcounts: the first is cluster 0's
+    assert qemu_img.info(image).format == "qcow2"
+    assert not qemu_img.check(image).clean
+
+
 def verify_backup(
     lab: Lab,
     repo_dir: Path,

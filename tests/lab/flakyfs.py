@@ -5,6 +5,8 @@ lab exports a directory through this filesystem, and flag files in the backing d
 (written there, never through the export) change how it behaves:
 
 * ``.fail-writes``: every later write and fsync fails with EIO, as a dying NAS would.
+* ``.fail-fsync``: every later fsync fails with EIO while writes succeed, as storage whose
+  write cache is lost before it reaches the disks.
 * ``.slow-writes`` holding a number of seconds: every write sleeps that long first, as a
   NAS on a saturated link would.
 * ``.full``: every later write and fsync fails with ENOSPC, as a NAS that filled up;
@@ -40,6 +42,7 @@ import fuse
 from fuse import FUSE, FuseOSError, Operations
 
 FAIL_FLAG = ".fail-writes"
+FAIL_FSYNC_FLAG = ".fail-fsync"
 SLOW_FLAG = ".slow-writes"
 FULL_FLAG = ".full"
 RATE_FLAG = ".rate"
@@ -198,7 +201,7 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
             raise FuseOSError(errno.EIO)
 
     def fsync(self, path: str, datasync: int, fh: int) -> None:
-        if self._failing():
+        if self._failing() or os.path.exists(os.path.join(self.root, FAIL_FSYNC_FLAG)):
             raise FuseOSError(errno.EIO)
         self._full()
         os.fsync(fh)

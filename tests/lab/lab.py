@@ -40,6 +40,7 @@ from tests.lab import system
 from tests.lab.flakyfs import (
     COUNTERS,
     FAIL_FLAG,
+    FAIL_FSYNC_FLAG,
     FULL_FLAG,
     HANG_DIR,
     HANG_FLAG,
@@ -399,6 +400,10 @@ class FlakyNas:
         """From now on every write and fsync on this NAS fails with EIO."""
         (self.backing / FAIL_FLAG).touch()
 
+    def fail_fsync(self) -> None:
+        """From now on every fsync on this NAS fails with EIO; writes still succeed."""
+        (self.backing / FAIL_FSYNC_FLAG).touch()
+
     def slow_writes(self, seconds: float) -> None:
         """From now on every write on this NAS first sleeps ``seconds``."""
         (self.backing / SLOW_FLAG).write_text(f"{seconds}\n", encoding="ascii")
@@ -430,7 +435,7 @@ class FlakyNas:
 
     def heal(self) -> None:
         """The NAS works normally again: every flag removed (hung lookups go on)."""
-        for flag in (FAIL_FLAG, SLOW_FLAG, HANG_FLAG, FULL_FLAG, RATE_FLAG):
+        for flag in (FAIL_FLAG, FAIL_FSYNC_FLAG, SLOW_FLAG, HANG_FLAG, FULL_FLAG, RATE_FLAG):
             (self.backing / flag).unlink(missing_ok=True)
 
 
