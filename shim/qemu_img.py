@@ -131,11 +131,31 @@ def compare(
     Different virtual sizes count as different only where the larger image holds non-zero
     data beyond the smaller one, as qemu-img defines it.
     """
+    argv = compare_argv(
+        first, second, first_fmt=first_fmt, second_fmt=second_fmt, force_share=force_share
+    )
+    return compare_result(argv, proc.run(argv, check=False))
+
+
+def compare_argv(
+    first: StrPath,
+    second: StrPath,
+    *,
+    first_fmt: str | None = "qcow2",
+    second_fmt: str | None = "qcow2",
+    force_share: bool = False,
+) -> list[str]:
+    """The argv :func:`compare` runs, for a caller that runs it beside other programs
+    (:func:`shim.proc.run_many`); :func:`compare_result` reads its result."""
     argv = [QEMU_IMG, "compare", "-q"]
     argv += ["-f", first_fmt] if first_fmt else []
     argv += ["-F", second_fmt] if second_fmt else []
     argv += ["-U"] if force_share else []
-    result = proc.run([*argv, str(first), str(second)], check=False)
+    return [*argv, str(first), str(second)]
+
+
+def compare_result(argv: list[str], result: proc.Result) -> bool:
+    """What a finished ``qemu-img compare`` said: same, or different; a failure raises."""
     if result.returncode == 0:
         return True
     if result.returncode == 1:

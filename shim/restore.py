@@ -26,8 +26,8 @@ from types import TracebackType
 
 import libvirt
 
-from shim import cancel, qemu_img
-from shim.backupdir import fsync_dir, fsync_file
+from shim import cancel, proc, qemu_img
+from shim.backupdir import fsync_dir
 from shim.cancel import Cancelled
 from shim.chain import backup_files, vm_dir_of
 from shim.contract import RestoreOutcome
@@ -82,8 +82,11 @@ def restore_backup(request: RestoreRequest) -> RestoreOutcome:
                     sizes.append(_restore_one(source, target, request.create_size, checks.require))
                 except Cancelled:
                     raise  # stopped (aborted, past its deadline): not a bad backup volume
-                except (BackupFailed, CommandFailed) as exc:
+                except OSError:
                     checks.require()  # a corrupt chain is named as such, whatever failed
+                    raise
+                except (BackupFailed, CommandFailed) as exc:
+                    checks.require()
                     log.error("restoring %s into %s failed: %s", source, target, exc)
                     raise BackupFailed(
                         f"Unable to restore contents from the backup volume [{uuid}]."
@@ -104,7 +107,7 @@ class _ChainChecks:
     def __init__(self, sources: Sequence[Path], uuids: Sequence[str]) -> None:
         self._uuids = list(uuids)
         self._token = cancel.CancelToken()
-        outer = cancel.current()
+        self._outer = outer = cancel.current()
         if outer is not None:
             outer.on_cancel(lambda: self._token.cancel(outer.reason))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restore-checks")
@@ -120,7 +123,14 @@ class _ChainChecks:
 
     def require(self) -> None:
         """Wait for the checks; raise the Java message naming the first corrupt volume."""
-        corrupt = self._verdict.result()
+        try:
+            corrupt = self._verdict.result()
+        except Cancelled:
+            if self._outer is not None:
+                # The operation's cancellation ended here: delivered, so the cleanup's own
+                # programs (umount) run undisturbed, as after any stop (shim.cancel).
+                self._outer.take()
+            raise
         if corrupt is not None:
             raise BackupFailed(
                 f"Backup qcow2 file for the volume [{self._uuids[corrupt]}] is corrupt."
@@ -323,16 +333,17 @@ def _compare_flushing(
     source: Path, written: StrPath, written_fmt: str | None, flush: Path | None
 ) -> bool:
     """Whether what was ``written`` holds the chain's data (``qemu-img compare``), while
-    ``flush`` (the file or device written; None for rbd, which librbd flushes as qemu-img
-    closes it) goes to stable storage: ``qemu-img convert`` leaves its target's data in the
-    page cache, and a restore that says it is done must survive the host's crash. Both have
-    ended when this returns or raises."""
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="restore-flush") as pool:
-        flushed = pool.submit(fsync_file, flush) if flush is not None else None
-        same = qemu_img.compare(source, written, second_fmt=written_fmt)
-        if flushed is not None:
-            try:
-                flushed.result()
-            except OSError as exc:
-                raise BackupFailed(f"flushing {flush} failed: {exc.strerror}") from exc
-    return same
+    ``flush`` (the file or device written, a device often by a symlink; None for rbd, which
+    librbd flushes as qemu-img closes it) goes to stable storage with ``sync --data``:
+    ``qemu-img convert`` leaves its target's data in the page cache, and a restore that says
+    it is done must survive the host's crash. Both run as programs, side by side: a
+    cancellation or signal stops them like any other."""
+    compare = qemu_img.compare_argv(source, written, second_fmt=written_fmt)
+    if flush is None:
+        return qemu_img.compare_result(compare, proc.run(compare, check=False))
+    compared, flushed = proc.run_many(
+        [compare, ["sync", "--data", os.fspath(flush)]], at_once=2, check=False
+    )
+    if flushed.returncode != 0:
+        raise BackupFailed(f"flushing {flush} failed: {flushed.stderr.strip()}")
+    return qemu_img.compare_result(compare, compared)

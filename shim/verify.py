@@ -56,7 +56,9 @@ def verify_backup(repository: Repository, path: str) -> list[str]:
 
 def _walk_chain(top: Path, vm_root: Path, problems: list[str], checked: dict[Path, None]) -> None:
     file = Path(os.path.realpath(top))
+    walked: set[Path] = set()
     while True:
+        walked.add(file)
         name = _shown(file, vm_root)
         if vm_root not in file.parents:
             problems.append(f"{name} is outside the VM's directory")
@@ -85,6 +87,10 @@ def _walk_chain(top: Path, vm_root: Path, problems: list[str], checked: dict[Pat
         parent = Path(os.path.realpath(file.parent / backing))
         if not parent.is_file():
             problems.append(f"{name}: backing file {backing} is missing")
+            return
+        if parent in walked:
+            # QEMU cannot open such a chain; the checks open one file each, so say it here.
+            problems.append(f"{name}: backing chain loops back to {_shown(parent, vm_root)}")
             return
         if parent in checked:
             return

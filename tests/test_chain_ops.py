@@ -205,10 +205,15 @@ def test_restore_into_qcow2_raw_and_block_volumes(chain: Chain, tmp_path: Path) 
         capture_output=True,
         text=True,
     ).stdout.strip()
+    # Named by a symlink, as Linstor (/dev/drbd/by-res/...), LVM and /dev/disk/by-id name
+    # devices: written, compared and flushed through it.
+    named = volumes / "by-res" / "cs-7d2c" / "0"
+    named.parent.mkdir(parents=True)
+    named.symlink_to(loop)
     try:
         first = chain.backups[0]
         root = disk_files(chain.repo_dir, first, chain.vm)[0].name
-        done = _op(chain, "restore", path=first, backup_files=root, restore_paths=loop)
+        done = _op(chain, "restore", path=first, backup_files=root, restore_paths=str(named))
         assert done.returncode == 0, done.stdout
         assert qemu_img.compare(
             refs[0][0],

@@ -95,6 +95,7 @@ def test_stopping_a_restore_stops_its_checks(monkeypatch: pytest.MonkeyPatch) ->
         token.cancel("aborted")
         with pytest.raises(cancel.Cancelled, match="aborted"):
             checks.require()
+        assert not token.take()  # delivered: the cleanup's programs run undisturbed
     assert proc.processes_naming(marker) == []
     assert time.monotonic() - started < 10
 
