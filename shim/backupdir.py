@@ -183,18 +183,12 @@ def fsync_tree(path: Path) -> None:
     """Make every file under ``path`` and the directory entries durable."""
     for root, _dirs, files in os.walk(path):
         for name in files:
-            fsync_file(Path(root, name))
+            fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_NOFOLLOW)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
         fsync_dir(Path(root))
-
-
-def fsync_file(path: Path) -> None:
-    """fsync a file or a block device (not through a symlink): its data is on stable
-    storage when this returns."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def fsync_dir(path: Path) -> None:

@@ -6,9 +6,9 @@ as much as its copy. A file volume is restored beside itself and renamed over th
 only after ``qemu-img compare`` has proven the new file equal to the chain and every check
 has passed: on any failure the original is untouched. A block device or ``rbd:`` volume
 cannot be swapped by a rename; it is written in place once the checks have passed, and
-compared afterwards. A volume that is
-the disk of a running VM is never written. Restored volumes carry no bitmaps, so the next
-backup of the VM is a full one (the management server clears its checkpoint too).
+compared afterwards. A volume that is the disk of a running VM is never written. Restored
+volumes carry no bitmaps, so the next backup of the VM is a full one (the management
+server clears its checkpoint too).
 """
 
 from __future__ import annotations
@@ -91,7 +91,7 @@ def restore_backup(request: RestoreRequest) -> RestoreOutcome:
                     raise BackupFailed(
                         f"Unable to restore contents from the backup volume [{uuid}]."
                     ) from exc
-            checks.require()  # each volume waited for it: a restore never succeeds without
+            checks.require()  # each volume waited for the checks; none succeeds without
         if request.attach_to is not None:
             attach_volume(request.attach_to, request.targets[0])
         return RestoreOutcome(targets=list(request.targets), virtual_sizes=sizes)
@@ -338,9 +338,9 @@ def _compare_flushing(
     ``qemu-img convert`` leaves its target's data in the page cache, and a restore that says
     it is done must survive the host's crash. Both run as programs, side by side: a
     cancellation or signal stops them like any other."""
-    compare = qemu_img.compare_argv(source, written, second_fmt=written_fmt)
     if flush is None:
-        return qemu_img.compare_result(compare, proc.run(compare, check=False))
+        return qemu_img.compare(source, written, second_fmt=written_fmt)
+    compare = qemu_img.compare_argv(source, written, second_fmt=written_fmt)
     compared, flushed = proc.run_many(
         [compare, ["sync", "--data", os.fspath(flush)]], at_once=2, check=False
     )

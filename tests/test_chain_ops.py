@@ -13,6 +13,7 @@ import pytest
 from shim import qemu_img
 from shim.manifest import MANIFEST
 from tests.lab import Lab, MiB, compare, flatten
+from tests.lab.flakyfs import FAIL_FSYNC_FLAG
 from tests.lab.leaks import leaks
 from tests.lab.system import descendants_running
 from tests.support import (
@@ -294,7 +295,7 @@ def test_a_restore_is_on_stable_storage_before_it_replaces_the_volume(chain: Cha
     assert f"backup volume [{volumes[0].name}]" in failed.stdout, failed.stdout
     for k, volume in enumerate(volumes):
         assert volume.read_bytes() == bytes([0x40 + k]) * chain.vm.disks[k].size
-    left = {p.name for p in volumes[0].parent.iterdir()} - {".fail-fsync"}  # the flag
+    left = {p.name for p in volumes[0].parent.iterdir()} - {FAIL_FSYNC_FLAG}
     assert left == {v.name for v in volumes}  # the unflushed copy removed
     nas.heal()
     done = _op(chain, "restore", path=chain.backups[-1],

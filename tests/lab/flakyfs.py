@@ -61,6 +61,7 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
         self.root = os.path.realpath(root)
         self.count = count
         self.flag = os.path.join(self.root, FAIL_FLAG)
+        self.fail_fsync_flag = os.path.join(self.root, FAIL_FSYNC_FLAG)
         self.slow_flag = os.path.join(self.root, SLOW_FLAG)
         self.hang_flag = os.path.join(self.root, HANG_FLAG)
         self.full_flag = os.path.join(self.root, FULL_FLAG)
@@ -201,7 +202,7 @@ class FlakyPassthrough(Operations):  # type: ignore[misc]
             raise FuseOSError(errno.EIO)
 
     def fsync(self, path: str, datasync: int, fh: int) -> None:
-        if self._failing() or os.path.exists(os.path.join(self.root, FAIL_FSYNC_FLAG)):
+        if self._failing() or os.path.exists(self.fail_fsync_flag):
             raise FuseOSError(errno.EIO)
         self._full()
         os.fsync(fh)
