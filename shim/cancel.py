@@ -5,7 +5,8 @@ engine is blocking code in a worker thread, so it cannot be interrupted anywhere
 stopped where that is safe, i.e. while it waits for an external program. :func:`bound`
 makes a token the current thread's for the duration of an operation (a thread-local, as
 ``run_in_executor`` does not carry context variables); :func:`shim.proc.run` polls it while
-a child runs and, once it is cancelled, kills the child and raises :class:`Cancelled`. The
+a child runs and, once it is cancelled, kills the child and raises :class:`Cancelled`, an
+:class:`~shim.errors.Aborted`: no handler of a failed program can take it for one. The
 operation's cleanup paths then run as after any failure.
 
 Like the drop-in's signal handler, the token interrupts once: the cleanup that follows
@@ -18,24 +19,19 @@ import contextlib
 import threading
 from collections.abc import Callable, Iterator, Sequence
 
-from shim.errors import CommandFailed, Interrupted
+from shim.errors import Aborted
 
 __all__ = ["CancelToken", "Cancelled", "bound", "current"]
 
 
-class Cancelled(Interrupted, CommandFailed):
-    """A program killed because its operation was cancelled (deadline passed, aborted).
-
-    An :class:`~shim.errors.Interrupted`, and a :class:`~shim.errors.CommandFailed` that
-    timed out: code that cleans up after a failed program (the mount session detaching a
-    mount the killed helper may have finished) treats it as it treats a timeout.
-    """
+class Cancelled(Aborted):
+    """The operation was cancelled (deadline passed, aborted) where it waited: ``argv`` is
+    the program killed for it, or what was waited for."""
 
     def __init__(self, argv: Sequence[str], reason: str) -> None:
-        CommandFailed.__init__(self, argv, None, "", timed_out=True)
+        super().__init__(f"{argv[0]} stopped: {reason}")
+        self.program = argv[0]
         self.reason = reason
-        self.message = f"{argv[0]} stopped: {reason}"
-        self.args = (self.message,)
 
 
 class CancelToken:

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from shim.contract import error_stdout, failure_stdout
 from shim.errors import (
     EXIT_ERROR,
+    Aborted,
     Interrupted,
     ShimError,
     UsageError,
@@ -275,11 +276,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     log.info("nasbackup %s", _describe(args))
     try:
         text = operations.run(request).stdout
-    except ShimError as exc:
+    except (ShimError, Aborted) as exc:
         code = exit_code_for(exc)
         if exc.__cause__ is not None:
             log.error("caused by: %s", exc.__cause__)
-        log.error("%s failed (exit %d): %s", operation, code, exc)
+        how = "stopped" if isinstance(exc, Aborted) else "failed"
+        log.error("%s %s (exit %d): %s", operation, how, code, exc)
         _emit(failure_stdout(exc.message, code))
         return code
     except Exception as exc:  # a bug: still one line and exit 1, never a traceback on stdout

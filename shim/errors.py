@@ -1,30 +1,35 @@
 """The one error hierarchy of the shim, and its mapping to the agent's exit codes.
 
-Every handled failure is a :class:`ShimError`. The command-line boundary catches it once,
-prints its one-line message where the contract wants it, and exits with
-:attr:`ShimError.exit_code`: 1 for any handled error, 20 when cleanup itself failed (the
+Two roots, so that a stop can never be mistaken for a failure. Every handled failure is a
+:class:`ShimError`. An operation *stopped* from outside (the agent's SIGTERM, the socket
+service's abort or deadline) raises an :class:`Aborted`, which is a ``BaseException`` and
+not an ``Exception``: no ``except ShimError`` or ``except CommandFailed`` (which turn a
+failed program into a fallback, a warning or another message) can catch it; only cleanup
+paths see it (``except BaseException: ...; raise``). The command-line boundary catches
+both, once, prints the one-line message where the contract wants it, and exits with
+:func:`exit_code_for`: 1 for any handled error or stop, 20 when cleanup itself failed (the
 Java agent then marks the backup Error and sets ``needsCleanup``). No other code is used.
 
-Every ShimError in the project (those defined elsewhere name their module; ``Cancelled``
-has two parents, so it appears under both)::
+Every error class of the project (those defined elsewhere name their module)::
 
-    Exception
-     +-- ShimError                        exit 1
-          +-- UsageError
-          +-- InputError
-          +-- MountError
-          +-- LockBusy
-          +-- CommandFailed
-          |    +-- Cancelled              (shim.cancel)
-          +-- VirtError
-          +-- BackupFailed
-          +-- StorageFailed
-          +-- Interrupted
-          |    +-- Cancelled              (shim.cancel)
-          +-- CleanupFailed               exit 20
-          +-- QmpError                    (shim.storage_daemon)
-          |    +-- DaemonHung             (shim.storage_daemon)
-          +-- StartupRefused              (shim.service.config)
+    BaseException
+     +-- Aborted                          exit 1
+     |    +-- Interrupted
+     |    +-- Cancelled                   (shim.cancel)
+     +-- Exception
+          +-- ShimError                   exit 1
+               +-- UsageError
+               +-- InputError
+               +-- MountError
+               +-- LockBusy
+               +-- CommandFailed
+               +-- VirtError
+               +-- BackupFailed
+               +-- StorageFailed
+               +-- CleanupFailed          exit 20
+               +-- QmpError               (shim.storage_daemon)
+               |    +-- DaemonHung        (shim.storage_daemon)
+               +-- StartupRefused         (shim.service.config)
 """
 
 from __future__ import annotations
@@ -93,7 +98,23 @@ class StorageFailed(ShimError):
     """The repository or a volume failed under an operation (EIO, ENOSPC, gone)."""
 
 
-class Interrupted(ShimError):
+class Aborted(BaseException):
+    """The operation was stopped from outside; what it was doing did not fail.
+
+    Not an ``Exception``: handlers of failures never see it (see the module's docstring).
+    """
+
+    exit_code = EXIT_ERROR
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+class Interrupted(Aborted):
     """A termination signal arrived (the agent's timeout sends SIGTERM)."""
 
 
@@ -103,9 +124,13 @@ class CleanupFailed(ShimError):
     exit_code = EXIT_CLEANUP_FAILED
 
 
+Outcome = ShimError | Aborted
+"""What ends an operation other than success: a failure, or a stop."""
+
+
 def exit_code_for(error: BaseException) -> int:
     """The process exit code for ``error``: the only place codes are chosen."""
-    if isinstance(error, ShimError):
+    if isinstance(error, ShimError | Aborted):
         return error.exit_code
     return EXIT_ERROR
 

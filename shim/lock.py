@@ -21,7 +21,7 @@ from pathlib import Path
 from types import TracebackType
 
 from shim import cancel
-from shim.errors import InputError, Interrupted, LockBusy
+from shim.errors import InputError, LockBusy
 from shim.runtime import LOCK_DIR
 
 log = logging.getLogger(__name__)
@@ -92,7 +92,7 @@ class VmLock:
 
     def acquire(self) -> None:
         """Take the lock, waiting for a holder up to the configured time; else raise
-        :class:`LockBusy` naming the holder (:class:`Interrupted` when cancelled)."""
+        :class:`LockBusy` naming the holder (:class:`~shim.cancel.Cancelled` when cancelled)."""
         wait = lock_wait_seconds() if self.wait is None else self.wait
         self.path.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
@@ -138,9 +138,7 @@ class VmLock:
             else:
                 time.sleep(step)
             if token is not None and token.take():
-                raise Interrupted(
-                    f"waiting for the lock of VM {self.vm_name} stopped: {token.reason}"
-                )
+                raise cancel.Cancelled([f"waiting for the lock of VM {self.vm_name}"], token.reason)
 
     def release(self) -> None:
         """Release the lock (the file stays: removing it would race with a new taker)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 from types import TracebackType
 
 from shim import proc
-from shim.errors import CleanupFailed, CommandFailed, InputError, MountError
+from shim.errors import Aborted, CleanupFailed, CommandFailed, InputError, MountError
 from shim.runtime import MOUNT_REGISTRY, pid_alive
 
 log = logging.getLogger(__name__)
@@ -259,7 +259,11 @@ class MountSession:
         if self._mounted:
             try:
                 proc.run(["umount", str(root)], timeout=UNMOUNT_TIMEOUT_SECONDS)
-            except CommandFailed as exc:
+            except (CommandFailed, Aborted) as exc:
+                # A stop that lands here came after the operation's outcome was decided (a
+                # backup published, a volume restored; or the failure being cleaned up): it
+                # stops nothing more and changes no outcome. The mount is detached all the
+                # same (the stop is taken: this umount runs undisturbed).
                 log.warning("umount %s: %s; detaching lazily", root, exc)
                 try:
                     proc.run(["umount", "-l", str(root)], timeout=UNMOUNT_TIMEOUT_SECONDS)

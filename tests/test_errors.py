@@ -24,7 +24,7 @@ def _drawn_edges() -> set[tuple[str, str]]:
     tree = doc.split("::", 1)[1]
     edges, stack = set(), []  # stack: (column, name)
     for line in tree.splitlines():
-        match = re.search(r"\+-- (\w+)|^\s+(Exception)$", line)
+        match = re.search(r"\+-- (\w+)|^\s+(BaseException)$", line)
         if not match:
             continue
         name = match.group(1) or match.group(2)
@@ -43,7 +43,21 @@ def test_the_docstring_draws_every_shim_error() -> None:
             importlib.import_module(module.name)
     real = {
         (base.__name__, cls.__name__)
-        for cls in _all_subclasses(errors.ShimError)
+        for root in (errors.ShimError, errors.Aborted)
+        for cls in _all_subclasses(root)
         for base in cls.__bases__
-    } | {("Exception", "ShimError")}
+    } | {("BaseException", "Aborted"), ("BaseException", "Exception"), ("Exception", "ShimError")}
     assert _drawn_edges() == real
+
+
+def test_an_abort_is_never_a_failure() -> None:
+    # No handler of a failure (except ShimError, CommandFailed, Exception) can take a stop
+    # for one: the fallback, warning or message it would turn it into never happens.
+    from shim.cancel import Cancelled
+
+    for stop in (errors.Aborted, errors.Interrupted, Cancelled):
+        assert not issubclass(stop, Exception)
+        assert (
+            errors.exit_code_for(stop("x") if stop is not Cancelled else Cancelled(["p"], "r")) == 1
+        )
+    assert not any(issubclass(cls, errors.Aborted) for cls in _all_subclasses(errors.ShimError))

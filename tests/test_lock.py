@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from shim import cancel
-from shim.errors import Interrupted, LockBusy
+from shim.errors import LockBusy
 from shim.lock import DEFAULT_LOCK_WAIT_SECONDS, LOCK_WAIT_ENV, VmLock, lock_wait_seconds
 
 VM = "i-2-42-VM"
@@ -93,7 +93,7 @@ def test_a_cancelled_operation_stops_waiting_at_once(tmp_path: Path) -> None:
     threading.Timer(0.5, token.cancel, args=("aborted",)).start()
     with VmLock(VM, lock_dir=tmp_path, wait=0):
         started = time.monotonic()
-        with cancel.bound(token), pytest.raises(Interrupted) as info:
+        with cancel.bound(token), pytest.raises(cancel.Cancelled) as info:
             VmLock(VM, lock_dir=tmp_path, wait=60).acquire()
     assert str(info.value) == f"waiting for the lock of VM {VM} stopped: aborted"
     assert time.monotonic() - started < 1.5

@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from shim import cancel, storage_daemon
-from shim.errors import CommandFailed, Interrupted, LockBusy
+from shim.errors import CommandFailed, LockBusy
 from shim.lock import VmLock
 from shim.storage_daemon import DaemonHung, StorageDaemon, blockdev_file, blockdev_qcow2
 
@@ -144,7 +144,7 @@ def test_a_job_without_progress_fails_and_one_with_progress_does_not(
     token = cancel.CancelToken()
     threading.Timer(2.5, token.cancel, args=("aborted",)).start()
     daemon = StorageDaemon([])
-    with pytest.raises(Interrupted, match="stopped: aborted"), cancel.bound(token), daemon:
+    with pytest.raises(cancel.Cancelled, match="stopped: aborted"), cancel.bound(token), daemon:
         daemon.wait_jobs(["src0-job"])
     assert _gone(daemon)
 

@@ -37,7 +37,7 @@ from shim import log as shim_log
 from shim import operations
 from shim.cancel import CancelToken
 from shim.contract import BackupOutcome
-from shim.errors import EXIT_ERROR, ShimError, VirtError
+from shim.errors import EXIT_ERROR, Aborted, ShimError, VirtError
 from shim.service.config import DEFAULT_COMMAND_TIMEOUT
 from shim.virt.jobs import BackupJob
 
@@ -353,8 +353,9 @@ class Scheduler:
                     await self._stop_at_deadline(job, command, seconds, run, run_cancel)
                     return command.timed_out()
                 answer = command.answer(result)
-            except ShimError as exc:
-                log.error("job %s: failed (exit %d): %s", job.id, exc.exit_code, exc)
+            except (ShimError, Aborted) as exc:
+                how = "stopped" if isinstance(exc, Aborted) else "failed"
+                log.error("job %s: %s (exit %d): %s", job.id, how, exc.exit_code, exc)
                 return command.failure(exc.message, exc.exit_code)
             except Exception as exc:  # a bug: still an answer, never a dead job
                 log.exception("job %s: unexpected error", job.id)
@@ -388,7 +389,7 @@ class Scheduler:
             return  # a stats run other requests still wait for: it goes on, for them
         try:
             await asyncio.shield(run)
-        except Exception as exc:  # the answer is "timeout" whatever the run ended with
+        except (Exception, Aborted) as exc:  # the answer is "timeout" whatever the run ended with
             log.info("job %s: the stopped command ended with: %s", job.id, exc)
         else:
             log.warning("job %s: the command finished after its deadline", job.id)
