@@ -4,6 +4,12 @@ Every call is logged (with secrets masked), has stdin closed, runs in the C loca
 messages can be matched, and raises :class:`~shim.errors.CommandFailed` on a non-zero exit
 or a timeout. The child's output is captured: nothing it prints reaches the shim's stdout,
 which belongs to the agent contract.
+
+Each program starts a process group of its own, and a program stopped (timeout,
+cancellation, signal) is killed with its whole group: ``mount`` forks ``mount.cifs``, which
+would otherwise live on, holding the pipes the wait reads until it ends by itself. Files
+the gate opened (:mod:`shim.gate`) reach a program as inherited descriptors
+(``pass_fds``), named ``/dev/fd/N`` on its command line.
 """
 
 from __future__ import annotations
@@ -11,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -56,10 +63,12 @@ def run(
     check: bool = True,
     secrets: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> Result:
     """Run ``argv`` to completion and return its output.
 
-    ``secrets`` are masked in the log and in any error raised. With ``check`` (the default)
+    ``secrets`` are masked in the log and in any error raised; ``pass_fds`` stay open in
+    the child under their numbers. With ``check`` (the default)
     a non-zero exit raises :class:`CommandFailed`; a timeout always does. When the
     thread's operation has a cancellation token (:mod:`shim.cancel`) and it is cancelled,
     the child is killed and :class:`~shim.cancel.Cancelled` (an ``Interrupted``) raised.
@@ -78,6 +87,8 @@ def run(
             text=True,
             errors="replace",
             env={**_ENV, **env} if env else _ENV,
+            pass_fds=tuple(pass_fds),
+            start_new_session=True,
         )
     except FileNotFoundError:
         raise CommandFailed(argv, 127, f"{argv[0]}: command not found") from None
@@ -86,7 +97,7 @@ def run(
             out, err = _communicate(child, argv, timeout, token, secrets)
         except BaseException:
             # A signal's Interrupted (the drop-in), say: never leave the child running.
-            child.kill()
+            _kill_group(child)
             raise
     stdout, stderr = mask(out, secrets), mask(err, secrets)
     if child.returncode != 0:
@@ -132,9 +143,10 @@ def run_many(
     at_once: int,
     check: bool = True,
     on_poll: Callable[[list[int]], None] | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> list[Result]:
     """Run every argv as :func:`run` does, up to ``at_once`` side by side, all from this
-    thread; return their results in order.
+    thread; return their results in order. Every child inherits ``pass_fds``.
 
     ``on_poll`` is called every few milliseconds with the running children's pids
     (progress, a stall watch) and may raise. Whatever ends the wait early (the thread's
@@ -150,7 +162,7 @@ def run_many(
         while waiting or running:
             while waiting and len(running) < at_once:
                 index, argv = waiting.pop(0)
-                running[index] = _Child(argv)
+                running[index] = _Child(argv, pass_fds)
             for index, child in list(running.items()):
                 if child.process.poll() is None:
                     continue
@@ -178,7 +190,7 @@ def run_many(
 class _Child:
     """One program of :func:`run_many`, its output in temporary files (no pipe to drain)."""
 
-    def __init__(self, argv: Sequence[str]) -> None:
+    def __init__(self, argv: Sequence[str], pass_fds: Sequence[int] = ()) -> None:
         self.argv = list(argv)
         self.shown = mask(" ".join(argv), ())
         log.debug("run: %s", self.shown)
@@ -187,7 +199,13 @@ class _Child:
         self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                self.argv, stdin=subprocess.DEVNULL, stdout=self._out, stderr=self._err, env=_ENV
+                self.argv,
+                stdin=subprocess.DEVNULL,
+                stdout=self._out,
+                stderr=self._err,
+                env=_ENV,
+                pass_fds=tuple(pass_fds),
+                start_new_session=True,
             )
         except FileNotFoundError:
             self._close()
@@ -203,9 +221,8 @@ class _Child:
         return Result(self.process.returncode, outputs[0], outputs[1])
 
     def kill(self) -> None:
-        """SIGKILL and reap it."""
-        with contextlib.suppress(ProcessLookupError):
-            self.process.kill()
+        """SIGKILL it with its process group, and reap it."""
+        _signal_group(self.process.pid)
         self.process.wait()
         self._close()
 
@@ -216,8 +233,20 @@ class _Child:
 
 def _kill(child: subprocess.Popen[str]) -> tuple[str, str]:
     # SIGKILL, then reap it: a program stuck on a dead NAS may ignore anything milder.
-    child.kill()
+    _kill_group(child)
     return child.communicate()
+
+
+def _kill_group(child: subprocess.Popen[str]) -> None:
+    _signal_group(child.pid)
+    with contextlib.suppress(ProcessLookupError):
+        child.kill()  # not reaped yet, whatever its group did: the pid is still its own
+
+
+def _signal_group(pid: int) -> None:
+    """SIGKILL the process group ``pid`` leads: the program and whatever it forked."""
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(pid, signal.SIGKILL)
 
 
 def processes_naming(text: str) -> list[int]:
