@@ -90,11 +90,11 @@ class Command(Message):
     def vm(self) -> str | None:
         """The VM the command works on (for per-VM serialization), if any.
 
-        Backup paths are ``<vm>/<backup>``: a delete or a rebase works on that VM's backups
-        (and the engine takes that VM's lock for it).
+        Backup paths are ``<vm>/<backup>``: a delete or a rebase works on that VM's backups,
+        and so does a restore that names no VM (the engine takes that VM's lock for it).
         """
-        if self.VM_FIELD:
-            return getattr(self, self.VM_FIELD) or None
+        if self.VM_FIELD and getattr(self, self.VM_FIELD):
+            return str(getattr(self, self.VM_FIELD))
         if self.VM_PATH_FIELD:
             parts = PurePosixPath(getattr(self, self.VM_PATH_FIELD)).parts
             return parts[0] if len(parts) > 1 else None
@@ -291,6 +291,7 @@ class RestoreBackupCommand(RepositoryCommand):
 
     JAVA_CLASS: ClassVar[str] = f"{PACKAGE}.RestoreBackupCommand"
     VM_FIELD: ClassVar[str | None] = "vm_name"
+    VM_PATH_FIELD: ClassVar[str | None] = "backup_path"
 
     backup_path: str
     vm_name: str | None = None

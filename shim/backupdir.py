@@ -4,7 +4,9 @@ runs that died, sizes as ``du`` counts them).
 
 A backup is written into ``<path>.partial`` and renamed to ``<path>`` only once its files
 are complete, fsynced and its manifest written; nothing ever points into a partial
-directory, so removing it on failure touches no other backup.
+directory, so removing it on failure touches no other backup. The VM's directory is reached
+through the gate (:class:`shim.gate.VmDirectory`): never through a link, and the
+directories, the manifest and the rename are made relative to its descriptor.
 """
 
 from __future__ import annotations
@@ -16,9 +18,10 @@ import shutil
 from collections.abc import Sequence
 from pathlib import Path
 
-from shim.chain import relative_backing, vm_dir_of
+from shim.chain import relative_backing
 from shim.contract import BackupOutcome
 from shim.errors import InputError
+from shim.gate import VmDirectory, split_vm
 from shim.manifest import (
     MANIFEST,
     DiskFile,
@@ -27,6 +30,7 @@ from shim.manifest import (
     checksums_at_backup,
     disk_records,
     write_manifest,
+    write_new,
 )
 from shim.nas import MountSession
 from shim.redact import public_source
@@ -38,19 +42,25 @@ PARTIAL_SUFFIX = ".partial"
 
 
 class BackupDirectory:
-    """The directory a backup request names, inside the mounted repository."""
+    """The directory a backup request names (``<vm>/<name>``), inside the mounted
+    repository."""
 
     def __init__(self, session: MountSession, relative: str) -> None:
         self.relative = relative
-        self.final = session.path(relative, what="backup path")
-        self._root = Path(os.path.realpath(session.root))
+        vm, self.name = split_vm(relative)
+        self.vm_dir = session.vm_directory(vm)
+        self.final = self.vm_dir.path / self.name
         self.work = partial_dir(self.final)
-        self._created_parent: Path | None = None
+        self._created_vm_dir = False
 
     def check(self) -> None:
-        """Refuse a path that already holds a backup. Changes nothing, so that it can run
-        before anything else is touched (a refused retry must leave no trace)."""
-        if self.final.exists() and (not self.final.is_dir() or any(self.final.iterdir())):
+        """Refuse a path that already holds a backup (or anything but an empty directory,
+        or a path through a link). Changes nothing, so that it can run before anything
+        else is touched (a refused retry must leave no trace)."""
+        if not self.vm_dir.exists():
+            return
+        kind = self.vm_dir.kind(self.name)
+        if kind == "file" or (kind == "directory" and self.vm_dir.names(self.name)):
             raise InputError(f"backup path {self.relative} already exists")
 
     def prepare(self) -> None:
@@ -58,11 +68,20 @@ class BackupDirectory:
         self.check()
         # Runs killed before they could clean up; we hold the VM's lock (the request's
         # path starts with its name), so they are dead.
-        for dead in sweep_dead_work(self._root, vm_dir_of(self.relative)):
+        for dead in sweep_dead_work(self.vm_dir):
             log.warning("removed %s, left by a run that died", dead)
-        if not self.final.parent.exists():
-            self._created_parent = self.final.parent
-        self.work.mkdir(parents=True)
+        self._created_vm_dir = self.vm_dir.create()
+        os.mkdir(self.work.name, mode=0o755, dir_fd=self.vm_dir.fd)
+
+    def write_file(self, name: str, text: str) -> None:
+        """Write a new file ``name`` of the backup (a description of the domain), made
+        here and never through a link that something else placed there."""
+        work_fd = self.vm_dir.open_directory(self.work.name)
+        try:
+            with write_new(work_fd, name) as fh:
+                fh.write(text)
+        finally:
+            os.close(work_fd)
 
     def publish(
         self,
@@ -103,22 +122,27 @@ class BackupDirectory:
             disks=disk_records(self.work, files, algorithm, read_back=checksums_at_backup()),
             checksum_algorithm=algorithm,
         )
-        write_manifest(self.work, manifest)
+        work_fd = self.vm_dir.open_directory(self.work.name)
+        try:
+            write_manifest(work_fd, manifest)
+        finally:
+            os.close(work_fd)
         fsync_tree(self.work)  # the disk files, the manifest, and the directory's entries
-        if self.final.exists():
-            self.final.rmdir()  # an empty directory someone prepared
-        os.rename(self.work, self.final)
-        fsync_dir(self.final.parent)
-        names = sorted(p.name for p in self.final.iterdir() if p.name != MANIFEST)
+        vm_fd = self.vm_dir.fd
+        if self.vm_dir.kind(self.name) == "directory":
+            os.rmdir(self.name, dir_fd=vm_fd)  # an empty directory someone prepared
+        os.rename(self.work.name, self.name, src_dir_fd=vm_fd, dst_dir_fd=vm_fd)
+        fsync_dir(vm_fd)
+        names = [n for n in self.vm_dir.names(self.name) if n != MANIFEST]
         return [*names, MANIFEST]
 
     def discard(self) -> None:
         """Remove the partial directory (the published one is never touched), and the VM's
         directory if this run created it and it is still empty."""
         remove_tree(self.work)
-        if self._created_parent is not None:
+        if self._created_vm_dir:
             with contextlib.suppress(OSError):
-                self._created_parent.rmdir()
+                self.vm_dir.path.rmdir()
 
     def outcome(
         self,
@@ -146,10 +170,15 @@ def parent_dir_name(parents: dict[str, Path]) -> str | None:
     return None
 
 
-def rewrite_manifest(directory: Path, manifest: Manifest) -> None:
-    """Replace the manifest of a published backup durably (after a rebase)."""
-    write_manifest(directory, manifest)
-    fsync_dir(directory)
+def rewrite_manifest(vm_dir: VmDirectory, backup: str, manifest: Manifest) -> None:
+    """Replace the manifest of the published backup ``backup`` durably (after a rebase,
+    or a verify recording checksums)."""
+    fd = vm_dir.open_directory(backup)
+    try:
+        write_manifest(fd, manifest)
+        fsync_dir(fd)
+    finally:
+        os.close(fd)
 
 
 def partial_dir(final: Path) -> Path:
@@ -191,33 +220,43 @@ def fsync_tree(path: Path) -> None:
         fsync_dir(Path(root))
 
 
-def fsync_dir(path: Path) -> None:
-    """fsync a directory, so that entries created or renamed in it survive a crash."""
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+def fsync_dir(directory: Path | int) -> None:
+    """fsync a directory (a path, or an open descriptor), so that entries created or
+    renamed in it survive a crash."""
+    if isinstance(directory, int):
+        os.fsync(directory)
+        return
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def sweep_dead_work(root: Path, vm: str) -> list[Path]:
+def sweep_dead_work(vm_dir: VmDirectory) -> list[Path]:
     """Remove the ``*.partial`` and ``.*.deleting`` directories of runs that died, in the
-    directory of VM ``vm`` under the repository's ``root``.
+    VM's directory ``vm_dir``.
 
-    Call only while holding ``vm``'s lock: then no living run owns any of them. Only the
-    directory named after that VM is swept, and not when it is a symlink: one that leads
+    Call only while holding that VM's lock: then no living run owns any of them. The VM's
+    directory and each entry are reached through the gate (no link is followed): a link
     into another VM's directory would make this run remove a backup in progress there,
     under a lock that does not protect it.
     """
     removed: list[Path] = []
-    vm_dir = root / vm
-    if vm_dir.is_symlink() or not vm_dir.is_dir():
+    if not vm_dir.exists():
         return removed
-    for entry in vm_dir.iterdir():
-        dead = entry.name.endswith(PARTIAL_SUFFIX) or (
-            entry.name.startswith(".") and entry.name.endswith(".deleting")
+    for name in vm_dir.names():
+        dead = name.endswith(PARTIAL_SUFFIX) or (
+            name.startswith(".") and name.endswith(".deleting")
         )
-        if dead and entry.is_dir() and not entry.is_symlink():
-            shutil.rmtree(entry)
-            removed.append(entry)
+        if dead and _is_directory(vm_dir, name):
+            shutil.rmtree(vm_dir.path / name)
+            removed.append(vm_dir.path / name)
     return removed
+
+
+def _is_directory(vm_dir: VmDirectory, name: str) -> bool:
+    try:
+        return vm_dir.kind(name) == "directory"
+    except InputError:  # a link or a special file: not ours, left where it is
+        return False

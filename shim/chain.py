@@ -3,28 +3,32 @@
 A backup directory ``<vm>/<timestamp>/`` holds ``root.<volId>.qcow2`` and
 ``datadisk.<volId>.qcow2``; an incremental file's backing is its own disk's parent file,
 by a path relative to the incremental's directory, with backing format qcow2, so that the
-NAS can be mounted anywhere and the Java restore (``qemu-img convert``) follows it.
+NAS can be mounted anywhere and the Java restore (``qemu-img convert``) follows it. Every
+file is read through the gate (:mod:`shim.gate`).
 """
 
 from __future__ import annotations
 
 import os
+import posixpath
 import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shim import qemu_img
+from shim import gate, qemu_img
 from shim.errors import CommandFailed, InputError
-from shim.nas import MountSession
+from shim.gate import Chain, Damaged, VmDirectory, split_vm
+from shim.manifest import checkpoint_mismatch
+from shim.nas import MountSession, validate_relative
 from shim.virt.disks import DomainDisk
 
-_BACKUP_FILE = re.compile(r"^(?P<role>root|datadisk)\.(?P<volume_id>.+)\.qcow2$")
+_BACKUP_FILE = re.compile(r"(?P<role>root|datadisk)\.(?P<volume_id>.+)\.qcow2")
 
 
 def parse_backup_file_name(name: str) -> tuple[str, str] | None:
     """``(role, volume id)`` of a backup file name, None when it is not one."""
-    match = _BACKUP_FILE.match(name)
+    match = _BACKUP_FILE.fullmatch(name)
     return (match.group("role"), match.group("volume_id")) if match else None
 
 
@@ -34,13 +38,15 @@ class Parents:
 
     files: dict[str, Path] = field(default_factory=dict)
     """Disk target -> its parent backup file; disks absent here are new since (full)."""
+    chains: dict[str, Chain] = field(default_factory=dict)
+    """Disk target -> its parent file's whole chain, as the gate walked it."""
     problems: list[str] = field(default_factory=list)
     """Reasons to fall back to a full backup (a named parent that is missing or unusable)."""
 
 
 def vm_dir_of(relative: str) -> str:
     """The VM directory (first component) of a mount-relative backup path."""
-    return Path(relative).parts[0]
+    return split_vm(relative)[0]
 
 
 def resolve_parents(
@@ -56,75 +62,113 @@ def resolve_parents(
 
     ``parent_paths`` (one file per disk, merged generation) or ``parent_path`` (the seed's
     single value: the parent directory, or the root disk's file whose directory serves).
-    A path that leaves the repository or the VM's directory is bad input and raises; a
-    parent that is named but missing or not a qcow2 is a reason to fall back to a full,
-    and so is a parent directory whose manifest records a checkpoint other than
+    A path that leaves the VM's directory is bad input, and a parent the gate refuses (a
+    link, a backing name that leads elsewhere) is a refusal: both raise. A parent that is
+    named but missing, damaged or failing ``qemu-img check`` is a reason to fall back to a
+    full, and so is a parent directory whose manifest records a checkpoint other than
     ``bitmap_parent`` (the incremental would copy the changes since that checkpoint on
     top of another backup: a chain that restores to data the VM never held).
     """
-    vm_dir = vm_dir_of(backup_path)
-    by_key: dict[tuple[str, str], Path] = {}
+    vm_dir = session.vm_directory(split_vm(backup_path)[0])
+    by_key: dict[tuple[str, str], str] = {}
     parents = Parents()
     if parent_paths:
-        for given in parent_paths:
-            path = _inside_vm_dir(session, given, vm_dir)
-            key = parse_backup_file_name(path.name)
-            if key is None:
-                raise InputError(f"parent path does not name a backup file: {given}")
-            by_key[key] = path
+        by_key = _named_parents(vm_dir, parent_paths)
     elif parent_path:
-        path = _inside_vm_dir(session, parent_path, vm_dir)
-        directory = path.parent if (path.is_file() or parse_backup_file_name(path.name)) else path
-        if not directory.is_dir():
+        directory = _parent_directory(vm_dir, parent_path)
+        if directory is None:
             parents.problems.append(f"parent backup directory {parent_path} does not exist")
             return parents
         for disk in disks:
-            candidate = directory / disk.backup_name
-            if candidate.exists():
+            candidate = f"{directory}/{disk.backup_name}"
+            if vm_dir.kind(candidate) is not None:
                 by_key[(disk.role, disk.volume_id)] = candidate
     for disk in disks:
         parent = by_key.get((disk.role, disk.volume_id))
         if parent is None:
             continue  # a disk attached since the parent: backed up full in the same job
-        problem = _unusable(parent)
-        if problem:
+        chain, problem = _usable(vm_dir, parent)
+        if chain is None:
             parents.problems.append(f"parent of {disk.target}: {problem}")
         else:
-            parents.files[disk.target] = parent
+            parents.files[disk.target] = vm_dir.path / parent
+            parents.chains[disk.target] = chain
     if bitmap_parent is not None:
-        parents.problems += _checkpoint_problems(parents.files.values(), bitmap_parent)
+        parents.problems += _checkpoint_problems(vm_dir, parents.files.values(), bitmap_parent)
     return parents
 
 
-def _checkpoint_problems(files: Iterable[Path], bitmap_parent: str) -> list[str]:
+def _named_parents(vm_dir: VmDirectory, parent_paths: Sequence[str]) -> dict[tuple[str, str], str]:
+    """Each ``--parent-paths`` file by its (role, volume id), relative to the VM's
+    directory; a path through a link, or naming no backup file, is refused."""
+    by_key = {}
+    for given in parent_paths:
+        relative = _inside_vm_dir(vm_dir, given)
+        if vm_dir.exists():
+            vm_dir.kind(relative)  # a path through a link is refused before anything
+        key = parse_backup_file_name(posixpath.basename(relative))
+        if key is None:
+            raise InputError(f"parent path does not name a backup file: {given}")
+        by_key[key] = relative
+    return by_key
+
+
+def _parent_directory(vm_dir: VmDirectory, parent_path: str) -> str | None:
+    """The seed's ``--parent-path`` (the parent directory, or the root disk's file in it) as
+    the directory relative to the VM's; None when there is none."""
+    relative = _inside_vm_dir(vm_dir, parent_path)
+    kind = vm_dir.kind(relative) if vm_dir.exists() else None
+    named_file = kind == "file" or parse_backup_file_name(posixpath.basename(relative))
+    directory = posixpath.dirname(relative) if named_file else relative
+    if not directory or vm_dir.kind(directory) != "directory":
+        return None
+    return directory
+
+
+def _checkpoint_problems(
+    vm_dir: VmDirectory, files: Iterable[Path], bitmap_parent: str
+) -> list[str]:
     """Each parent directory whose manifest says it did not create ``bitmap_parent``."""
-    from shim.manifest import checkpoint_mismatch  # noqa: PLC0415 - manifest imports chain
+    problems = []
+    for name in sorted({f.parent.name for f in files}):
+        try:
+            manifest = vm_dir.manifest(name)
+        except Damaged as exc:
+            problems.append(str(exc))
+            continue
+        problem = checkpoint_mismatch(manifest, name, bitmap_parent)
+        if problem:
+            problems.append(problem)
+    return problems
 
-    found = (checkpoint_mismatch(d, bitmap_parent) for d in sorted({f.parent for f in files}))
-    return [problem for problem in found if problem]
+
+def _inside_vm_dir(vm_dir: VmDirectory, given: str) -> str:
+    """``given`` (mount-relative) relative to the VM's directory, or refused."""
+    validate_relative(given, "parent path")
+    vm, rest = split_vm(given)
+    if vm != vm_dir.vm or not rest:
+        raise InputError(f"parent path {given} is not inside the VM's directory {vm_dir.vm}")
+    return rest
 
 
-def _inside_vm_dir(session: MountSession, given: str, vm_dir: str) -> Path:
-    path = session.path(given, what="parent path")
-    vm_root = Path(os.path.realpath(session.root / vm_dir))
-    if vm_root not in path.parents:
-        raise InputError(f"parent path {given} is not inside the VM's directory {vm_dir}")
-    return path
-
-
-def _unusable(parent: Path) -> str | None:
-    if not parent.is_file():
-        return f"{parent.name} is missing"
-    if not is_qcow2(parent):
-        return f"{parent.name} is not a qcow2 image"
+def _usable(vm_dir: VmDirectory, parent: str) -> tuple[Chain | None, str]:
+    """The parent file's chain when it can carry a child, else None and why not. A refusal
+    of the gate that is not mere damage raises."""
+    name = posixpath.basename(parent)
+    try:
+        chain = vm_dir.chain(parent)
+    except FileNotFoundError:
+        return None, f"{name} is missing"
+    except Damaged as exc:
+        return None, str(exc)
     # Metadata only (refcounts, tables): a corrupted parent must not get children.
     try:
-        result = qemu_img.check(parent)
+        result = qemu_img.check(gate.alone(chain.top))
     except CommandFailed as exc:
-        return f"{parent.name} cannot be checked: {exc}"
+        return None, f"{name} cannot be checked: {exc}"
     if result.corruptions or result.check_errors:
-        return f"{parent.name} is corrupted ({result.corruptions} corruption(s))"
-    return None
+        return None, f"{name} is corrupted ({result.corruptions} corruption(s))"
+    return chain, ""
 
 
 def relative_backing(parent: Path, directory: Path) -> str:
@@ -132,54 +176,35 @@ def relative_backing(parent: Path, directory: Path) -> str:
     return os.path.relpath(parent, directory)
 
 
-_QCOW2_MAGIC = b"QFI\xfb"
+def backup_files(vm_dir: VmDirectory, backup: str) -> list[str]:
+    """The names of the disk files of backup directory ``backup``, root first, then data
+    disks by name (not yet opened: the gate refuses what is not a regular file then)."""
+    found = [n for n in vm_dir.names(backup) if parse_backup_file_name(n)]
+    return sorted(found, key=lambda n: (not n.startswith("root."), n))
 
 
-def is_qcow2(path: Path) -> bool:
-    """Whether the file starts with the qcow2 magic (read directly: no subprocess)."""
-    try:
-        with open(path, "rb") as fh:
-            return fh.read(4) == _QCOW2_MAGIC
-    except OSError:
-        return False
-
-
-def backing_of(path: Path) -> str | None:
-    """The backing file name stored in a qcow2 header (None for none, or not a qcow2).
-
-    Read straight from the header (magic, version, backing offset and length): listing the
-    dependants of a backup touches every file of the VM, one subprocess each would be slow.
-    """
-    try:
-        with open(path, "rb") as fh:
-            header = fh.read(20)
-            if len(header) < 20 or header[:4] != _QCOW2_MAGIC:
-                return None
-            offset = int.from_bytes(header[8:16], "big")
-            length = int.from_bytes(header[16:20], "big")
-            if offset == 0 or length == 0 or length > 4096:
-                return None
-            fh.seek(offset)
-            return fh.read(length).decode("utf-8", errors="replace")
-    except OSError:
-        return None
-
-
-def backup_files(directory: Path) -> list[Path]:
-    """The disk files of a backup directory, root first, then data disks by name."""
-    found = [p for p in directory.iterdir() if parse_backup_file_name(p.name) and p.is_file()]
-    return sorted(found, key=lambda p: (not p.name.startswith("root."), p.name))
-
-
-def dependants(directory: Path) -> list[Path]:
-    """Files in the other backups of the same VM whose backing file lies in ``directory``."""
-    target = os.path.realpath(directory) + os.sep
+def dependants(vm_dir: VmDirectory, backup: str) -> list[str]:
+    """Files (``<backup>/<file>``) in the VM's other backups whose backing file lies in
+    ``backup``. Only gated regular qcow2 files are looked at; a link or a special file is
+    nobody's parent and nobody's child."""
     found = []
-    for sibling in sorted(directory.parent.iterdir()):
-        if sibling == directory or not sibling.is_dir() or sibling.is_symlink():
+    for sibling in vm_dir.names():
+        if sibling == backup:
             continue
-        for file in sibling.iterdir():
-            backing = backing_of(file) if file.suffix == ".qcow2" else None
-            if backing and os.path.realpath(sibling / backing).startswith(target):
-                found.append(file)
+        try:
+            if vm_dir.kind(sibling) != "directory":
+                continue
+            names = vm_dir.names(sibling)
+        except InputError:
+            continue
+        for name in names:
+            if not name.endswith(".qcow2"):
+                continue
+            header = vm_dir.header_of(f"{sibling}/{name}")
+            backing = header.backing_name if header is not None else None
+            if backing is None or gate.backing_rule(backing) is not None:
+                continue
+            resolved = posixpath.normpath(posixpath.join(sibling, backing))
+            if resolved.startswith(backup + "/"):
+                found.append(f"{sibling}/{name}")
     return found

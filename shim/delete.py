@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import logging
 import os
-from pathlib import Path
+import shutil
 
-from shim.backupdir import remove_tree, sweep_dead_work
+from shim.backupdir import sweep_dead_work
 from shim.chain import dependants
 from shim.errors import BackupFailed, InputError
+from shim.gate import split_vm
 from shim.lock import VmLock
 from shim.nas import MountSession, Repository
 from shim.request import DeleteRequest
@@ -23,25 +24,28 @@ def delete_backup(repository: Repository, path: str) -> None:
     final management server deletes leaf-first and the seed generation rebases first, so a
     correct caller never meets the refusal, and a wrong one never breaks a chain. The
     directory is renamed aside before it is removed: an interrupted delete leaves an
-    obviously dead ``.<name>.deleting``, never a half-emptied backup.
+    obviously dead ``.<name>.deleting``, never a half-emptied backup. Everything is reached
+    through the gate: a link is never followed, a special file never opened.
     """
     DeleteRequest(repository, path).validate()
-    vm = Path(path).parts[0]
+    vm, backup = split_vm(path)
     with VmLock(vm), MountSession(repository) as session:
-        directory = session.path(path, what="backup path")
-        for dead in sweep_dead_work(Path(os.path.realpath(session.root)), vm):
+        vm_dir = session.vm_directory(vm)
+        for dead in sweep_dead_work(vm_dir):
             log.warning("removed %s, left by a run that died", dead)
-        if not directory.exists():
+        kind = vm_dir.kind(backup) if vm_dir.exists() else None
+        if kind is None:
             log.info("backup %s does not exist: nothing to delete", path)
             return
-        if not directory.is_dir():
+        if kind != "directory":
             raise InputError(f"backup path {path} is not a directory")
-        needed_by = dependants(directory)
+        needed_by = dependants(vm_dir, backup)
         if needed_by:
-            names = ", ".join(f"{f.parent.name}/{f.name}" for f in needed_by)
+            names = ", ".join(needed_by)
             raise BackupFailed(f"backup {path} is the parent of {names}: refusing to delete it")
-        doomed = directory.with_name(f".{directory.name}.deleting")
-        remove_tree(doomed)  # what an interrupted earlier delete left
-        directory.rename(doomed)
-        remove_tree(doomed)
+        doomed = f".{backup}.deleting"
+        if vm_dir.kind(doomed) == "directory":
+            shutil.rmtree(vm_dir.path / doomed)  # what an interrupted earlier delete left
+        os.rename(backup, doomed, src_dir_fd=vm_dir.fd, dst_dir_fd=vm_dir.fd)
+        shutil.rmtree(vm_dir.path / doomed)
         log.info("deleted backup %s", path)

@@ -20,6 +20,8 @@ Every error class of the project (those defined elsewhere name their module)::
           +-- ShimError                   exit 1
                +-- UsageError
                +-- InputError
+               |    +-- Refused           (shim.gate)
+               |         +-- Damaged      (shim.gate)
                +-- MountError
                +-- LockBusy
                +-- CommandFailed

@@ -150,7 +150,7 @@ class LiveBackup(BackupMethod):
                 stats = self._transfer(job, disks, plan)
             self._resparsify(disks)
             for name, text in host.describe(self.dom).items():
-                (self.directory.work / name).write_text(text, encoding="utf-8")
+                self.directory.write_file(name, text)
             files = self.publish(disks, plan, bitmap=plan.checkpoint)
         except BaseException as exc:
             self._cleanup(disks, plan, job, exc)
@@ -428,7 +428,8 @@ class PullBackup(LiveBackup):
             extents = dirty_extents(scratch.socket, export, bitmap) if incremental else None
             target = self.directory.work / disk.backup_name
             selection = scratch.selection(disk.target) if incremental else None
-            copies.append(DiskCopy(export, target, extents, selection))
+            node = self.target_node(disk, plan, disk.target) if incremental else None
+            copies.append(DiskCopy(export, target, extents, selection, node))
         sizes = [self.sizes[d.target] for d in disks]
         copier = ExportCopier(scratch.socket, copies, sizes, job.report_progress)
         copied = threading.Event()

@@ -16,18 +16,26 @@ backup records its files' algorithm and sizes with an empty checksum, and the fi
 ``verify`` of the backup computes and records ("seals") them; every later one compares.
 ``NASBACKUP_SHIM_CHECKSUM_AT=backup`` computes them as each backup ends instead.
 The algorithm is recorded with the checksums; verify uses the recorded one.
+
+A manifest read back comes through the gate (:meth:`shim.gate.VmDirectory.manifest`), which
+hands its bytes to :func:`parse`: every field's type is checked, and a disk's file must be a
+plain backup file name. One is written by :func:`write_manifest`, never through a link.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
+import re
+import secrets
 import shutil
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
+from typing import IO, Any, TypeVar
 
 from shim import proc
 
@@ -87,31 +95,41 @@ def checksums_at_backup() -> bool:
     return os.environ.get(CHECKSUM_AT_ENV, "verify") == "backup"
 
 
-def _checksum_argv(path: Path, algorithm: str) -> list[str]:
+def _checksum_argv(name: str, algorithm: str) -> list[str]:
     if algorithm == "cksum":
-        return ["cksum", "--", str(path)]
+        return ["cksum", "--", name]
     # openssl uses the CPU's SHA extensions (about 3x coreutils' sha256sum here).
     if shutil.which("openssl"):
-        return ["openssl", "dgst", "-sha256", "-r", str(path)]
-    return ["sha256sum", "--", str(path)]
+        return ["openssl", "dgst", "-sha256", "-r", name]
+    return ["sha256sum", "--", name]
 
 
 def _digest(output: str, algorithm: str) -> str:
-    fields = output.split()
+    fields_ = output.split()
     # cksum prints "<crc> <length> <name>": both numbers are the checksum.
-    return f"{fields[0]} {fields[1]}" if algorithm == "cksum" else fields[0]
+    return f"{fields_[0]} {fields_[1]}" if algorithm == "cksum" else fields_[0]
 
 
-def checksums(paths: Sequence[Path], algorithm: str) -> dict[Path, str]:
-    """The checksum of each file with ``algorithm``, files in parallel."""
+Name = TypeVar("Name", str, Path)
+
+
+def checksums(
+    names: Sequence[Name], algorithm: str, *, pass_fds: Sequence[int] = ()
+) -> dict[Name, str]:
+    """The checksum of each file with ``algorithm``, files in parallel. ``names`` are paths
+    of local files, or ``/dev/fd/N`` of files the gate opened (``pass_fds``)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown checksum algorithm {algorithm!r}")
-    if not paths:
+    if not names:
         return {}
-    workers = min(len(paths), os.cpu_count() or 1)
+    workers = min(len(names), os.cpu_count() or 1)
+
+    def one(name: Name) -> str:
+        return proc.run(_checksum_argv(os.fspath(name), algorithm), pass_fds=pass_fds).stdout
+
     with ThreadPoolExecutor(max_workers=workers) as pool:
-        outputs = list(pool.map(lambda p: proc.run(_checksum_argv(p, algorithm)).stdout, paths))
-    return {p: _digest(out, algorithm) for p, out in zip(paths, outputs, strict=True)}
+        outputs = list(pool.map(one, names))
+    return {n: _digest(out, algorithm) for n, out in zip(names, outputs, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -148,50 +166,107 @@ def disk_records(
     ]
 
 
-def write_manifest(directory: Path, manifest: Manifest) -> Path:
-    """Write ``manifest.json``: temporary file, fsync, rename. The caller fsyncs
-    ``directory`` (:mod:`shim.backupdir` does, which owns the directory's durability)."""
+def write_new(directory_fd: int, name: str) -> IO[str]:
+    """A new file ``name`` in the directory ``directory_fd`` opens, for writing text: made
+    ``O_EXCL | O_NOFOLLOW``, so that a name planted there (a link to a host file) is an
+    error, never a target. How every file the shim writes on the NAS is made."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    return os.fdopen(os.open(name, flags, 0o644, dir_fd=directory_fd), "w", encoding="utf-8")
+
+
+def write_manifest(directory_fd: int, manifest: Manifest) -> None:
+    """Write ``manifest.json`` in the directory ``directory_fd`` opens: a temporary file of
+    a fresh name (``O_EXCL | O_NOFOLLOW``: a name planted there is an error, never a
+    target), fsynced, renamed over the old one (a rename replaces a link, never follows
+    it). The caller fsyncs the directory (:mod:`shim.backupdir` owns its durability)."""
     created = manifest.created or time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    doc = {**asdict(manifest), "created": created}
-    final = directory / MANIFEST
-    tmp = directory / f".{MANIFEST}.tmp"
-    with open(tmp, "w", encoding="utf-8") as fh:
-        json.dump(doc, fh, indent=2, sort_keys=True)
-        fh.write("\n")
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.rename(tmp, final)
-    return final
-
-
-def read_manifest(directory: Path) -> Manifest | None:
-    """The manifest of a backup directory, None when there is none (incomplete backup)."""
+    text = json.dumps({**asdict(manifest), "created": created}, indent=2, sort_keys=True)
+    tmp = f".{MANIFEST}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
     try:
-        doc = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        return None
-    disks = [DiskRecord(**d) for d in doc.pop("disks", [])]
-    known = {f for f in Manifest.__dataclass_fields__ if f != "disks"}
-    return Manifest(**{k: v for k, v in doc.items() if k in known}, disks=disks)
+        with write_new(directory_fd, tmp) as fh:
+            fh.write(text + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.rename(tmp, MANIFEST, src_dir_fd=directory_fd, dst_dir_fd=directory_fd)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp, dir_fd=directory_fd)
+        raise
 
 
-def checkpoint_mismatch(directory: Path, expected: str) -> str | None:
-    """Why the backup in ``directory`` is not the one that created checkpoint
-    ``expected`` (None when it is, or when it has no manifest to say: a backup written by
-    upstream's script). Only the recorded bitmap is read, so a manifest of a newer format
-    still answers; one that cannot be read is a reason, not an error."""
+_FILE_NAME = re.compile(r"(root|datadisk)\.[^/\x00-\x1f\x7f]+\.qcow2")
+
+
+def parse(data: bytes) -> Manifest:
+    """The manifest ``data`` holds; ValueError saying what is wrong with it. Fields of a
+    newer format are ignored; every known one must have its type."""
     try:
-        doc = json.loads((directory / MANIFEST).read_text(encoding="utf-8"))
-    except FileNotFoundError:
+        doc = json.loads(data.decode("utf-8"))
+    except (UnicodeDecodeError, RecursionError) as exc:
+        raise ValueError(f"not JSON ({type(exc).__name__})") from None
+    except ValueError as exc:
+        raise ValueError(f"not JSON ({exc})") from None
+    if not isinstance(doc, dict):
+        raise ValueError("not a JSON object")
+    disks = doc.get("disks", [])
+    if not isinstance(disks, list):
+        raise ValueError("'disks' is not a list")
+    records = [_typed(DiskRecord, d, f"disks[{i}]") for i, d in enumerate(disks)]
+    for index, record in enumerate(records):
+        if not _FILE_NAME.fullmatch(record.file) or record.role not in ("root", "datadisk"):
+            raise ValueError(f"disks[{index}] names no backup file of this directory")
+        if record.virtual_size < 0 or record.stored_size < 0:
+            raise ValueError(f"disks[{index}] has a negative size")
+    # Top-level fields a format lacks take their defaults: only ``bitmap`` and ``disks`` are
+    # read to decide anything, and a manifest of another format must still answer.
+    top = {**_MANIFEST_DEFAULTS, **{k: v for k, v in doc.items() if k != "disks"}}
+    manifest = _typed(Manifest, top, "manifest")
+    if manifest.checksum_algorithm not in ALGORITHMS:
+        raise ValueError(f"unknown checksum algorithm {manifest.checksum_algorithm[:40]!r}")
+    return Manifest(**{**vars(manifest), "disks": records})
+
+
+_MANIFEST_DEFAULTS: Mapping[str, object] = {
+    "vm": "", "mode": "", "offline": False, "bitmap": None, "parent": None, "fallback": False
+}  # fmt: skip
+Record = TypeVar("Record", DiskRecord, Manifest)
+_TYPES: Mapping[str, tuple[type, ...]] = {
+    "str": (str,),
+    "int": (int,),
+    "bool": (bool,),
+    "str | None": (str, type(None)),
+    "list[DiskRecord]": (list,),
+}
+
+
+def _typed(cls: type[Record], doc: Any, where: str) -> Record:
+    if not isinstance(doc, dict):
+        raise ValueError(f"{where} is not a JSON object")
+    values: dict[str, Any] = {}
+    for spec in fields(cls):
+        if spec.name == "disks":
+            continue
+        if spec.name not in doc:
+            if spec.default is spec.default_factory:  # both MISSING: a required field
+                raise ValueError(f"{where} has no {spec.name!r}")
+            continue
+        value = doc[spec.name]
+        allowed = _TYPES[str(spec.type)]
+        if not isinstance(value, allowed) or (bool not in allowed and isinstance(value, bool)):
+            raise ValueError(f"{where}.{spec.name} is not of type {spec.type}")
+        values[spec.name] = value
+    return cls(**values)
+
+
+def checkpoint_mismatch(manifest: Manifest | None, directory: str, expected: str) -> str | None:
+    """Why the backup ``directory`` whose manifest this is did not create checkpoint
+    ``expected`` (None when it did, or when it has no manifest to say: a backup written by
+    upstream's script)."""
+    if manifest is None:
         return None
-    except (OSError, ValueError) as exc:
-        return f"the manifest of parent backup {directory.name} is unreadable: {exc}"
-    if not isinstance(doc, dict) or not isinstance(doc.get("bitmap"), str | None):
-        return f"the manifest of parent backup {directory.name} is malformed"
-    recorded = doc.get("bitmap")
-    if recorded != expected:
+    if manifest.bitmap != expected:
         return (
-            f"parent backup {directory.name} recorded checkpoint {recorded or '(none)'}, "
+            f"parent backup {directory} recorded checkpoint {manifest.bitmap or '(none)'}, "
             f"not {expected}"
         )
     return None

@@ -58,6 +58,21 @@ class BackupMethod(ABC):
             qemu_img.create(target, size, backing=backing, backing_fmt="qcow2")
         return target
 
+    def target_node(self, disk: DomainDisk, plan: BackupPlan, node_name: str) -> dict[str, object]:
+        """``disk``'s target as a storage daemon opens it: its parent's chain, when it has
+        one, given layer by layer with each driver named (never read from the headers), and
+        zeroes written kept as zero clusters, never as the parent's data."""
+        chain = plan.parent_chains.get(disk.target)
+        target = self.directory.work / disk.backup_name
+        return {
+            "driver": "qcow2",
+            "node-name": node_name,
+            "discard": "unmap",
+            "detect-zeroes": "unmap",
+            "file": {"driver": "file", "filename": str(target)},
+            "backing": chain.node_graph(self.directory.vm_dir.path) if chain else None,
+        }
+
     def publish(
         self, disks: Sequence[DomainDisk], plan: BackupPlan, bitmap: str | None
     ) -> list[str]:

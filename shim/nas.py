@@ -2,8 +2,9 @@
 
 A session makes a fresh ``csbackup.XXXXX`` directory, runs ``mount -t TYPE ADDR DIR
 [-o OPTS]`` (an argv list, ``nobrl`` appended for cifs), and on every way out unmounts
-with a timeout and removes the directory. Paths that callers give are resolved with
-:meth:`MountSession.path`, which refuses anything that would leave the mount.
+with a timeout and removes the directory. Everything in the repository is reached through
+the gate (:meth:`MountSession.vm_directory`, :mod:`shim.gate`), from a descriptor of the
+mount point held while it is mounted; those descriptors are closed before it is unmounted.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from types import TracebackType
 
 from shim import proc
 from shim.errors import Aborted, CleanupFailed, CommandFailed, InputError, MountError
+from shim.gate import VmDirectory, split_vm
 from shim.runtime import MOUNT_REGISTRY, pid_alive
 
 log = logging.getLogger(__name__)
@@ -193,6 +195,8 @@ class MountSession:
         self.repository = repository
         self._tmp_dir = tmp_dir
         self._root: Path | None = None
+        self._root_fd: int | None = None
+        self._vm_dirs: dict[str, VmDirectory] = {}
         self._mounted = False
 
     @property
@@ -247,10 +251,29 @@ class MountSession:
     ) -> None:
         self.close()
 
+    def vm_directory(self, vm: str) -> VmDirectory:
+        """VM ``vm``'s directory of the repository: the gate to everything in it (one per
+        VM and session; it need not exist yet)."""
+        validate_vm_dir(vm)
+        if vm not in self._vm_dirs:
+            if self._root_fd is None:
+                self._root_fd = os.open(self.root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+            self._vm_dirs[vm] = VmDirectory(self._root_fd, self.root, vm)
+        return self._vm_dirs[vm]
+
+    def _close_descriptors(self) -> None:
+        for vm_dir in self._vm_dirs.values():
+            vm_dir.close()
+        self._vm_dirs.clear()
+        if self._root_fd is not None:
+            os.close(self._root_fd)
+            self._root_fd = None
+
     def close(self) -> None:
         """Unmount (lazily if a plain unmount fails or hangs) and remove the directory."""
         if self._root is None:
             return
+        self._close_descriptors()  # an open descriptor would keep the mount busy
         root = self._root
         if self._mounted and root not in mount_points():
             # Someone unmounted the NAS under us: nothing to unmount, the directory remains.
@@ -314,14 +337,21 @@ class MountSession:
         self._root = None
 
     def path(self, relative: str, *, what: str = "path") -> Path:
-        """Resolve a caller's mount-relative path, refusing anything outside the mount.
+        """The path in the mount of a caller's mount-relative path ``<vm>/...``, once the
+        gate has walked what of it exists (no link at any level, nothing outside it).
 
         Refused: an empty path, an absolute one, any ``..`` component, control characters,
-        the mount root itself, and a path whose symlinks lead out of the mount.
+        the mount root itself, and a path through a link or a special file.
         """
         validate_relative(relative, what)
-        root = os.path.realpath(self.root)
-        resolved = os.path.realpath(os.path.join(root, relative))
-        if not resolved.startswith(root + os.sep):
-            raise InputError(f"{what} leads out of the repository: {relative}")
-        return Path(resolved)
+        vm, rest = split_vm(relative)
+        vm_dir = self.vm_directory(vm)
+        if vm_dir.exists() and rest:
+            vm_dir.kind(rest)
+        return self.root / vm / rest if rest else self.root / vm
+
+
+def validate_vm_dir(name: str) -> None:
+    """Refuse a VM directory name that is not one plain name."""
+    if not name or name in (".", "..") or "/" in name or not name.isprintable():
+        raise InputError(f"invalid VM directory name: {name!r}")

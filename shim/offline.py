@@ -218,15 +218,10 @@ class OfflineBackup(BackupMethod):
         self, daemon: StorageDaemon, disk: DomainDisk, node: str, plan: BackupPlan
     ) -> list[dict[str, object]]:
         """Create and attach ``disk``'s target; return its transaction actions."""
-        target = self.create_target(disk, plan)
+        self.create_target(disk, plan)
         # Zeroes written to the target become sparse (re-sparsifies raw DRBD output); with
         # its backing open, a zero cluster reads as zero, never as parent data.
-        daemon.command(
-            "blockdev-add",
-            driver="qcow2",
-            **{"node-name": f"{node}-tgt", "discard": "unmap", "detect-zeroes": "unmap"},
-            file={"driver": "file", "filename": str(target)},
-        )
+        daemon.command("blockdev-add", **self.target_node(disk, plan, f"{node}-tgt"))
         actions: list[dict[str, object]] = []
         if plan.checkpoint and disk.carries_bitmaps:
             bitmap = {"node": node, "name": plan.checkpoint, "persistent": True}

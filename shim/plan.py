@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shim.chain import Parents, resolve_parents
+from shim.gate import Chain
 from shim.nas import MountSession
 from shim.request import FULL, INCREMENTAL, BackupRequest
 from shim.virt.disks import DomainDisk
@@ -38,6 +39,8 @@ class BackupPlan:
     """The parent checkpoint whose changes it copies; None for a full."""
     parents: dict[str, Path] = field(default_factory=dict)
     """Disk target -> its parent file; disks absent here are copied in full."""
+    parent_chains: dict[str, Chain] = field(default_factory=dict)
+    """Disk target -> its parent file's chain, as the gate walked it."""
     fallback: bool = False
     """An incremental was asked for and is impossible: this is a full (stdout says so)."""
 
@@ -83,6 +86,7 @@ def plan_backup(
         return plan
     plan.incremental_from = request.bitmap_parent
     plan.parents = parents.files
+    plan.parent_chains = parents.chains
     new_disks = [d.target for d in disks if d.target not in parents.files]
     if new_disks:
         log.info(

@@ -192,6 +192,9 @@ class DiskCopy:
     target: Path
     extents: Sequence[Extent] | None = None
     selection: Path | None = None
+    node: dict[str, object] | None = None
+    """How the storage daemon opens the target (:meth:`shim.method.BackupMethod.target_node`:
+    the parent's chain named layer by layer); None: as its header says."""
 
 
 class ExportCopier:
@@ -299,14 +302,17 @@ class ExportCopier:
 
     def _prepare(self, daemon: StorageDaemon, i: int, copy: DiskCopy) -> dict[str, object]:
         """Attach disk ``i``'s target and select its extents; return its job's arguments."""
-        # Backed by its parent as the header says (an incremental's unwritten clusters read
-        # through); zeroes written become zero clusters, never parent data.
-        daemon.command(
-            "blockdev-add",
-            driver="qcow2",
-            **{"node-name": f"tgt{i}", "discard": "unmap", "detect-zeroes": "unmap"},
-            file={"driver": "file", "filename": str(copy.target)},
-        )
+        # Backed by its parent (an incremental's unwritten clusters read through); zeroes
+        # written become zero clusters, never parent data.
+        node = {
+            "driver": "qcow2",
+            "discard": "unmap",
+            "detect-zeroes": "unmap",
+            "file": {"driver": "file", "filename": str(copy.target)},
+            **(copy.node or {}),
+            "node-name": f"tgt{i}",
+        }
+        daemon.command("blockdev-add", **node)
         bitmap = {"node": f"src{i}", "name": SELECTION_BITMAP}
         daemon.command("block-dirty-bitmap-add", **bitmap, granularity=SELECTION_GRANULARITY)
         daemon.command(

@@ -1,7 +1,9 @@
 """qemu-img, the tool that moves and inspects image data outside a running QEMU.
 
 Thin, typed wrappers over :func:`shim.proc.run`: every call names its formats explicitly
-(format probing of a raw image is a security hole) and parses JSON output, never text.
+(format probing of a raw image is a security hole) and parses JSON output, never text. An
+image read from the NAS is never named by a path here: it comes as a :class:`Spec` the gate
+built (:mod:`shim.gate`), every layer's driver and backing given, the files by descriptor.
 """
 
 from __future__ import annotations
@@ -19,6 +21,33 @@ QEMU_IMG = "qemu-img"
 QCOW2_V3 = "compat=1.1"
 
 StrPath = str | os.PathLike[str]
+
+
+@dataclass(frozen=True)
+class Spec:
+    """An image named by a ``json:`` node graph that says every layer's driver and backing,
+    and the descriptors it names (``/dev/fd/N``), which the program inherits."""
+
+    text: str
+    fds: tuple[int, ...]
+
+
+Image = StrPath | Spec
+"""An image as a program is told of it: a path (with its format given beside it), or a
+:class:`Spec` (which carries its own)."""
+
+
+def _name(image: Image) -> str:
+    return image.text if isinstance(image, Spec) else os.fspath(image)
+
+
+def _format(option: str, image: Image, fmt: str | None) -> list[str]:
+    # A Spec names its drivers itself; a path gets its format, when known, beside it.
+    return [option, fmt] if fmt and not isinstance(image, Spec) else []
+
+
+def _fds(*images: Image) -> tuple[int, ...]:
+    return tuple(fd for image in images if isinstance(image, Spec) for fd in image.fds)
 
 
 @dataclass(frozen=True)
@@ -76,12 +105,15 @@ def create(
     """Create an image; qcow2 images are v3 (bitmaps need it).
 
     ``backing`` is stored as given: pass a path relative to the new image's directory to
-    get a relocatable chain. Without ``size`` the backing image's size is used.
+    get a relocatable chain. With ``size`` given it is not opened (``-u``): a parent on the
+    NAS is the gate's to check, never qemu-img's to open by name. Without ``size`` the
+    backing image is opened for its size (local images only).
     """
     argv = [QEMU_IMG, "create", "-q", "-f", fmt]
     if fmt == "qcow2":
         argv += ["-o", QCOW2_V3]
     if backing is not None:
+        argv += ["-u"] if size is not None else []
         argv += ["-b", backing, "-F", backing_fmt]
     argv.append(str(path))
     if size is not None:
@@ -90,7 +122,7 @@ def create(
 
 
 def convert(
-    source: StrPath,
+    source: Image,
     target: StrPath,
     *,
     source_fmt: str | None = "qcow2",
@@ -106,8 +138,7 @@ def convert(
     ``coroutines`` (``-m``, at most 16) reads that many pieces at once; the target is still
     written in order.
     """
-    argv = [QEMU_IMG, "convert", "-O", target_fmt]
-    argv += ["-f", source_fmt] if source_fmt else []
+    argv = [QEMU_IMG, "convert", "-O", target_fmt, *_format("-f", source, source_fmt)]
     argv += ["-m", str(coroutines)] if coroutines else []
     if existing:
         argv.append("-n")
@@ -115,12 +146,12 @@ def convert(
         argv += ["-o", QCOW2_V3]
     argv += ["-U"] if force_share else []
     argv += ["--bitmaps"] if bitmaps else []
-    proc.run([*argv, str(source), str(target)])
+    proc.run([*argv, _name(source), os.fspath(target)], pass_fds=_fds(source))
 
 
 def compare(
-    first: StrPath,
-    second: StrPath,
+    first: Image,
+    second: Image,
     *,
     first_fmt: str | None = "qcow2",
     second_fmt: str | None = "qcow2",
@@ -134,24 +165,29 @@ def compare(
     argv = compare_argv(
         first, second, first_fmt=first_fmt, second_fmt=second_fmt, force_share=force_share
     )
-    return compare_result(argv, proc.run(argv, check=False))
+    return compare_result(argv, proc.run(argv, check=False, pass_fds=_fds(first, second)))
 
 
 def compare_argv(
-    first: StrPath,
-    second: StrPath,
+    first: Image,
+    second: Image,
     *,
     first_fmt: str | None = "qcow2",
     second_fmt: str | None = "qcow2",
     force_share: bool = False,
 ) -> list[str]:
     """The argv :func:`compare` runs, for a caller that runs it beside other programs
-    (:func:`shim.proc.run_many`); :func:`compare_result` reads its result."""
+    (:func:`shim.proc.run_many`, with :func:`fds_of` the images); :func:`compare_result`
+    reads its result."""
     argv = [QEMU_IMG, "compare", "-q"]
-    argv += ["-f", first_fmt] if first_fmt else []
-    argv += ["-F", second_fmt] if second_fmt else []
+    argv += _format("-f", first, first_fmt) + _format("-F", second, second_fmt)
     argv += ["-U"] if force_share else []
-    return [*argv, str(first), str(second)]
+    return [*argv, _name(first), _name(second)]
+
+
+def fds_of(*images: Image) -> tuple[int, ...]:
+    """The descriptors a program must inherit to open ``images``."""
+    return _fds(*images)
 
 
 def compare_result(argv: list[str], result: proc.Result) -> bool:
@@ -178,26 +214,27 @@ class CheckResult:
         return self.corruptions == 0 and self.leaks == 0 and self.check_errors == 0
 
 
-def check(path: StrPath, *, fmt: str = "qcow2", chain: bool = True) -> CheckResult:
+def check(image: Image, *, fmt: str = "qcow2", chain: bool = True) -> CheckResult:
     """``qemu-img check`` of one image (its backing files are not checked).
 
-    With ``chain`` the image is opened with its backing chain, as QEMU opens it, so a
-    backing file that is missing or does not open fails the check. Without, only the image
-    is opened (qcow2 only): what a caller that walks the chain itself wants, since opening
-    the 30th incremental opens 31 files, and checking each file of that chain 496.
+    With ``chain`` a path is opened with its backing chain, as QEMU opens it, so a backing
+    file that is missing or does not open fails the check. Without, only the image is
+    opened (qcow2 only): what a caller that walks the chain itself wants, since opening the
+    30th incremental opens 31 files, and checking each file of that chain 496. A
+    :class:`Spec` is opened as it says (the gate's ``alone`` for one layer).
     """
-    argv = _check_argv(path, fmt, chain=chain)
-    return _check_result(argv, proc.run(argv, check=False))
+    argv = _check_argv(image, fmt, chain=chain)
+    return _check_result(argv, proc.run(argv, check=False, pass_fds=_fds(image)))
 
 
-def check_many(paths: Sequence[StrPath], *, at_once: int) -> list[CheckResult | CommandFailed]:
-    """``qemu-img check`` of each qcow2 image alone (``chain=False``: the caller opens the
-    chains), ``at_once`` side by side: per image its result, or why it could not be checked.
-    A cancellation or signal stops them all."""
-    argvs = [_check_argv(path, "qcow2", chain=False) for path in paths]
+def check_many(images: Sequence[Spec], *, at_once: int) -> list[CheckResult | CommandFailed]:
+    """``qemu-img check`` of each image as its spec says (one layer each, from the gate),
+    ``at_once`` side by side: per image its result, or why it could not be checked. A
+    cancellation or signal stops them all."""
+    argvs = [_check_argv(image, "qcow2", chain=False) for image in images]
+    runs = proc.run_many(argvs, at_once=at_once, check=False, pass_fds=_fds(*images))
     found: list[CheckResult | CommandFailed] = []
-    for argv, result in zip(argvs, proc.run_many(argvs, at_once=at_once, check=False),
-                            strict=True):  # fmt: skip
+    for argv, result in zip(argvs, runs, strict=True):
         try:
             found.append(_check_result(argv, result))
         except CommandFailed as exc:
@@ -205,10 +242,17 @@ def check_many(paths: Sequence[StrPath], *, at_once: int) -> list[CheckResult | 
     return found
 
 
-def _check_argv(path: StrPath, fmt: str, *, chain: bool) -> list[str]:
+def repair_leaks(image: Spec) -> None:
+    """``qemu-img check -r leaks``: frees clusters nothing refers to, and nothing else."""
+    proc.run([QEMU_IMG, "check", "-q", "-r", "leaks", image.text], pass_fds=image.fds)
+
+
+def _check_argv(image: Image, fmt: str, *, chain: bool) -> list[str]:
+    if isinstance(image, Spec):
+        return [QEMU_IMG, "check", "--output=json", image.text]
     if chain:
-        return [QEMU_IMG, "check", "--output=json", "-f", fmt, str(path)]
-    alone = {"driver": fmt, "file": {"driver": "file", "filename": os.fspath(path)},
+        return [QEMU_IMG, "check", "--output=json", "-f", fmt, os.fspath(image)]
+    alone = {"driver": fmt, "file": {"driver": "file", "filename": os.fspath(image)},
              "backing": None}  # fmt: skip
     return [QEMU_IMG, "check", "--output=json", "json:" + json.dumps(alone)]
 

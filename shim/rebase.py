@@ -5,6 +5,11 @@ deleted backup's parent with qemu-img's safe rebase, which copies into the child
 removed layer held and only then rewrites the backing pointer. Interrupted at any point,
 the child still reads exactly as before. When the new backing is in the child's current
 chain, qemu-img reads only the clusters allocated in the removed layers.
+
+Both chains pass the gate first (:mod:`shim.gate`). qemu-img must store a relative backing
+name, so it is given the child by a path that starts at the VM directory's descriptor the
+gate holds (:meth:`~shim.gate.VmDirectory.anchored`): every name it resolves from there is
+one the gate has walked.
 """
 
 from __future__ import annotations
@@ -12,14 +17,15 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
-from pathlib import Path
+import posixpath
 
-from shim import proc, qemu_img
+from shim import gate, proc, qemu_img
 from shim.backupdir import rewrite_manifest
-from shim.chain import backup_files, parse_backup_file_name, relative_backing, vm_dir_of
+from shim.chain import backup_files, parse_backup_file_name
 from shim.errors import InputError
+from shim.gate import Layer, VmDirectory, split_vm
 from shim.lock import VmLock
-from shim.manifest import UNSEALED, checksums, checksums_at_backup, read_manifest
+from shim.manifest import UNSEALED, checksums, checksums_at_backup
 from shim.nas import MountSession, Repository
 from shim.request import RebaseRequest
 
@@ -33,35 +39,47 @@ def rebase_backup(repository: Repository, target: str, new_backing: str) -> None
     that file. The target's manifest is updated (its parent and checksums).
     """
     RebaseRequest(repository, target, new_backing).validate()
-    with VmLock(vm_dir_of(target)), MountSession(repository) as session:
-        top = session.path(target, what="rebase target")
-        base = session.path(new_backing, what="rebase new backing")
-        pairs = _pairs(top, base)
-        for file, backing in pairs:
-            chain = {os.path.realpath(i.filename) for i in qemu_img.chain(backing)}
-            if os.path.realpath(file) in chain:
+    vm, top = split_vm(target)
+    base = split_vm(new_backing)[1]
+    with VmLock(vm), MountSession(repository) as session:
+        vm_dir = session.vm_directory(vm)
+        pairs = _pairs(vm_dir, top, base)
+        rebased: list[tuple[Layer, str]] = []
+        chains = [(vm_dir.chain(file), vm_dir.chain(backing)) for file, backing in pairs]
+        for (child, below), (_file, _backing) in zip(chains, pairs, strict=True):
+            if child.top.identity in {layer.identity for layer in below.layers}:
                 raise InputError(f"{new_backing} is backed by {target}: that would be a loop")
-        for file, backing in pairs:
+        for (child, _below), (file, backing) in zip(chains, pairs, strict=True):
+            layer = child.top
             # An earlier rebase that was killed may have left leaked clusters: harmless,
             # but verify counts them; repairing leaks only ever frees unreferenced space.
-            if qemu_img.check(file).leaks:
-                proc.run(["qemu-img", "check", "-q", "-r", "leaks", "-f", "qcow2", str(file)])
-            relative = relative_backing(backing, file.parent)
-            log.info("rebasing %s onto %s", file, relative)
+            if qemu_img.check(gate.alone(layer)).leaks:
+                qemu_img.repair_leaks(gate.alone(layer))
+            relative = posixpath.relpath(backing, posixpath.dirname(file))
+            log.info("rebasing %s onto %s", layer.shown, relative)
             proc.run(
-                ["qemu-img", "rebase", "-f", "qcow2", "-F", "qcow2", "-b", relative, str(file)]
-            )
-        _update_manifest(top if top.is_dir() else top.parent, [f for f, _ in pairs])
+                ["qemu-img", "rebase", "-f", "qcow2", "-F", "qcow2", "-b", relative,
+                 vm_dir.anchored(file)],
+                pass_fds=(vm_dir.fd,),
+            )  # fmt: skip
+            rebased.append((layer, relative))
+        _update_manifest(vm_dir, rebased[0][0].directory, rebased)
 
 
-def _pairs(top: Path, base: Path) -> list[tuple[Path, Path]]:
-    if top.is_dir() and base.is_dir():
-        pairs = [(f, base / f.name) for f in backup_files(top) if (base / f.name).is_file()]
+def _pairs(vm_dir: VmDirectory, top: str, base: str) -> list[tuple[str, str]]:
+    kinds = (vm_dir.kind(top), vm_dir.kind(base)) if vm_dir.exists() and top and base else ()
+    if kinds == ("directory", "directory"):
+        pairs = [
+            (f"{top}/{name}", f"{base}/{name}")
+            for name in backup_files(vm_dir, top)
+            if vm_dir.kind(f"{base}/{name}") == "file"
+        ]
         if not pairs:
-            raise InputError(f"{top.name} and {base.name} share no disk")
+            raise InputError(f"{top} and {base} share no disk")
         return pairs
-    if top.is_file() and base.is_file():
-        if not (parse_backup_file_name(top.name) and parse_backup_file_name(base.name)):
+    if kinds == ("file", "file"):
+        names = (posixpath.basename(top), posixpath.basename(base))
+        if not all(parse_backup_file_name(name) for name in names):
             raise InputError("rebase files must be backup files (root.<id>.qcow2, ...)")
         return [(top, base)]
     raise InputError(
@@ -70,28 +88,36 @@ def _pairs(top: Path, base: Path) -> list[tuple[Path, Path]]:
     )
 
 
-def _update_manifest(directory: Path, rebased: list[Path]) -> None:
-    manifest = read_manifest(directory)
+def _update_manifest(vm_dir: VmDirectory, directory: str, rebased: list[tuple[Layer, str]]) -> None:
+    manifest = vm_dir.manifest(directory)
     if manifest is None:
         return
     # A rebased file changed: its checksum is computed again, or left to the next verify.
+    layers = [layer for layer, _ in rebased]
     if checksums_at_backup():
-        digests = checksums(rebased, manifest.checksum_algorithm)
+        found = checksums(
+            [layer.fd_path for layer in layers],
+            manifest.checksum_algorithm,
+            pass_fds=[layer.fd for layer in layers],
+        )
+        digests = {layer.name: found[layer.fd_path] for layer in layers}
     else:
-        digests = dict.fromkeys(rebased, UNSEALED)
-    names = {f.name: f for f in rebased}
+        digests = {layer.name: UNSEALED for layer in layers}
+    changed = {layer.name: (layer, relative) for layer, relative in rebased}
     disks = []
     parent = manifest.parent
     for record in manifest.disks:
-        file = names.get(record.file)
-        if file is None:
+        if record.file not in changed:
             disks.append(record)
             continue
-        backing = qemu_img.info(file).backing_filename
-        parent = Path(backing).parent.name if backing else None
+        layer, backing = changed[record.file]
+        parent = posixpath.basename(posixpath.dirname(backing)) or None
         disks.append(
             dataclasses.replace(
-                record, checksum=digests[file], stored_size=file.stat().st_size, backing=backing
+                record,
+                checksum=digests[record.file],
+                stored_size=os.fstat(layer.fd).st_size,
+                backing=backing,
             )
         )
-    rewrite_manifest(directory, dataclasses.replace(manifest, disks=disks, parent=parent))
+    rewrite_manifest(vm_dir, directory, dataclasses.replace(manifest, disks=disks, parent=parent))

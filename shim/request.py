@@ -103,6 +103,15 @@ def validate_backup_path_of(vm: str, path: str) -> None:
         )
 
 
+def validate_backup_dir(path: str, operation: str) -> None:
+    """Refuse a backup path that is not ``<vm>/<backup>``: the VM whose lock the operation
+    takes, and one backup directory of it."""
+    parts = PurePosixPath(path).parts
+    if len(parts) != 2:
+        raise InputError(f"{operation} path must name a backup directory (<vm>/<backup>): {path}")
+    validate_vm_name(parts[0])
+
+
 def validate_volume_ids(volume_ids: Sequence[str], disk_paths: Sequence[str]) -> None:
     """Refuse ``-u`` ids that are not distinct plain names, one per ``-d`` source when
     given (a running VM's disks are counted once known, before anything is written)."""
@@ -159,10 +168,8 @@ class DeleteRequest:
         """Refuse what can be refused without touching anything."""
         self.repository.validate()
         validate_relative(self.path, "backup path")
-        if len(Path(self.path).parts) < 2:
-            raise InputError(
-                f"delete path must name a backup directory (<vm>/<backup>): {self.path}"
-            )
+        validate_backup_dir(self.path, "verify")
+        validate_backup_dir(self.path, "delete")
 
 
 @dataclass(frozen=True)
@@ -183,6 +190,7 @@ class RebaseRequest:
             raise InputError(
                 "--rebase-target and --rebase-new-backing are backups of different VMs"
             )
+        validate_vm_name(Path(self.target).parts[0])
 
 
 @dataclass(frozen=True)
@@ -222,6 +230,7 @@ class RestoreRequest:
         """Refuse what can be refused without touching anything."""
         self.repository.validate()
         validate_relative(self.backup_path, "backup path")
+        validate_backup_dir(self.backup_path, "restore")
         for name in self.backup_files:
             validate_relative(name, "backup file")
         if not self.targets:
@@ -254,3 +263,4 @@ class VerifyRequest:
         """Refuse what can be refused without touching anything."""
         self.repository.validate()
         validate_relative(self.path, "backup path")
+        validate_backup_dir(self.path, "verify")

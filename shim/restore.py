@@ -1,14 +1,18 @@
 """``-o restore``: flatten each disk's chain into its volume, proven identical first.
 
-Every file of every chain read is ``qemu-img check``ed, in a worker thread while the first
-copies are made: the 30th incremental of a chain is 31 files per disk, and its checks cost
-as much as its copy. A file volume is restored beside itself and renamed over the original
-only after ``qemu-img compare`` has proven the new file equal to the chain and every check
-has passed: on any failure the original is untouched. A block device or ``rbd:`` volume
-cannot be swapped by a rename; it is written in place once the checks have passed, and
-compared afterwards. A volume that is the disk of a running VM is never written. Restored
-volumes carry no bitmaps, so the next backup of the VM is a full one (the management
-server clears its checkpoint too).
+Every file of every chain passes the gate (:mod:`shim.gate`) before anything is written,
+staged copies included: a chain that names a host file, another VM's directory or a network
+address is refused with nothing touched, and QEMU reads each layer by the descriptor the
+gate holds. Every file of every chain read is then ``qemu-img check``ed, in a worker thread
+while the first copies are made: the 30th incremental of a chain is 31 files per disk, and
+its checks cost as much as its copy. A file volume is restored beside itself and renamed
+over the original only after ``qemu-img compare`` has proven the new file equal to the
+chain and every check has passed: on any failure the original is untouched. A block device
+or ``rbd:`` volume cannot be swapped by a rename; it is written in place once the checks
+have passed, and compared afterwards. A volume that is the disk of a running VM is never
+written. Restored volumes carry no bitmaps, so the next backup of the VM is a full one (the
+management server clears its checkpoint too). The locks of the backup's VM and of the
+target VM (when given) are held throughout.
 """
 
 from __future__ import annotations
@@ -26,17 +30,16 @@ from types import TracebackType
 
 import libvirt
 
-from shim import cancel, proc, qemu_img
+from shim import cancel, gate, proc, qemu_img
 from shim.backupdir import fsync_dir
-from shim.cancel import Cancelled
-from shim.chain import backup_files, vm_dir_of
+from shim.chain import backup_files
 from shim.contract import RestoreOutcome
-from shim.errors import BackupFailed, CommandFailed, InputError, Interrupted, MountError
+from shim.errors import BackupFailed, CommandFailed, InputError, MountError
+from shim.gate import Chain, Damaged, Layer, VmDirectory, split_vm
 from shim.lock import VmLock
 from shim.log import current_log_id, log_id
-from shim.manifest import read_manifest
 from shim.nas import MountSession
-from shim.qemu_img import StrPath
+from shim.qemu_img import Image, Spec
 from shim.request import RestoreRequest
 from shim.virt.connection import open_connection
 from shim.virt.disks import parse_disks, volume_id_of
@@ -61,33 +64,37 @@ def restore_backup(request: RestoreRequest) -> RestoreOutcome:
     """Restore the backup ``request`` names into its target volumes, in disk order.
 
     Failures carry the Java restore's messages (contract §7), naming each volume by its
-    uuid; the cause is in the log.
+    uuid, and the gate's (naming the file and the rule) for what it refuses; the cause is
+    in the log.
     """
     uuids = list(request.volume_uuids) or [volume_id_of(t) for t in request.targets]
-    lock = VmLock(request.vm) if request.vm else contextlib.nullcontext()
-    with lock, _mounted(request) as session:
-        directory = session.path(request.backup_path, what="backup path")
-        if not directory.is_dir():
+    vm, backup = split_vm(request.backup_path)
+    with contextlib.ExitStack() as stack:
+        # The backup's VM (its chain must not change under the restore) and the VM whose
+        # volumes these are, in one order for every taker.
+        for name in sorted({vm} | ({request.vm} if request.vm else set())):
+            stack.enter_context(VmLock(name))
+        session = stack.enter_context(_mounted(request))
+        vm_dir = session.vm_directory(vm)
+        if not backup or not vm_dir.exists() or vm_dir.kind(backup) != "directory":
             raise BackupFailed(f"backup {request.backup_path} does not exist")
-        sources = _sources(session, directory, request.backup_path, request.backup_files, uuids)
-        if len(sources) != len(request.targets):
+        chains = _chains(vm_dir, backup, request.backup_files, uuids)
+        if len(chains) != len(request.targets):
             raise InputError(
-                f"{len(sources)} backup file(s) for {len(request.targets)} target volume(s)"
+                f"{len(chains)} backup file(s) for {len(request.targets)} target volume(s)"
             )
         _refuse_running_disks(request.targets)
         sizes = []
-        with _ChainChecks(sources, uuids) as checks:
-            for source, target, uuid in zip(sources, request.targets, uuids, strict=True):
+        with _ChainChecks(chains, uuids) as checks:
+            for chain, target, uuid in zip(chains, request.targets, uuids, strict=True):
                 try:
-                    sizes.append(_restore_one(source, target, request.create_size, checks.require))
-                except Cancelled:
-                    raise  # stopped (aborted, past its deadline): not a bad backup volume
+                    sizes.append(_restore_one(chain, target, request.create_size, checks.require))
                 except OSError:
                     checks.require()  # a corrupt chain is named as such, whatever failed
                     raise
                 except (BackupFailed, CommandFailed) as exc:
                     checks.require()
-                    log.error("restoring %s into %s failed: %s", source, target, exc)
+                    log.error("restoring %s into %s failed: %s", chain.top.shown, target, exc)
                     raise BackupFailed(
                         f"Unable to restore contents from the backup volume [{uuid}]."
                     ) from exc
@@ -104,28 +111,28 @@ class _ChainChecks:
     checks still running (their programs killed) and waits for the thread; a cancellation
     of the operation stops them too."""
 
-    def __init__(self, sources: Sequence[Path], uuids: Sequence[str]) -> None:
+    def __init__(self, chains: Sequence[Chain], uuids: Sequence[str]) -> None:
         self._uuids = list(uuids)
         self._token = cancel.CancelToken()
         self._outer = outer = cancel.current()
         if outer is not None:
             outer.on_cancel(lambda: self._token.cancel(outer.reason))
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="restore-checks")
-        self._verdict = self._pool.submit(self._check, list(sources), current_log_id())
+        self._verdict = self._pool.submit(self._check, list(chains), current_log_id())
 
-    def _check(self, sources: list[Path], logid: str | None) -> int | None:
+    def _check(self, chains: list[Chain], logid: str | None) -> int | None:
         # Linux keeps a nice value per thread, and the programs this thread starts inherit
         # it: the checks take the CPU the copy leaves (P18: 0.15 s less than at equal rank).
         with contextlib.suppress(OSError):
             os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), CHECKS_NICE)
         with log_id(logid), cancel.bound(self._token):
-            return _first_corrupt(sources)
+            return _first_corrupt(chains)
 
     def require(self) -> None:
         """Wait for the checks; raise the Java message naming the first corrupt volume."""
         try:
             corrupt = self._verdict.result()
-        except Cancelled:
+        except cancel.Cancelled:
             if self._outer is not None:
                 # The operation's cancellation ended here: delivered, so the cleanup's own
                 # programs (umount) run undisturbed, as after any stop (shim.cancel).
@@ -150,31 +157,28 @@ class _ChainChecks:
         self._pool.shutdown(wait=True)
 
 
-def _first_corrupt(sources: Sequence[Path]) -> int | None:
-    """The index of the first source whose chain does not open as qcow2 or fails
-    ``qemu-img check`` (None when every chain is clean). The checks run side by side: the
-    30th incremental of a chain is 31 files per disk, and each check is a process start
-    more than it is work (31 in a row took 1.2 s). A stopped restore (cancelled, signalled)
-    raises: it says nothing about the chain."""
-    chains: list[list[str]] = []
-    for index, source in enumerate(sources):
-        try:
-            chains.append([link.filename for link in qemu_img.chain(source)])
-        except Interrupted:
-            raise
-        except CommandFailed as exc:
-            log.error("%s cannot be opened: %s", source, exc)
-            return index
-    files = list(dict.fromkeys(file for chain in chains for file in chain))
-    verdicts = dict(zip(files, qemu_img.check_many(files, at_once=CHECKS_AT_ONCE), strict=True))
+def _first_corrupt(chains: Sequence[Chain]) -> int | None:
+    """The index of the first chain a file of which fails ``qemu-img check`` or cannot be
+    checked (None when every chain is clean). Each file is checked alone, by the gate's
+    descriptor (the gate walked the chains), once however many chains share it, the checks
+    side by side: the 30th incremental of a chain is 31 files per disk, and each check is a
+    process start more than it is work (31 in a row took 1.2 s). A stopped restore
+    (cancelled, signalled) raises: it says nothing about the chain."""
+    files: dict[tuple[int, int], Layer] = {}
+    for chain in chains:
+        for layer in chain.layers:
+            files.setdefault(layer.identity, layer)
+    layers = list(files.values())
+    found = qemu_img.check_many([gate.alone(layer) for layer in layers], at_once=CHECKS_AT_ONCE)
+    verdicts = {layer.identity: verdict for layer, verdict in zip(layers, found, strict=True)}
     for index, chain in enumerate(chains):
-        for file in chain:
-            verdict = verdicts[file]
+        for layer in chain.layers:
+            verdict = verdicts[layer.identity]
             if isinstance(verdict, CommandFailed):
-                log.error("%s cannot be checked: %s", file, verdict)
+                log.error("%s cannot be checked: %s", layer.shown, verdict)
                 return index
             if not verdict.clean:
-                log.error("%s fails qemu-img check", file)
+                log.error("%s fails qemu-img check", layer.shown)
                 return index
     return None
 
@@ -193,30 +197,39 @@ def _mounted(request: RestoreRequest) -> Iterator[MountSession]:
         session.close()
 
 
-def _sources(
-    session: MountSession,
-    directory: Path,
-    backup_path: str,
-    given: Sequence[str],
-    uuids: Sequence[str],
-) -> list[Path]:
-    vm_root = Path(os.path.realpath(session.root / vm_dir_of(backup_path)))
-    files: list[Path] = []
-    for index, name in enumerate(given):
-        path = session.path(name, what="backup file") if "/" in name else directory / name
-        if vm_root not in path.parents:
-            raise InputError(f"backup file {name} is not a backup of this VM")
-        if not path.is_file():
-            log.error("backup file %s does not exist", path)
-            uuid = uuids[index] if index < len(uuids) else name
-            raise BackupFailed(f"Backup file for the volume [{uuid}] does not exist.")
-        files.append(path)
-    if files:
-        return files
-    manifest = read_manifest(directory)
-    if manifest is not None:
-        return [directory / d.file for d in manifest.disks]
-    return backup_files(directory)
+def _chains(
+    vm_dir: VmDirectory, backup: str, given: Sequence[str], uuids: Sequence[str]
+) -> list[Chain]:
+    """The chain of each volume's backup file, every file through the gate. ``given``
+    names the files (bare names in the backup, or mount-relative paths in the same VM's
+    directory); else the manifest does, else the directory's listing. A chain the gate
+    finds damaged is "corrupt", as the Java restore says; one it refuses, refused."""
+    names: list[str] = []
+    for name in given:
+        if "/" in name:
+            vm, rest = split_vm(name)
+            if vm != vm_dir.vm or not rest:
+                raise InputError(f"backup file {name} is not a backup of this VM")
+            names.append(rest)
+        else:
+            names.append(f"{backup}/{name}")
+    if not given:
+        manifest = vm_dir.manifest(backup)
+        files = [d.file for d in manifest.disks] if manifest else backup_files(vm_dir, backup)
+        names = [f"{backup}/{file}" for file in files]
+    chains = []
+    for index, relative in enumerate(names):
+        uuid = uuids[index] if index < len(uuids) else relative
+        try:
+            chains.append(vm_dir.chain(relative))
+        except FileNotFoundError:
+            log.error("backup file %s does not exist", vm_dir.shown(relative))
+            raise BackupFailed(f"Backup file for the volume [{uuid}] does not exist.") from None
+        except Damaged as exc:
+            # Not a readable qcow2 chain (damage, not intent): the Java restore's word for it.
+            log.error("%s", exc)
+            raise BackupFailed(f"Backup qcow2 file for the volume [{uuid}] is corrupt.") from exc
+    return chains
 
 
 def _refuse_running_disks(targets: Sequence[str]) -> None:
@@ -248,26 +261,29 @@ def _volume_key(source: str) -> str:
 
 
 def _restore_one(
-    source: Path, target: str, create_size: int | None, require_clean: Callable[[], None]
+    chain: Chain, target: str, create_size: int | None, require_clean: Callable[[], None]
 ) -> int:
     """Restore one chain into ``target``; ``require_clean`` is called (and may raise)
     before anything is written over data."""
-    virtual_size = qemu_img.info(source).virtual_size
+    virtual_size = chain.virtual_size
+    source = chain.spec()
     if target.startswith("rbd:"):
         require_clean()
         if create_size is not None:
             # A new Ceph volume: created at the size the management server gave it.
             qemu_img.create(target, max(create_size, virtual_size), fmt="raw")
-        _write_in_place(source, target, "raw", target, virtual_size)
+        _write_in_place(chain, target, "raw", target, virtual_size)
         return virtual_size
     path = Path(target)
     try:
-        mode = path.stat().st_mode
+        link = stat.S_ISLNK(os.lstat(target).st_mode)
+        mode: int | None = path.stat().st_mode
     except FileNotFoundError:
-        mode = None
+        link, mode = False, None
     if mode is None and target.startswith("/dev/"):
         raise BackupFailed(f"block volume {target} does not exist on this host")
     if mode is not None and stat.S_ISBLK(mode):
+        # Device names are links (LINSTOR's by-res, LVM, by-id): the device is what counts.
         fd = os.open(target, os.O_RDONLY)
         try:
             device_size = os.lseek(fd, 0, os.SEEK_END)
@@ -283,14 +299,21 @@ def _restore_one(
             {"driver": "raw", "size": virtual_size,
              "file": {"driver": "host_device", "filename": target}}
         )  # fmt: skip
-        _write_in_place(source, target, "raw", f"json:{limited}", virtual_size)
+        _write_in_place(chain, target, "raw", f"json:{limited}", virtual_size)
         return virtual_size
+    if link:
+        raise BackupFailed(
+            f"volume {target} is a symbolic link: a restore never writes through one"
+        )
+    if mode is not None and not stat.S_ISREG(mode):
+        raise BackupFailed(f"volume {target} is neither a file nor a block device")
     _replace_file(source, path, exists=mode is not None, require_clean=require_clean)
     return virtual_size
 
 
-def _write_in_place(source: Path, target: str, fmt: str, readable: str, size: int) -> None:
-    log.info("restoring %s into %s in place", source, target)
+def _write_in_place(chain: Chain, target: str, fmt: str, readable: str, size: int) -> None:
+    log.info("restoring %s into %s in place", chain.top.shown, target)
+    source = chain.spec()
     qemu_img.convert(source, target, target_fmt=fmt, existing=True, coroutines=COPY_COROUTINES)
     device = None if target.startswith("rbd:") else Path(target)
     if not _compare_flushing(source, readable, None, device):
@@ -298,20 +321,30 @@ def _write_in_place(source: Path, target: str, fmt: str, readable: str, size: in
     log.info("restored %s (%d bytes), verified identical", target, size)
 
 
+def _volume_format(target: Path) -> str:
+    """The format of an existing file volume: qcow2 when its first bytes say so, else raw.
+    Read here rather than probed by qemu-img, which would open the backing file a qcow2
+    header names (the guest's data may be such a header). Then opened with that format and
+    no backing, which fails while a QEMU holds the volume."""
+    with open(target, "rb") as fh:
+        fmt = "qcow2" if fh.read(4) == gate.QCOW2_MAGIC else "raw"
+    node: dict[str, object] = {"driver": fmt, "file": {"driver": "file", "filename": str(target)}}
+    if fmt == "qcow2":
+        node["backing"] = None
+    try:
+        qemu_img.info("json:" + json.dumps(node))
+    except CommandFailed as exc:
+        raise BackupFailed(f"volume {target} cannot be opened (in use?): {exc}") from None
+    return fmt
+
+
 def _replace_file(
-    source: Path, target: Path, *, exists: bool, require_clean: Callable[[], None]
+    source: Spec, target: Path, *, exists: bool, require_clean: Callable[[], None]
 ) -> None:
-    fmt = "qcow2"
-    if exists:
-        try:
-            fmt = qemu_img.info(target).format  # fails if a QEMU holds the volume
-        except Cancelled:
-            raise
-        except CommandFailed as exc:
-            raise BackupFailed(f"volume {target} cannot be opened (in use?): {exc}") from None
-        if fmt not in ("qcow2", "raw"):
-            raise BackupFailed(f"volume {target} has unsupported format {fmt}")
+    fmt = _volume_format(target) if exists else "qcow2"
     staged = target.with_name(f".{target.name}.restore-{os.getpid()}")
+    # Made here, new (O_EXCL) and not through a link: qemu-img then writes this very file.
+    os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
     try:
         qemu_img.convert(source, staged, target_fmt=fmt, coroutines=COPY_COROUTINES)
         if not _compare_flushing(source, staged, fmt, staged):
@@ -330,7 +363,7 @@ def _replace_file(
 
 
 def _compare_flushing(
-    source: Path, written: StrPath, written_fmt: str | None, flush: Path | None
+    source: Spec, written: Image, written_fmt: str | None, flush: Path | None
 ) -> bool:
     """Whether what was ``written`` holds the chain's data (``qemu-img compare``), while
     ``flush`` (the file or device written, a device often by a symlink; None for rbd, which
@@ -342,7 +375,10 @@ def _compare_flushing(
         return qemu_img.compare(source, written, second_fmt=written_fmt)
     compare = qemu_img.compare_argv(source, written, second_fmt=written_fmt)
     compared, flushed = proc.run_many(
-        [compare, ["sync", "--data", os.fspath(flush)]], at_once=2, check=False
+        [compare, ["sync", "--data", os.fspath(flush)]],
+        at_once=2,
+        check=False,
+        pass_fds=qemu_img.fds_of(source),
     )
     if flushed.returncode != 0:
         raise BackupFailed(f"flushing {flush} failed: {flushed.stderr.strip()}")

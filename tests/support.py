@@ -3,11 +3,15 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
 from shim.backupdir import directory_size
+from shim.gate import VmDirectory
 from tests.lab.chains import (
     BACKUP_GENERATIONS,
     DROPIN,
@@ -46,7 +50,20 @@ __all__ = [
     "repo_values",
     "run_dropin",
     "verify_backup",
+    "vm_directory",
 ]
+
+
+@contextlib.contextmanager
+def vm_directory(root: Path, vm: str) -> Iterator[VmDirectory]:
+    """The gate over ``root/vm``, as a mount session makes it, for tests without a mount."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    vm_dir = VmDirectory(fd, root, vm)
+    try:
+        yield vm_dir
+    finally:
+        vm_dir.close()
+        os.close(fd)
 
 
 # -- the Java side's parsing of stdout, per generation (contract §2) -------------------------

@@ -17,10 +17,11 @@ from shim.backupdir import directory_size
 from shim.contract import jobinfo_text
 from shim.errors import VirtError
 from shim.lock import LOCK_WAIT_ENV
-from shim.manifest import CHECKSUM_AT_ENV, UNSEALED, checksums, read_manifest
+from shim.manifest import CHECKSUM_AT_ENV, UNSEALED, checksums
 from shim.nas import Repository
 from shim.virt import checkpoints
 from tests.lab import FlakyNas, Lab, LabVM, MiB
+from tests.lab.chains import read_manifest
 from tests.lab.leaks import leaks
 from tests.lab.system import mount_points
 from tests.support import (

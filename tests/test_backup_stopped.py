@@ -13,8 +13,8 @@ import pytest
 from lxml import etree
 
 from shim import qemu_img
-from shim.manifest import read_manifest
 from tests.lab import Lab, LabVM, MiB, compare
+from tests.lab.chains import read_manifest
 from tests.lab.leaks import leaks
 from tests.support import (
     DROPIN,

@@ -271,6 +271,9 @@ def test_the_other_commands_map_to_their_requests() -> None:
         == "v"
     )
     assert DeleteBackupCommand(backup_path="b", **fields).vm is None
+    # A restore that names no VM is the backup's VM's (the engine locks it so too).
+    assert RestoreBackupCommand(backup_path="v/b", **fields).vm == "v"
+    assert RestoreBackupCommand(backup_path="v/b", vm_name="w", **fields).vm == "w"
     existing = RestoreBackupCommand(
         backup_path="v/b",
         vm_name="v",

@@ -129,7 +129,7 @@ def test_downstream_generation_parses_with_w_and_u() -> None:
                 "--parent-path",
                 "escape",
             ],
-            "leads out of the repository",
+            "not inside the VM's directory",
         ),
         (
             [

@@ -18,6 +18,7 @@ from shim.errors import BackupFailed
 from shim.service.jobs import Job, JobState, Scheduler
 from shim.virt import jobs
 from shim.virt.jobs import BackupJob, JobMarker, recover_interrupted_job
+from tests import support
 
 
 class FakeConn:
@@ -177,27 +178,31 @@ async def test_an_abort_begins_the_stop_at_once_and_answers_after_the_cleanup() 
 def test_a_stop_is_not_taken_for_a_bad_file(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
-    # verify and restore turn a failed qemu-img into a finding and go on (or answer
-    # "corrupt"): a stopped one must stop them instead, saying so.
-    from shim import qemu_img, restore, verify
+    # verify, restore and the parent lookup turn a failed qemu-img into a finding, an
+    # answer ("corrupt") or a fallback to a full: a stopped one must stop them instead.
+    from shim import chain, qemu_img, restore, verify
 
     def stopped(*_args: object, **_kw: object) -> None:
         raise Cancelled(["qemu-img"], "aborted")
 
-    monkeypatch.setattr(qemu_img, "info", stopped)
-    monkeypatch.setattr(qemu_img, "chain", stopped)
-    (tmp_path / "vm").mkdir()
-    top = tmp_path / "vm" / "root.x.qcow2"
-    with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
-        verify._walk_chain(top, tmp_path / "vm", [], {})
-    with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
-        restore._first_corrupt([top])
-    # Stopped during the checks that run side by side, not while listing the chain.
-    link = qemu_img.ImageInfo(str(top), "qcow2", 1, 1, None, None, (), {})
-    monkeypatch.setattr(qemu_img, "chain", lambda _p: [link])
+    backup = tmp_path / "vm" / "b1"
+    backup.mkdir(parents=True)
+    qemu_img.create(backup / "root.x.qcow2", 1024 * 1024)
+    monkeypatch.setattr(qemu_img, "check", stopped)
     monkeypatch.setattr(qemu_img, "check_many", stopped)
-    with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
-        restore._first_corrupt([top])
-    top.touch()
-    with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
-        restore._replace_file(top, tmp_path / "volume", exists=True, require_clean=lambda: None)
+    monkeypatch.setattr(qemu_img, "info", stopped)
+    with support.vm_directory(tmp_path, "vm") as vm_dir:
+        with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
+            verify._walk_chain(vm_dir, "b1/root.x.qcow2", [], {})
+        with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
+            restore._first_corrupt([vm_dir.chain("b1/root.x.qcow2")])
+        with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
+            chain._usable(vm_dir, "b1/root.x.qcow2")
+        (tmp_path / "volume").write_bytes(b"\0" * 512)
+        with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
+            restore._replace_file(
+                vm_dir.chain("b1/root.x.qcow2").spec(),
+                tmp_path / "volume",
+                exists=True,
+                require_clean=lambda: None,
+            )

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from shim import qemu_img
-from shim.manifest import read_manifest
 from shim.virt import checkpoints
 from tests.lab import Lab, MiB
+from tests.lab.chains import read_manifest
 from tests.lab.lab import BLOCK, RAW
 from tests.lab.leaks import leaks
 from tests.support import Chain, assert_size_parses, disk_files, verify_backup

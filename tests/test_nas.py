@@ -111,13 +111,14 @@ def test_caller_paths_stay_inside_the_mount(lab: Lab, tmp_path: Path) -> None:
             "escape",
             "escape/file",
             "a\nb",
+            # A link is never followed, even one that stays inside the repository.
+            "inside-link/x",
         ]:
             with pytest.raises(InputError):
                 session.path(bad)
         assert session.path("i-2-3-VM/2026.10.03.00.00.00") == Path(
-            os.path.realpath(session.root), "i-2-3-VM/2026.10.03.00.00.00"
+            session.root, "i-2-3-VM/2026.10.03.00.00.00"
         )
-        assert session.path("inside-link/x").parent.name == "i-2-3-VM"
     assert list(outside.iterdir()) == []
 
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from shim import qemu_img
-from shim.manifest import read_manifest
 from tests.lab import LabVM, MiB
+from tests.lab.chains import read_manifest
 from tests.lab.leaks import leaks
 from tests.support import (
     GENERATIONS,

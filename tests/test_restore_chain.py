@@ -14,15 +14,17 @@ from pathlib import Path
 
 import pytest
 
-from shim import cancel, proc, qemu_img, restore
+from shim import cancel, gate, proc, qemu_img, restore
 from shim.errors import BackupFailed, CommandFailed
+from shim.gate import Chain, Damaged, VmDirectory
 from shim.log import _LogIdFilter, log_id
-from tests.support import break_refcount
+from tests.support import break_refcount, vm_directory
 
 MiB = 1024 * 1024
 
 
 def _chain(directory: Path, name: str, depth: int) -> list[Path]:
+    directory.mkdir(parents=True, exist_ok=True)
     files = [directory / f"{name}0.qcow2"]
     qemu_img.create(files[0], 8 * MiB)
     subprocess.run(["qemu-io", "-f", "qcow2", "-c", "write -P 0x11 0 1M", str(files[0])],
@@ -33,42 +35,53 @@ def _chain(directory: Path, name: str, depth: int) -> list[Path]:
     return files
 
 
+def _gated(vm_dir: VmDirectory, *tops: Path) -> list[Chain]:
+    return [vm_dir.chain(f"{top.parent.name}/{top.name}") for top in tops]
+
+
 def test_clean_chains_pass_and_each_file_is_checked_once(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    root, data = _chain(tmp_path, "root", 30), _chain(tmp_path, "data", 3)
-    checked: list[str] = []
+    root, data = _chain(tmp_path / "vm/b", "root", 30), _chain(tmp_path / "vm/b", "data", 3)
+    checked: list[qemu_img.Spec] = []
     real_check_many = qemu_img.check_many
 
-    def counting(paths: list[str], *, at_once: int) -> list[qemu_img.CheckResult | CommandFailed]:
-        checked.extend(map(str, paths))
-        return real_check_many(paths, at_once=at_once)
+    def counting(
+        specs: list[qemu_img.Spec], *, at_once: int
+    ) -> list[qemu_img.CheckResult | CommandFailed]:
+        checked.extend(specs)
+        return real_check_many(specs, at_once=at_once)
 
     monkeypatch.setattr(qemu_img, "check_many", counting)
-    assert restore._first_corrupt([root[-1], data[-1], root[-1]]) is None
-    assert sorted(checked) == sorted(str(f) for f in [*root, *data])
+    with vm_directory(tmp_path, "vm") as vm_dir:
+        assert restore._first_corrupt(_gated(vm_dir, root[-1], data[-1], root[-1])) is None
+    # Each file once, alone (no backing), by the gate's descriptor.
+    assert len(checked) == len(root) + len(data)
+    assert all('"backing": null' in spec.text and "/dev/fd/" in spec.text for spec in checked)
 
 
 def test_a_corrupt_file_deep_in_a_chain_names_its_disk(tmp_path: Path) -> None:
-    root, data = _chain(tmp_path, "root", 2), _chain(tmp_path, "data", 30)
+    root, data = _chain(tmp_path / "vm/b", "root", 2), _chain(tmp_path / "vm/b", "data", 30)
     break_refcount(data[0])
-    assert restore._first_corrupt([root[-1], data[-1]]) == 1
-    assert restore._first_corrupt([data[-1], root[-1]]) == 0
+    with vm_directory(tmp_path, "vm") as vm_dir:
+        assert restore._first_corrupt(_gated(vm_dir, root[-1], data[-1])) == 1
+        assert restore._first_corrupt(_gated(vm_dir, data[-1], root[-1])) == 0
 
 
-def test_a_file_is_checked_alone_without_opening_its_chain(tmp_path: Path) -> None:
-    # The restore lists each chain first (a missing backing file fails there); its checks
-    # then open one file each, not the whole chain below it.
-    files = _chain(tmp_path, "root", 2)
+def test_a_missing_backing_file_is_found_by_the_gate_and_each_file_checked_alone(
+    tmp_path: Path,
+) -> None:
+    # The gate walks each chain first (a missing backing file is refused there); the
+    # checks then open one file each, not the whole chain below it.
+    files = _chain(tmp_path / "vm/b", "root", 2)
     files[0].unlink()
     with pytest.raises(CommandFailed):
         qemu_img.check(files[-1])
-    assert qemu_img.check(files[-1], chain=False).clean
-    (verdict,) = qemu_img.check_many([files[-1]], at_once=1)
+    with vm_directory(tmp_path, "vm") as vm_dir:
+        with pytest.raises(Damaged, match=r"its backing file vm/b/root0\.qcow2 is missing"):
+            vm_dir.chain("b/root2.qcow2")
+        (verdict,) = qemu_img.check_many([gate.alone(vm_dir.image("b/root2.qcow2"))], at_once=1)
     assert isinstance(verdict, qemu_img.CheckResult) and verdict.clean
-    with pytest.raises(CommandFailed):
-        qemu_img.chain(files[-1])
-    assert restore._first_corrupt([files[-1]]) == 0
 
 
 def test_stopping_a_restore_stops_its_checks(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -103,13 +116,14 @@ def test_stopping_a_restore_stops_its_checks(monkeypatch: pytest.MonkeyPatch) ->
 def test_the_checks_log_with_the_operations_log_id(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    (top,) = _chain(tmp_path, "root", 0)
+    (top,) = _chain(tmp_path / "vm/b", "root", 0)
     break_refcount(top)
     caplog.set_level(logging.ERROR, logger="shim")
     caplog.handler.addFilter(_LogIdFilter())  # as the agent log's handler stamps records
     with (
+        vm_directory(tmp_path, "vm") as vm_dir,
         log_id("job-7"),
-        restore._ChainChecks([top], ["vol-1"]) as checks,
+        restore._ChainChecks(_gated(vm_dir, top), ["vol-1"]) as checks,
         pytest.raises(BackupFailed, match=r"volume \[vol-1\] is corrupt"),
     ):
         checks.require()

@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from shim import qemu_img
+from shim import manifest, qemu_img
 from shim.nas import Repository
 from tests.lab.lab import Lab, LabVM, compare, flatten
 
@@ -63,6 +63,15 @@ def build_argv(generation: str, values: Mapping[str, str], operation: str = "bac
 def repo_values(repo: Repository) -> dict[str, str]:
     """The -t/-s/-m values of a repository."""
     return {"type": repo.type, "address": repo.address, "options": repo.options}
+
+
+def read_manifest(directory: Path) -> manifest.Manifest | None:
+    """The manifest of a backup directory the lab made (trusted: a test's own repository),
+    None when it has none."""
+    try:
+        return manifest.parse((directory / manifest.MANIFEST).read_bytes())
+    except FileNotFoundError:
+        return None
 
 
 # -- verification as the Java restore does it -------------------------------------------------
