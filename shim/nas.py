@@ -1,8 +1,13 @@
 """The NAS mount session: every operation reaches the repository through one of these.
 
-A session makes a fresh ``csbackup.XXXXX`` directory, runs ``mount -t TYPE ADDR DIR
-[-o OPTS]`` (an argv list, ``nobrl`` appended for cifs), and on every way out unmounts
-with a timeout and removes the directory. Everything in the repository is reached through
+A session makes a fresh ``csbackup.XXXXX`` directory, mounts ``-t TYPE ADDR`` on it with
+options ``OPTS`` (``nobrl`` appended for cifs), and on every way out unmounts with a timeout
+and removes the directory. No secret of the options is ever on a command line, where ``ps``
+shows it to every user of the host: ``mount`` is given a one-line fstab of its own
+(``mount -T FILE DIR``, 0600 in a root-only directory, removed once it returns), and the
+credentials a mount helper would get on its own command line go to the file that helper
+reads instead (cifs: ``credentials=``; ceph: ``secretfile=``). A password may hold a comma
+written ``,,``, as mount.cifs reads it. Everything in the repository is reached through
 the gate (:meth:`MountSession.vm_directory`, :mod:`shim.gate`), from a descriptor of the
 mount point held while it is mounted; those descriptors are closed before it is unmounted.
 """
@@ -12,6 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import secrets
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -115,10 +121,10 @@ class Repository:
     def mount_options(self) -> str:
         """The options passed to mount: cifs gets ``nobrl`` (byte-range locks break QEMU)."""
         if self.type == "cifs":
-            parts = [p for p in self.options.split(",") if p]
+            parts = split_options(self.options)
             if "nobrl" not in parts:
                 parts.append("nobrl")
-            return ",".join(parts)
+            return join_options(parts)
         return self.options
 
     @property
@@ -127,10 +133,34 @@ class Repository:
         return redact_options(self.mount_options)
 
 
+def split_options(options: str) -> list[str]:
+    """The options of a mount option string, in order; ``,,`` is a comma inside a value
+    (mount.cifs's escape for a password that holds one)."""
+    parts, current, i = [], "", 0
+    while i < len(options):
+        if options[i] == ",":
+            if options[i + 1 : i + 2] == ",":
+                current += ","
+                i += 2
+                continue
+            parts.append(current)
+            current = ""
+        else:
+            current += options[i]
+        i += 1
+    parts.append(current)
+    return [p for p in parts if p]
+
+
+def join_options(parts: list[str]) -> str:
+    """The option string of ``parts``, a comma inside a value written ``,,``."""
+    return ",".join(p.replace(",", ",,") for p in parts)
+
+
 def redact_options(options: str) -> str:
     """``options`` with the values of credential-like keys replaced by ``***``."""
     out = []
-    for part in options.split(","):
+    for part in split_options(options):
         key, sep, _value = part.partition("=")
         out.append(f"{key}=***" if sep and key.strip().lower() in _SECRET_KEYS else part)
     return ",".join(out)
@@ -138,11 +168,73 @@ def redact_options(options: str) -> str:
 
 def _secret_values(options: str) -> list[str]:
     values = []
-    for part in options.split(","):
+    for part in split_options(options):
         key, sep, value = part.partition("=")
         if sep and key.strip().lower() in _SECRET_KEYS and value:
             values.append(value)
-    return values
+    # Also as written (",," escaped), should a program echo the option string.
+    return values + [v.replace(",", ",,") for v in values if "," in v]
+
+
+# cifs credentials a mount.cifs credentials file holds, by the name it reads there.
+_CIFS_CREDENTIALS = {
+    "username": "username", "user": "username",
+    "password": "password", "pass": "password", "password2": "password2",
+    "domain": "domain", "dom": "domain", "workgroup": "domain",
+}  # fmt: skip
+
+
+def _fstab_field(value: str) -> str:
+    # fstab's escapes (libmount unescapes them): space, tab, backslash.
+    return value.replace("\\", "\\134").replace(" ", "\\040").replace("\t", "\\011")
+
+
+class _MountFiles:
+    """The files a mount reads instead of its command line: an fstab line, and the
+    credentials a helper reads (cifs, ceph); 0600, in the root-only registry directory,
+    removed as soon as the mount has returned."""
+
+    def __init__(self, name: str) -> None:
+        MOUNT_REGISTRY.mkdir(parents=True, exist_ok=True, mode=0o700)
+        self._prefix = f".{name}.{secrets.token_hex(4)}"
+        self._made: list[Path] = []
+
+    def _write(self, suffix: str, text: str) -> Path:
+        path = MOUNT_REGISTRY / f"{self._prefix}.{suffix}"
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        self._made.append(path)
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        return path
+
+    def fstab(self, repository: Repository, directory: Path) -> Path:
+        """The fstab ``mount -T`` reads: this mount's one line."""
+        options = self._options(repository)
+        fields = [repository.address, str(directory), repository.type, options or "defaults"]
+        return self._write("fstab", " ".join(_fstab_field(f) for f in fields) + " 0 0\n")
+
+    def _options(self, repository: Repository) -> str:
+        parts = split_options(repository.mount_options)
+        if repository.type == "cifs":
+            found = [(p.partition("=")[0].strip().lower(), p.partition("=")[2]) for p in parts]
+            credentials = [(_CIFS_CREDENTIALS[k], v) for k, v in found if k in _CIFS_CREDENTIALS]
+            if credentials:
+                text = "".join(f"{key}={value}\n" for key, value in credentials)
+                parts = [p for p, (k, _v) in zip(parts, found, strict=True)
+                         if k not in _CIFS_CREDENTIALS]  # fmt: skip
+                parts.append(f"credentials={self._write('credentials', text)}")
+        elif repository.type == "ceph":
+            for index, part in enumerate(parts):
+                key, sep, value = part.partition("=")
+                if sep and key.strip().lower() == "secret":
+                    parts[index] = f"secretfile={self._write('secret', value)}"
+        return join_options(parts)
+
+    def remove(self) -> None:
+        """Remove every file made here."""
+        for path in self._made:
+            path.unlink(missing_ok=True)
+        self._made.clear()
 
 
 def _unescape(field: str) -> str:
@@ -215,9 +307,7 @@ class MountSession:
         recover_stale_mounts()
         self._root = Path(tempfile.mkdtemp(prefix="csbackup.", dir=self._tmp_dir))
         self._register()
-        argv = ["mount", "-t", repo.type, repo.address, str(self._root)]
-        if repo.mount_options:
-            argv += ["-o", repo.mount_options]
+        files = _MountFiles(self._root.name)
         log.info(
             "mounting %s %s on %s (options: %s)",
             repo.type,
@@ -227,6 +317,7 @@ class MountSession:
         )
         timeout = repo.mount_timeout_seconds
         try:
+            argv = ["mount", "-T", str(files.fstab(repo, self._root)), str(self._root)]
             proc.run(argv, timeout=timeout, secrets=_secret_values(repo.options))
         except CommandFailed as exc:
             if exc.timed_out:
@@ -240,6 +331,8 @@ class MountSession:
             log.error("mount interrupted: %s", exc)
             self._abandon()
             raise
+        finally:
+            files.remove()  # read by mount and its helper: no longer needed
         self._mounted = True
         return self
 

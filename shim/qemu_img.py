@@ -4,18 +4,26 @@ Thin, typed wrappers over :func:`shim.proc.run`: every call names its formats ex
 (format probing of a raw image is a security hole) and parses JSON output, never text. An
 image read from the NAS is never named by a path here: it comes as a :class:`Spec` the gate
 built (:mod:`shim.gate`), every layer's driver and backing given, the files by descriptor.
+
+A Ceph source carries its key (``rbd:pool/image:...:key=AQB...``): every call here moves it
+to a file of its own for the program's life (``keyfile=``, read by librados; 0600 in the
+shim's root-only runtime directory), so that no key is on a command line ``ps`` shows.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
-from collections.abc import Sequence
+import re
+import secrets
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from shim import proc
 from shim.errors import CommandFailed
+from shim.runtime import RUN_DIR
 
 QEMU_IMG = "qemu-img"
 QCOW2_V3 = "compat=1.1"
@@ -48,6 +56,41 @@ def _format(option: str, image: Image, fmt: str | None) -> list[str]:
 
 def _fds(*images: Image) -> tuple[int, ...]:
     return tuple(fd for image in images if isinstance(image, Spec) for fd in image.fds)
+
+
+KEY_DIR = RUN_DIR / "keys"
+_RBD_KEY = re.compile(r"(?<=:)key=([^:]*)")
+
+
+@contextlib.contextmanager
+def keys_hidden(argv: Sequence[str]) -> Iterator[list[str]]:
+    """``argv`` with the ``key=`` of every ``rbd:`` name moved to a 0600 file named by
+    ``keyfile=`` instead, the files removed when the block ends."""
+    made = []
+    shown = []
+    try:
+        for arg in argv:
+            match = _RBD_KEY.search(arg) if arg.startswith("rbd:") else None
+            if match is not None:
+                KEY_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+                path = KEY_DIR / f"key.{os.getpid()}.{secrets.token_hex(4)}"
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+                made.append(path)
+                with os.fdopen(fd, "w") as fh:
+                    fh.write(match.group(1) + "\n")
+                shown.append(arg[: match.start()] + f"keyfile={path}" + arg[match.end() :])
+            else:
+                shown.append(arg)
+        yield shown
+    finally:
+        for path in made:
+            path.unlink(missing_ok=True)
+
+
+def _run(argv: Sequence[str], **kwargs: Any) -> proc.Result:
+    """:func:`shim.proc.run` with every Ceph key off the command line."""
+    with keys_hidden(argv) as hidden:
+        return proc.run(hidden, **kwargs)
 
 
 @dataclass(frozen=True)
@@ -83,14 +126,14 @@ def info(path: StrPath, *, fmt: str | None = None, force_share: bool = False) ->
     argv = [QEMU_IMG, "info", "--output=json"]
     argv += ["-f", fmt] if fmt else []
     argv += ["-U"] if force_share else []
-    return _info_of(json.loads(proc.run([*argv, str(path)]).stdout))
+    return _info_of(json.loads(_run([*argv, str(path)]).stdout))
 
 
 def chain(path: StrPath, *, fmt: str = "qcow2", force_share: bool = False) -> list[ImageInfo]:
     """``qemu-img info --backing-chain``: the image first, its base last."""
     argv = [QEMU_IMG, "info", "--output=json", "--backing-chain", "-f", fmt]
     argv += ["-U"] if force_share else []
-    docs = json.loads(proc.run([*argv, str(path)]).stdout)
+    docs = json.loads(_run([*argv, str(path)]).stdout)
     return [_info_of(d) for d in docs]
 
 
@@ -118,7 +161,7 @@ def create(
     argv.append(str(path))
     if size is not None:
         argv.append(str(size))
-    proc.run(argv)
+    _run(argv)
 
 
 def convert(
@@ -146,7 +189,7 @@ def convert(
         argv += ["-o", QCOW2_V3]
     argv += ["-U"] if force_share else []
     argv += ["--bitmaps"] if bitmaps else []
-    proc.run([*argv, _name(source), os.fspath(target)], pass_fds=_fds(source))
+    _run([*argv, _name(source), os.fspath(target)], pass_fds=_fds(source))
 
 
 def compare(
@@ -165,7 +208,7 @@ def compare(
     argv = compare_argv(
         first, second, first_fmt=first_fmt, second_fmt=second_fmt, force_share=force_share
     )
-    return compare_result(argv, proc.run(argv, check=False, pass_fds=_fds(first, second)))
+    return compare_result(argv, _run(argv, check=False, pass_fds=_fds(first, second)))
 
 
 def compare_argv(

@@ -5,12 +5,15 @@ Ceph here, which is when an error line would carry a source)."""
 
 from __future__ import annotations
 
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 
 from commands import model
 from commands.pools import CephAuth
+from shim import qemu_img
 from tests.lab import Lab
 from tests.lab.harness import captured_log
 from tests.lab.leaks import leaks
@@ -38,11 +41,28 @@ def test_a_stopped_vm_rbd_backup_through_the_dropin_shows_no_key(lab: Lab, tmp_p
     )
     log = tmp_path / "agent.log"
     argv = ["-o", "backup", "-v", VM, "-t", repo.type, "-s", repo.address, "-m", repo.options]
-    run = run_dropin([*argv, "-p", f"{VM}/2026.10.01.00.00.00", "-d", source], log_file=log)
+    # qemu-img through a wrapper that records its command line, as ps would show it.
+    spy = tmp_path / "spy"
+    spy.mkdir()
+    real = shutil.which("qemu-img")
+    (spy / "qemu-img").write_text(
+        f'#!/bin/sh\nprintf "%s\\n" "$*" >> {spy}/calls\nexec {real} "$@"\n'
+    )
+    (spy / "qemu-img").chmod(0o700)
+    path = os.environ["PATH"]
+    os.environ["PATH"] = f"{spy}:{path}"
+    try:
+        run = run_dropin([*argv, "-p", f"{VM}/2026.10.01.00.00.00", "-d", source], log_file=log)
+    finally:
+        os.environ["PATH"] = path
     assert run.returncode == 1 and run.stdout.count("\n") == 1, run
     seen = run.stdout + run.stderr + log.read_text() + _files_text(Path(repo.address))
     assert KEY not in seen
     assert "key=***" in log.read_text()  # the source was logged, masked
+    # No key on any command line: librados reads it from a file, removed afterwards.
+    calls = (spy / "calls").read_text()
+    assert "rbd:cloudstack/vol-1" in calls and "keyfile=" in calls and KEY not in calls
+    assert list(qemu_img.KEY_DIR.iterdir()) == []
     assert leaks(lab) == []
 
 
