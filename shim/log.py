@@ -3,6 +3,10 @@
 Lines carry the ``YYYY-MM-DD HH-MM-SS>`` prefix the upstream script uses, so they read
 the same in ``agent.log``. When stderr is a terminal, the same messages (INFO and up) are
 shown there too, as progress for a person; the agent never reads stderr.
+
+A line cannot be forged: messages carry what callers sent (a field name of a JSON body, a
+file name found on the NAS, a log id), so every control character in a message or a log id
+is written escaped (``\n``, ``\x1b``); one record is one line (a traceback aside).
 """
 
 from __future__ import annotations
@@ -43,6 +47,30 @@ def current_log_id() -> str | None:
     return getattr(_context, "logid", None)
 
 
+_CONTROLS = {i: f"\\x{i:02x}" for i in (*range(32), 127)} | {
+    ord("\n"): "\\n",
+    ord("\r"): "\\r",
+    ord("\t"): "\\t",
+}
+
+
+def escape_controls(text: str) -> str:
+    """``text`` with every control character written as an escape: one line."""
+    return text.translate(_CONTROLS)
+
+
+class _EscapingFilter(logging.Filter):
+    """Writes the control characters of each record's message escaped."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Always keep the record; escape its message."""
+        message = record.getMessage()
+        escaped = escape_controls(message)
+        if escaped != message:
+            record.msg, record.args = escaped, None
+        return True
+
+
 class _Formatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__(
@@ -54,7 +82,7 @@ class _Formatter(logging.Formatter):
         """The line, with the log id of the command it belongs to, if any."""
         text = super().format(record)
         logid = getattr(record, "logid", None)
-        return f"{text} (logid:{logid})" if logid else text
+        return f"{text} (logid:{escape_controls(str(logid))})" if logid else text
 
 
 class _LogIdFilter(logging.Filter):
@@ -94,10 +122,12 @@ def setup(verbose: bool = False) -> None:
     handler.setFormatter(_Formatter())
     handler.addFilter(_LogIdFilter())
     handler.addFilter(RedactingFilter())
+    handler.addFilter(_EscapingFilter())
     logger.addHandler(handler)
     if to_file and sys.stderr.isatty():
         terminal = logging.StreamHandler(sys.stderr)
         terminal.setLevel(logging.INFO)
         terminal.setFormatter(logging.Formatter("%(message)s"))
         terminal.addFilter(RedactingFilter())
+        terminal.addFilter(_EscapingFilter())
         logger.addHandler(terminal)

@@ -81,3 +81,44 @@ async def test_the_engines_lines_carry_the_commands_log_id(agent_log: Path) -> N
     await scheduler.shutdown()
     line = next(x for x in agent_log.read_text().splitlines() if "mounting" in x)
     assert line.endswith("(logid:7f2ac3d1)")
+
+
+FORGED = "\n2026-12-07 00-00-00> nasbackup[1]: INFO forged"
+
+
+def test_control_characters_cannot_forge_a_line(agent_log: Path) -> None:
+    # What callers send (a field name, a file name found on the NAS, a log id) is escaped.
+    logger = logging.getLogger("shim.test")
+    with shim_log.log_id(f"id{FORGED}"):
+        logger.info("ignoring unknown fields %s", f"x{FORGED}\r\x1b[2J")
+    logger.error("a line\nof two")
+    lines = agent_log.read_text().splitlines()
+    assert not any(line.startswith("2026-12-07 00-00-00> nasbackup[1]") for line in lines)
+    assert lines[-2].endswith(
+        "ignoring unknown fields x\\n2026-12-07 00-00-00> nasbackup[1]: INFO forged\\r\\x1b[2J"
+        " (logid:id\\n2026-12-07 00-00-00> nasbackup[1]: INFO forged)"
+    )
+    assert lines[-1].endswith("a line\\nof two")
+
+
+async def test_a_newline_in_a_json_field_name_forges_no_line(
+    agent_log: Path, tmp_path: Path
+) -> None:
+    import json
+
+    from commands.envelope import dump
+    from commands.model import GetBackupStorageStatsCommand
+    from tests.lab.harness import running
+
+    ((name, body),) = dump(
+        [GetBackupStorageStatsCommand(backup_repo_type="x", backup_repo_address="a")]
+    )[0].items()
+    envelope = [{name: {**body, f"unknown{FORGED}": 1, "backupRepoType": "-bad"}}]
+    async with running(tmp_path) as service:
+        reply = await service.raw("POST", "/v1/commands", data=json.dumps(envelope).encode())
+    assert reply.status == 400
+    text = agent_log.read_text()
+    assert "ignoring unknown fields unknown\\n2026-12-07" in text
+    assert not any(
+        line.startswith("2026-12-07 00-00-00> nasbackup[1]") for line in text.splitlines()
+    )

@@ -132,15 +132,40 @@ def _no_constants(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+MAX_JSON_DEPTH = 32
+"""Levels of nesting a body may have: an envelope of commands with primary store objects
+needs about eight; everything past this is refused before a schema (whose code recurses)
+sees it."""
+
+
 def _parse_json(body: bytes) -> Any:
+    too_deep = BadRequest(
+        "malformed JSON", [Problem("", f"nested too deeply (at most {MAX_JSON_DEPTH} levels)")]
+    )
     try:
-        return json.loads(body.decode("utf-8"), parse_constant=_no_constants)
+        data = json.loads(body.decode("utf-8"), parse_constant=_no_constants)
     except UnicodeDecodeError as exc:
         raise BadRequest("malformed JSON", [Problem("", f"not UTF-8: {exc.reason}")]) from None
     except RecursionError:  # json's recursive decoder: about a thousand levels of nesting
-        raise BadRequest("malformed JSON", [Problem("", "nested too deeply")]) from None
+        raise too_deep from None
     except ValueError as exc:  # JSONDecodeError is one
         raise BadRequest("malformed JSON", [Problem("", str(exc))]) from None
+    if _depth(data) > MAX_JSON_DEPTH:
+        raise too_deep
+    return data
+
+
+def _depth(data: Any) -> int:
+    """How deeply ``data`` nests (a scalar: 0), without recursion."""
+    deepest = 0
+    pending = [(data, 1)]
+    while pending:
+        value, level = pending.pop()
+        children = value.values() if isinstance(value, dict) else value
+        if isinstance(value, dict | list):
+            deepest = max(deepest, level)
+            pending.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _async_flag(request: web.Request) -> bool:

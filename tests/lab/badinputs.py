@@ -816,6 +816,11 @@ def _deep(levels: int) -> bytes:
     return b"[" * levels + b"]" * levels
 
 
+def _deep_field(setup: Setup, levels: int) -> bytes:
+    """A valid envelope with one more field, nested ``levels`` deep."""
+    return setup.envelope(deep=0).replace(b'"deep": 0', b'"deep": ' + _deep(levels))
+
+
 PATHS += [
     service(
         "backupPath with '..' over the socket",
@@ -923,6 +928,11 @@ JSON_BODIES = [
         "malformed JSON",
     ),
     service("JSON nested 100 000 levels", lambda _s: _deep(100_000), "nested too deeply", vm=False),
+    # Within what json's decoder takes, beyond what the schemas' recursion would.
+    service(
+        "JSON nested 990 levels in a field", lambda s: _deep_field(s, 990), "nested too deeply"
+    ),
+    service("JSON nested 40 levels in a field", lambda s: _deep_field(s, 40), "nested too deeply"),
     service(
         "100 MB of JSON",
         lambda s: _body_of_size(s, 100 * 1024 * 1024),
