@@ -1,10 +1,10 @@
 """``scripts/fault-report`` for real, on a few scenarios and a tiny load: a line per
-scenario in order, then exactly the three closing lines, their figures agreeing with those
+scenario in order, then exactly the four closing lines, their figures agreeing with those
 lines and the exit status.
 
-Whether each scenario holds is the business of ``test_faults.py``, ``test_bad_inputs.py``
-and ``test_load.py`` (which run all of them); this is the report itself, so it runs a
-sample (``--only``) rather than everything a second time.
+Whether each scenario holds is the business of ``test_faults.py``, ``test_bad_inputs.py``,
+``test_hostile_repository.py`` and ``test_load.py`` (which run all of them); this is the
+report itself, so it runs a sample (``--only``) rather than everything a second time.
 """
 
 from __future__ import annotations
@@ -18,15 +18,22 @@ from tests.lab.badinputs import BAD_INPUTS
 from tests.lab.fault_report import selected
 from tests.lab.faults import FAULTS
 from tests.lab.harness import ROOT
+from tests.lab.hostile import HOSTILE
 
 pytestmark = pytest.mark.lab
 
 SCENARIO_LINE = re.compile(r"(ok|FAIL) (.+?)(: .+)?")
-ONLY = ["vm-stopped-and-started", "read-only-nas", f"{BAD_INPUTS[0].name}", "*token*"]
+ONLY = [
+    "vm-stopped-and-started",
+    "read-only-nas",
+    f"{BAD_INPUTS[0].name}",
+    "*token*",
+    "*FIFO named manifest.json",
+]
 
 
 @pytest.mark.timeout(3600)
-def test_the_report_ends_with_the_three_figures() -> None:
+def test_the_report_ends_with_the_four_figures() -> None:
     done = subprocess.run(
         [
             str(ROOT / "scripts" / "fault-report"),
@@ -43,8 +50,8 @@ def test_the_report_ends_with_the_three_figures() -> None:
     )
     output = done.stdout[-6000:] + done.stderr[-2000:]
     lines = done.stdout.splitlines()
-    assert len(lines) >= 3, output
-    faults, bad, load = lines[-3:]
+    assert len(lines) >= 4, output
+    faults, bad, hostile, load = lines[-4:]
 
     # One line per scenario, in order, each "ok NAME" or "FAIL NAME: why".
     ran = [SCENARIO_LINE.fullmatch(line) for line in lines if line.startswith(("ok ", "FAIL "))]
@@ -52,15 +59,20 @@ def test_the_report_ends_with_the_three_figures() -> None:
     names = [m.group(2) for m in ran if m]
     expected_faults = selected(FAULTS, ONLY)
     expected_bad = selected(BAD_INPUTS, ONLY)
-    assert expected_faults and expected_bad
-    assert names == [s.name for s in [*expected_faults, *expected_bad]], output
+    expected_hostile = selected(HOSTILE, ONLY)
+    assert expected_faults and expected_bad and expected_hostile
+    everything = [*expected_faults, *expected_bad, *expected_hostile]
+    assert names == [s.name for s in everything], output
     held = [m.group(1) == "ok" for m in ran if m]
-    n_faults = len(expected_faults)
-    held_faults, held_bad = sum(held[:n_faults]), sum(held[n_faults:])
+    n_faults, n_bad = len(expected_faults), len(expected_bad)
+    held_faults = sum(held[:n_faults])
+    held_bad = sum(held[n_faults : n_faults + n_bad])
+    held_hostile = sum(held[n_faults + n_bad :])
 
-    # The three closing lines, exactly, and in agreement with the lines above.
+    # The four closing lines, exactly, and in agreement with the lines above.
     assert faults == f"faults survived {held_faults}/{n_faults}", output
-    assert bad == f"bad inputs rejected {held_bad}/{len(expected_bad)}", output
+    assert bad == f"bad inputs rejected {held_bad}/{n_bad}", output
+    assert hostile == f"hostile repository: {held_hostile}/{len(expected_hostile)} refused", output
     match = re.fullmatch(r"load: (\d+) backups, (\d+) failures, (\d+) leaks", load)
     assert match is not None, output
     backups, failures, leaks = map(int, match.groups())

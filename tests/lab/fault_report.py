@@ -1,13 +1,16 @@
-"""``scripts/fault-report``: every fault and bad-input scenario on the lab, then a load run.
+"""``scripts/fault-report``: every fault, bad-input and hostile-repository scenario on the
+lab, then a load run.
 
-Each scenario of :data:`tests.lab.faults.FAULTS` and :data:`tests.lab.badinputs.BAD_INPUTS`
-runs in a lab of its own with a scratch directory of its own (both removed afterwards, a
-failure caught and reported with its message), one line per scenario as it goes. Then
-eight lab VMs are backed up concurrently (:func:`tests.lab.load.run_load`), bounded in time
-and in count. The report ends with exactly three lines::
+Each scenario of :data:`tests.lab.faults.FAULTS`, :data:`tests.lab.badinputs.BAD_INPUTS`
+and :data:`tests.lab.hostile.HOSTILE` runs in a lab of its own with a scratch directory of
+its own (both removed afterwards, a failure caught and reported with its message), one line
+per scenario as it goes. Then eight lab VMs are backed up concurrently
+(:func:`tests.lab.load.run_load`), bounded in time and in count. The report ends with
+exactly four lines::
 
     faults survived N/N
     bad inputs rejected N/N
+    hostile repository: N/N refused
     load: N backups, N failures, N leaks
 
 Exit status 0 when everything held, 1 otherwise.
@@ -26,6 +29,7 @@ from pathlib import Path
 from shim.errors import ShimError
 from tests.lab.badinputs import BAD_INPUTS
 from tests.lab.faults import FAULTS
+from tests.lab.hostile import HOSTILE
 from tests.lab.lab import Lab, start_libvirtd_if_down, sweep_stale_labs
 from tests.lab.load import LoadResult, run_load
 from tests.lab.scenarios import Scenario
@@ -142,13 +146,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     fault_scenarios = selected(FAULTS, args.only)
     bad_scenarios = selected(BAD_INPUTS, args.only)
+    hostile_scenarios = selected(HOSTILE, args.only)
     faults = run_all(fault_scenarios)
     bad = run_all(bad_scenarios)
+    hostile = run_all(hostile_scenarios)
     load = run_load_report(args.load_seconds, args.load_backups)
     print(f"faults survived {faults}/{len(fault_scenarios)}")
     print(f"bad inputs rejected {bad}/{len(bad_scenarios)}")
+    print(f"hostile repository: {hostile}/{len(hostile_scenarios)} refused")
     print(f"load: {load.backups} backups, {load.failures} failures, {load.leaks} leaks")
-    clean = faults == len(fault_scenarios) and bad == len(bad_scenarios)
+    clean = (faults, bad, hostile) == tuple(
+        map(len, (fault_scenarios, bad_scenarios, hostile_scenarios))
+    )
     return 0 if clean and load.failures == 0 and load.leaks == 0 else 1
 
 
