@@ -12,21 +12,23 @@ directories, the manifest and the rename are made relative to its descriptor.
 from __future__ import annotations
 
 import contextlib
+import errno
 import logging
 import os
-import shutil
+import stat
 from collections.abc import Sequence
 from pathlib import Path
 
 from shim.chain import relative_backing
 from shim.contract import BackupOutcome
-from shim.errors import InputError
+from shim.errors import InputError, ShimError
 from shim.gate import VmDirectory, split_vm
 from shim.manifest import (
     MANIFEST,
     DiskFile,
     Manifest,
     checksum_algorithm,
+    checksums,
     checksums_at_backup,
     disk_records,
     write_manifest,
@@ -105,6 +107,14 @@ class BackupDirectory:
         """
         mode = "incremental" if parents else ("full" if checkpoint else requested_mode)
         algorithm = checksum_algorithm()
+        # The files QEMU wrote, read back through the gate: whatever was swapped in for one
+        # meanwhile (a link, a FIFO) is refused, never read or waited on.
+        written = [self.vm_dir.image(f"{self.work.name}/{d.backup_name}") for d in disks]
+        digests = None
+        if checksums_at_backup():
+            found = checksums([w.fd_path for w in written], algorithm,
+                              pass_fds=[w.fd for w in written])  # fmt: skip
+            digests = [found[w.fd_path] for w in written]
         files = [
             DiskFile(
                 d.role, d.volume_id, d.backup_name, public_source(d.source), sizes[d.target],
@@ -119,7 +129,7 @@ class BackupDirectory:
             bitmap=bitmap,
             parent=parent_dir_name(parents),
             fallback=fallback,
-            disks=disk_records(self.work, files, algorithm, read_back=checksums_at_backup()),
+            disks=disk_records(files, [w.size for w in written], digests),
             checksum_algorithm=algorithm,
         )
         work_fd = self.vm_dir.open_directory(self.work.name)
@@ -139,7 +149,11 @@ class BackupDirectory:
     def discard(self) -> None:
         """Remove the partial directory (the published one is never touched), and the VM's
         directory if this run created it and it is still empty."""
-        remove_tree(self.work)
+        try:
+            if self.vm_dir.exists() and self.vm_dir.kind(self.work.name) is not None:
+                self.vm_dir.remove_tree(self.work.name)
+        except ShimError as exc:  # a link planted there, rm failing: left to the next sweep
+            raise OSError(errno.EIO, f"cannot remove {self.work}: {exc}") from exc
         if self._created_vm_dir:
             with contextlib.suppress(OSError):
                 self.vm_dir.path.rmdir()
@@ -200,20 +214,16 @@ def directory_size(path: Path) -> int:
     return total + os.lstat(path).st_size
 
 
-def remove_tree(path: Path) -> None:
-    """Remove a directory this run created (never follows symlinks out of it)."""
-    if path.is_symlink():
-        path.unlink()
-    elif path.exists():
-        shutil.rmtree(path)
-
-
 def fsync_tree(path: Path) -> None:
     """Make every file under ``path`` and the directory entries durable."""
     for root, _dirs, files in os.walk(path):
         for name in files:
-            fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_NOFOLLOW)
+            # Non-blocking and checked: what a NAS's owner swapped in meanwhile (a FIFO, a
+            # device) is refused, never waited on.
+            fd = os.open(os.path.join(root, name), os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
             try:
+                if not stat.S_ISREG(os.fstat(fd).st_mode):
+                    raise InputError(f"{root}/{name} is no longer a regular file")
                 os.fsync(fd)
             finally:
                 os.close(fd)
@@ -250,7 +260,7 @@ def sweep_dead_work(vm_dir: VmDirectory) -> list[Path]:
             name.startswith(".") and name.endswith(".deleting")
         )
         if dead and _is_directory(vm_dir, name):
-            shutil.rmtree(vm_dir.path / name)
+            vm_dir.remove_tree(name)
             removed.append(vm_dir.path / name)
     return removed
 

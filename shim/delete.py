@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 
 from shim.backupdir import sweep_dead_work
 from shim.chain import dependants
@@ -45,7 +44,7 @@ def delete_backup(repository: Repository, path: str) -> None:
             raise BackupFailed(f"backup {path} is the parent of {names}: refusing to delete it")
         doomed = f".{backup}.deleting"
         if vm_dir.kind(doomed) == "directory":
-            shutil.rmtree(vm_dir.path / doomed)  # what an interrupted earlier delete left
+            vm_dir.remove_tree(doomed)  # what an interrupted earlier delete left
         os.rename(backup, doomed, src_dir_fd=vm_dir.fd, dst_dir_fd=vm_dir.fd)
-        shutil.rmtree(vm_dir.path / doomed)
+        vm_dir.remove_tree(doomed)
         log.info("deleted backup %s", path)

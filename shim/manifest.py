@@ -32,7 +32,6 @@ import secrets
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, TypeVar
@@ -116,20 +115,16 @@ Name = TypeVar("Name", str, Path)
 def checksums(
     names: Sequence[Name], algorithm: str, *, pass_fds: Sequence[int] = ()
 ) -> dict[Name, str]:
-    """The checksum of each file with ``algorithm``, files in parallel. ``names`` are paths
-    of local files, or ``/dev/fd/N`` of files the gate opened (``pass_fds``)."""
+    """The checksum of each file with ``algorithm``, files side by side (a cancellation or
+    signal stops them all). ``names`` are paths of local files, or ``/dev/fd/N`` of files
+    the gate opened (``pass_fds``)."""
     if algorithm not in ALGORITHMS:
         raise ValueError(f"unknown checksum algorithm {algorithm!r}")
     if not names:
         return {}
-    workers = min(len(names), os.cpu_count() or 1)
-
-    def one(name: Name) -> str:
-        return proc.run(_checksum_argv(os.fspath(name), algorithm), pass_fds=pass_fds).stdout
-
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        outputs = list(pool.map(one, names))
-    return {n: _digest(out, algorithm) for n, out in zip(names, outputs, strict=True)}
+    argvs = [_checksum_argv(os.fspath(name), algorithm) for name in names]
+    runs = proc.run_many(argvs, at_once=os.cpu_count() or 1, pass_fds=pass_fds)
+    return {n: _digest(run.stdout, algorithm) for n, run in zip(names, runs, strict=True)}
 
 
 @dataclass(frozen=True)
@@ -145,12 +140,11 @@ class DiskFile:
 
 
 def disk_records(
-    directory: Path, disks: Sequence[DiskFile], algorithm: str, *, read_back: bool
+    disks: Sequence[DiskFile], stored_sizes: Sequence[int], digests: Sequence[str] | None
 ) -> list[DiskRecord]:
-    """Records of the disk files in ``directory``, in disk order, stored sizes from the
-    files; with ``read_back``, checksums with ``algorithm`` (else :data:`UNSEALED`)."""
-    paths = [directory / d.file for d in disks]
-    digests = checksums(paths, algorithm) if read_back else dict.fromkeys(paths, UNSEALED)
+    """Records of the disk files, in disk order: their stored sizes, and their checksums
+    (None: :data:`UNSEALED`, left to the first verify)."""
+    sums = list(digests) if digests is not None else [UNSEALED] * len(disks)
     return [
         DiskRecord(
             role=d.role,
@@ -158,11 +152,11 @@ def disk_records(
             file=d.file,
             source=d.source,
             virtual_size=d.virtual_size,
-            stored_size=path.stat().st_size,
-            checksum=digests[path],
+            stored_size=size,
+            checksum=digest,
             backing=d.backing,
         )
-        for d, path in zip(disks, paths, strict=True)
+        for d, size, digest in zip(disks, stored_sizes, sums, strict=True)
     ]
 
 

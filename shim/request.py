@@ -168,7 +168,6 @@ class DeleteRequest:
         """Refuse what can be refused without touching anything."""
         self.repository.validate()
         validate_relative(self.path, "backup path")
-        validate_backup_dir(self.path, "verify")
         validate_backup_dir(self.path, "delete")
 
 
