@@ -60,6 +60,11 @@ _SECRET_KEYS = frozenset(
 )
 
 
+_CONFINED = ("nodev", "nosuid", "noexec")
+_ALLOWING = ("dev", "suid", "exec")
+"""Options that would undo :data:`_CONFINED`: dropped."""
+
+
 def _reject_control(value: str, what: str) -> None:
     if "\0" in value or "\n" in value or "\r" in value:
         raise InputError(f"{what} contains a control character")
@@ -99,6 +104,10 @@ class Repository:
         if self.options.startswith("-"):
             raise InputError("invalid mount options: they may not start with '-'")
         _reject_control(self.options, "mount options")
+        keys = {p.partition("=")[0].strip().lower() for p in split_options(self.options)}
+        if self.type == "cifs" and "password2" in keys:
+            # mount.cifs reads it from no file: it could only go on a command line.
+            raise InputError("cifs password2 is not supported: it would show in ps")
         timeout = self.mount_timeout
         if timeout is not None and (
             isinstance(timeout, bool)
@@ -119,13 +128,12 @@ class Repository:
 
     @property
     def mount_options(self) -> str:
-        """The options passed to mount: cifs gets ``nobrl`` (byte-range locks break QEMU)."""
-        if self.type == "cifs":
-            parts = split_options(self.options)
-            if "nobrl" not in parts:
-                parts.append("nobrl")
-            return join_options(parts)
-        return self.options
+        """The options passed to mount: ``nodev,nosuid,noexec`` always (a device node or a
+        set-uid program on the NAS is someone else's), and cifs gets ``nobrl`` (byte-range
+        locks break QEMU)."""
+        parts = [p for p in split_options(self.options) if p not in _ALLOWING]
+        wanted = [*_CONFINED, *(["nobrl"] if self.type == "cifs" else [])]
+        return join_options(parts + [option for option in wanted if option not in parts])
 
     @property
     def redacted_options(self) -> str:
@@ -176,10 +184,11 @@ def _secret_values(options: str) -> list[str]:
     return values + [v.replace(",", ",,") for v in values if "," in v]
 
 
-# cifs credentials a mount.cifs credentials file holds, by the name it reads there.
+# cifs credentials a mount.cifs credentials file holds, by the name it reads there. Not
+# password2: mount.cifs reads any key of that file starting "pass" as the password.
 _CIFS_CREDENTIALS = {
     "username": "username", "user": "username",
-    "password": "password", "pass": "password", "password2": "password2",
+    "password": "password", "pass": "password",
     "domain": "domain", "dom": "domain", "workgroup": "domain",
 }  # fmt: skip
 
@@ -217,9 +226,12 @@ class _MountFiles:
         parts = split_options(repository.mount_options)
         if repository.type == "cifs":
             found = [(p.partition("=")[0].strip().lower(), p.partition("=")[2]) for p in parts]
-            credentials = [(_CIFS_CREDENTIALS[k], v) for k, v in found if k in _CIFS_CREDENTIALS]
+            credentials: dict[str, str] = {}
+            for key, value in found:
+                if key in _CIFS_CREDENTIALS:  # the first of each, as mount.cifs takes them
+                    credentials.setdefault(_CIFS_CREDENTIALS[key], value)
             if credentials:
-                text = "".join(f"{key}={value}\n" for key, value in credentials)
+                text = "".join(f"{key}={value}\n" for key, value in credentials.items())
                 parts = [p for p, (k, _v) in zip(parts, found, strict=True)
                          if k not in _CIFS_CREDENTIALS]  # fmt: skip
                 parts.append(f"credentials={self._write('credentials', text)}")
@@ -274,6 +286,8 @@ def recover_stale_mounts() -> list[Path]:
         except OSError as exc:
             log.warning("cannot remove %s: %s", path, exc.strerror)
             continue
+        for leftover in MOUNT_REGISTRY.glob(f".{path.name}.*"):  # its fstab, credentials
+            leftover.unlink(missing_ok=True)
         entry.unlink(missing_ok=True)
         recovered.append(path)
     return recovered

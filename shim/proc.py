@@ -9,7 +9,10 @@ Each program starts a process group of its own, and a program stopped (timeout,
 cancellation, signal) is killed with its whole group: ``mount`` forks ``mount.cifs``, which
 would otherwise live on, holding the pipes the wait reads until it ends by itself. Files
 the gate opened (:mod:`shim.gate`) reach a program as inherited descriptors
-(``pass_fds``), named ``/dev/fd/N`` on its command line.
+(``pass_fds``), named ``/dev/fd/N`` on its command line. A program that reads what the NAS
+holds can be run without a network (``network=False``: a network namespace of its own,
+where nothing is reachable): should a file change between the gate's look and the program's
+open, to name ``nbd:`` or ``http:`` somewhere, there is no network for it to reach.
 """
 
 from __future__ import annotations
@@ -64,11 +67,12 @@ def run(
     secrets: Sequence[str] = (),
     env: Mapping[str, str] | None = None,
     pass_fds: Sequence[int] = (),
+    network: bool = True,
 ) -> Result:
     """Run ``argv`` to completion and return its output.
 
     ``secrets`` are masked in the log and in any error raised; ``pass_fds`` stay open in
-    the child under their numbers. With ``check`` (the default)
+    the child under their numbers; without ``network`` it has none. With ``check`` (the default)
     a non-zero exit raises :class:`CommandFailed`; a timeout always does. When the
     thread's operation has a cancellation token (:mod:`shim.cancel`) and it is cancelled,
     the child is killed and :class:`~shim.cancel.Cancelled` (an ``Interrupted``) raised.
@@ -80,7 +84,7 @@ def run(
         raise cancel.Cancelled(argv, token.reason)  # cancelled in between: stop before it
     try:
         child = subprocess.Popen(
-            list(argv),
+            _confined(argv, network),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -144,9 +148,11 @@ def run_many(
     check: bool = True,
     on_poll: Callable[[list[int]], None] | None = None,
     pass_fds: Sequence[int] = (),
+    network: bool = True,
 ) -> list[Result]:
     """Run every argv as :func:`run` does, up to ``at_once`` side by side, all from this
-    thread; return their results in order. Every child inherits ``pass_fds``.
+    thread; return their results in order. Every child inherits ``pass_fds``; without
+    ``network`` none has a network.
 
     ``on_poll`` is called every few milliseconds with the running children's pids
     (progress, a stall watch) and may raise. Whatever ends the wait early (the thread's
@@ -162,7 +168,7 @@ def run_many(
         while waiting or running:
             while waiting and len(running) < at_once:
                 index, argv = waiting.pop(0)
-                running[index] = _Child(argv, pass_fds)
+                running[index] = _Child(argv, pass_fds, network)
             for index, child in list(running.items()):
                 if child.process.poll() is None:
                     continue
@@ -190,7 +196,9 @@ def run_many(
 class _Child:
     """One program of :func:`run_many`, its output in temporary files (no pipe to drain)."""
 
-    def __init__(self, argv: Sequence[str], pass_fds: Sequence[int] = ()) -> None:
+    def __init__(
+        self, argv: Sequence[str], pass_fds: Sequence[int] = (), network: bool = True
+    ) -> None:
         self.argv = list(argv)
         self.shown = mask(" ".join(argv), ())
         log.debug("run: %s", self.shown)
@@ -199,7 +207,7 @@ class _Child:
         self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                self.argv,
+                _confined(self.argv, network),
                 stdin=subprocess.DEVNULL,
                 stdout=self._out,
                 stderr=self._err,
@@ -229,6 +237,15 @@ class _Child:
     def _close(self) -> None:
         self._out.close()
         self._err.close()
+
+
+NO_NETWORK = ("unshare", "--net", "--")
+"""The prefix that runs a program in a network namespace of its own (util-linux)."""
+
+
+def _confined(argv: Sequence[str], network: bool) -> list[str]:
+    # Logs and errors name the program itself (argv), never the prefix.
+    return list(argv) if network else [*NO_NETWORK, *argv]
 
 
 def _kill(child: subprocess.Popen[str]) -> tuple[str, str]:

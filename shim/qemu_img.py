@@ -88,7 +88,10 @@ def keys_hidden(argv: Sequence[str]) -> Iterator[list[str]]:
 
 
 def _run(argv: Sequence[str], **kwargs: Any) -> proc.Result:
-    """:func:`shim.proc.run` with every Ceph key off the command line."""
+    """:func:`shim.proc.run` with every Ceph key off the command line; a program given
+    files of the NAS (descriptors) runs without a network."""
+    if kwargs.get("pass_fds"):
+        kwargs["network"] = False
     with keys_hidden(argv) as hidden:
         return proc.run(hidden, **kwargs)
 
@@ -267,7 +270,7 @@ def check(image: Image, *, fmt: str = "qcow2", chain: bool = True) -> CheckResul
     :class:`Spec` is opened as it says (the gate's ``alone`` for one layer).
     """
     argv = _check_argv(image, fmt, chain=chain)
-    return _check_result(argv, proc.run(argv, check=False, pass_fds=_fds(image)))
+    return _check_result(argv, _run(argv, check=False, pass_fds=_fds(image)))
 
 
 def check_many(images: Sequence[Spec], *, at_once: int) -> list[CheckResult | CommandFailed]:
@@ -275,7 +278,7 @@ def check_many(images: Sequence[Spec], *, at_once: int) -> list[CheckResult | Co
     ``at_once`` side by side: per image its result, or why it could not be checked. A
     cancellation or signal stops them all."""
     argvs = [_check_argv(image, "qcow2", chain=False) for image in images]
-    runs = proc.run_many(argvs, at_once=at_once, check=False, pass_fds=_fds(*images))
+    runs = proc.run_many(argvs, at_once=at_once, check=False, pass_fds=_fds(*images), network=False)
     found: list[CheckResult | CommandFailed] = []
     for argv, result in zip(argvs, runs, strict=True):
         try:
@@ -287,7 +290,15 @@ def check_many(images: Sequence[Spec], *, at_once: int) -> list[CheckResult | Co
 
 def repair_leaks(image: Spec) -> None:
     """``qemu-img check -r leaks``: frees clusters nothing refers to, and nothing else."""
-    proc.run([QEMU_IMG, "check", "-q", "-r", "leaks", image.text], pass_fds=image.fds)
+    _run([QEMU_IMG, "check", "-q", "-r", "leaks", image.text], pass_fds=image.fds)
+
+
+def rebase(image: str, backing: str, *, pass_fds: Sequence[int]) -> None:
+    """Safe (content-preserving) ``qemu-img rebase`` of the qcow2 ``image`` onto the qcow2
+    ``backing`` (stored as given, resolved from the image's directory), without a network:
+    the names it resolves are the NAS's."""
+    argv = [QEMU_IMG, "rebase", "-f", "qcow2", "-F", "qcow2", "-b", backing, image]
+    proc.run(argv, pass_fds=pass_fds, network=False)
 
 
 def _check_argv(image: Image, fmt: str, *, chain: bool) -> list[str]:

@@ -19,7 +19,7 @@ import logging
 import os
 import posixpath
 
-from shim import gate, proc, qemu_img
+from shim import gate, qemu_img
 from shim.backupdir import rewrite_manifest
 from shim.chain import backup_files, parse_backup_file_name
 from shim.errors import InputError
@@ -57,11 +57,7 @@ def rebase_backup(repository: Repository, target: str, new_backing: str) -> None
                 qemu_img.repair_leaks(gate.alone(layer))
             relative = posixpath.relpath(backing, posixpath.dirname(file))
             log.info("rebasing %s onto %s", layer.shown, relative)
-            proc.run(
-                ["qemu-img", "rebase", "-f", "qcow2", "-F", "qcow2", "-b", relative,
-                 vm_dir.anchored(file)],
-                pass_fds=(vm_dir.fd,),
-            )  # fmt: skip
+            qemu_img.rebase(vm_dir.anchored(file), relative, pass_fds=(vm_dir.fd,))
             rebased.append((layer, relative))
         _update_manifest(vm_dir, rebased[0][0].directory, rebased)
 

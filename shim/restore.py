@@ -379,6 +379,7 @@ def _compare_flushing(
         at_once=2,
         check=False,
         pass_fds=qemu_img.fds_of(source),
+        network=False,  # compare reads the NAS's files
     )
     if flushed.returncode != 0:
         raise BackupFailed(f"flushing {flush} failed: {flushed.stderr.strip()}")

@@ -70,11 +70,18 @@ def test_mount_options_never_logged(caplog: pytest.LogCaptureFixture) -> None:
     assert "password=***" in caplog.text and "nobrl" in caplog.text
 
 
-def test_cifs_gets_nobrl_once() -> None:
-    assert Repository("cifs", "//h/s", "vers=3.0").mount_options == "vers=3.0,nobrl"
-    assert Repository("cifs", "//h/s", "").mount_options == "nobrl"
-    assert Repository("cifs", "//h/s", "nobrl").mount_options == "nobrl"
-    assert Repository("nfs", "h:/e", "vers=4.1").mount_options == "vers=4.1"
+CONFINED = "nodev,nosuid,noexec"
+
+
+def test_cifs_gets_nobrl_once_and_every_mount_is_confined() -> None:
+    assert Repository("cifs", "//h/s", "vers=3.0").mount_options == f"vers=3.0,{CONFINED},nobrl"
+    assert Repository("cifs", "//h/s", "").mount_options == f"{CONFINED},nobrl"
+    assert Repository("cifs", "//h/s", "nobrl").mount_options == f"nobrl,{CONFINED}"
+    assert Repository("nfs", "h:/e", "vers=4.1").mount_options == f"vers=4.1,{CONFINED}"
+    # A device node or a set-uid program on the NAS is someone else's: never honoured.
+    assert Repository("nfs", "h:/e", "dev,suid,exec,nodev").mount_options == CONFINED
+    with pytest.raises(InputError, match="password2"):
+        Repository("cifs", "//h/s", "password=a,password2=b").validate()
 
 
 def test_redaction() -> None:
@@ -186,7 +193,7 @@ def test_mount_runs_under_the_repository_timeout(
         assert (registry / root.name).exists()
     mount = fake.calls[0][0]
     assert mount[:2] == ["mount", "-T"] and mount[3] == str(root) and len(mount) == 4
-    assert fake.fstab == f"10.0.0.1:/b {root} nfs vers=4.1 0 0\n"
+    assert fake.fstab == f"10.0.0.1:/b {root} nfs vers=4.1,{CONFINED} 0 0\n"
     assert fake.timeout_of("mount") == expected
     assert not root.exists() and list(registry.iterdir()) == []
 
@@ -372,7 +379,8 @@ def test_cifs_credentials_reach_the_helper_by_file_never_by_argv(lab: Lab, tmp_p
     # The password as mount.cifs reads it: the ",," of the option string is one comma.
     assert credentials.endswith(" username=admin password=p,S3cr3t ")
     assert credentials.startswith("credentials 600:")
-    assert list((Path(RUN_DIR) / "mounts").glob(".csbackup.*")) == []  # removed
+    fstab = mount.split()[3]  # "mount: mount -T FILE DIR"
+    assert fstab.startswith(str(RUN_DIR)) and not Path(fstab).exists()  # removed
     assert "S3cr3t" not in (tmp_path / "agent.log").read_text()
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -109,3 +110,30 @@ def test_run_many_leaves_no_child_when_stopped(how: str) -> None:
         proc.run_many(argvs, at_once=4, on_poll=on_poll)
     assert time.monotonic() - started < 3
     assert _sleepers(marker) == []
+
+
+def test_a_program_given_the_nas_files_reaches_no_network(tmp_path: Path) -> None:
+    # Should a NAS file change between the gate's look and qemu-img's open (to name an
+    # nbd server), the program that reads it has no network to reach it through.
+    import json
+    import socket
+
+    from shim import qemu_img
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(4)
+    listener.settimeout(0.5)
+    server = {"type": "inet", "host": "127.0.0.1", "port": str(listener.getsockname()[1])}
+    nbd = "json:" + json.dumps({"driver": "raw", "file": {"driver": "nbd", "server": server}})
+    (tmp_path / "any").write_bytes(b"x")
+    with open(tmp_path / "any", "rb") as fh, listener:
+        with pytest.raises(CommandFailed):
+            qemu_img.check(qemu_img.Spec(nbd, (fh.fileno(),)))
+        with pytest.raises(TimeoutError):
+            listener.accept()
+        # The same program with a network connects (and waits for the server's greeting
+        # until its deadline): the test can see a connection.
+        with pytest.raises(CommandFailed, match="timed out"):
+            proc.run(["qemu-img", "info", "--output=json", nbd], timeout=2)
+        listener.accept()[0].close()
