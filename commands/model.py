@@ -391,9 +391,10 @@ class GetBackupStorageStatsCommand(RepositoryCommand):
         return operations.StatsRequest(self.repository)
 
     def from_run(self, exit_code: int, stdout: str) -> BackupStorageStatsAnswer:
-        """Tokens 1 and 2 of stdout times 1024 (bytes); on failure both 0, as Java's constructor
-        leaves them."""
-        return BackupStorageStatsAnswer(**vars(wrappers.stats_answer(exit_code, stdout)))
+        """Tokens 1 and 2 of stdout times 1024 (bytes; 4.20.0: KiB); on failure both 0, as
+        Java's constructor leaves them; ``result`` false either way, as the wrapper's."""
+        fields = wrappers.stats_answer(self.generation, exit_code, stdout)
+        return BackupStorageStatsAnswer(**vars(fields))
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -418,6 +419,9 @@ class BackupAnswer(Answer):
     incremental_fallback: bool | None = None
     bitmap_recreated: str | None = None
     """Seed generation only; this shim never re-creates a bitmap, so it stays null."""
+    parent_bitmap_deleted: bool | None = None
+    """Merged generation only, on a backup's success: whether stdout said the parent
+    bitmap was deleted (never: false)."""
 
 
 @dataclass(frozen=True, kw_only=True)

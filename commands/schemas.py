@@ -257,7 +257,8 @@ class AnswerSchema(JavaSchema):
 
 
 class BackupAnswerSchema(AnswerSchema):
-    """``org.apache.cloudstack.backup.BackupAnswer`` (``bitmapRecreated``: seed only)."""
+    """``org.apache.cloudstack.backup.BackupAnswer`` (``bitmapRecreated``: seed only;
+    ``parentBitmapDeleted``: merged only)."""
 
     model = model.BackupAnswer
 
@@ -268,10 +269,12 @@ class BackupAnswerSchema(AnswerSchema):
     bitmap_created = _text("bitmapCreated")
     incremental_fallback = _flag("incrementalFallback")
     bitmap_recreated = _text("bitmapRecreated")
+    parent_bitmap_deleted = _flag("parentBitmapDeleted")
 
 
 class BackupStorageStatsAnswerSchema(AnswerSchema):
-    """``org.apache.cloudstack.backup.BackupStorageStatsAnswer`` (sizes in bytes)."""
+    """``org.apache.cloudstack.backup.BackupStorageStatsAnswer`` (sizes in bytes; 4.20.0:
+    KiB)."""
 
     model = model.BackupStorageStatsAnswer
 

@@ -27,6 +27,9 @@ TIMEOUT_STDOUT = "timeout"
 CLEANUP_FAILED_EXIT = 20
 
 _SEED_MARKERS = ("BITMAP_CREATED=", "BITMAP_RECREATED=", "INCREMENTAL_FALLBACK=")
+PARENT_BITMAP_DELETED_MARKER = "PARENT_BITMAP_DELETED=true"
+"""A line the merged wrapper strips and reports (``parentBitmapDeleted``); this shim never
+prints it (it retires the parent bitmap through libvirt, which needs no word of it)."""
 
 
 class Generation(str, enum.Enum):
@@ -42,7 +45,14 @@ class Generation(str, enum.Enum):
 
     @property
     def sets_needs_cleanup(self) -> bool:
-        """Whether this generation's backup wrapper knows exit 20 (4.20.0's does not)."""
+        """Whether this generation's ``BackupAnswer`` has ``needsCleanup`` (4.20.0's and
+        4.20.x's have no such field: exit 20 is a plain failure there)."""
+        return self not in (Generation.V4_20_0, Generation.V4_20_X)
+
+    @property
+    def stats_in_bytes(self) -> bool:
+        """Whether this generation's stats wrapper multiplies ``df``'s 1 KiB blocks by 1024
+        (4.20.0's stores them as ``df`` printed them)."""
         return self is not Generation.V4_20_0
 
 
@@ -60,11 +70,13 @@ class BackupFields:
     bitmap_created: str | None = None
     bitmap_recreated: str | None = None
     incremental_fallback: bool | None = None
+    parent_bitmap_deleted: bool | None = None
 
 
 @dataclass(frozen=True)
 class StatsFields:
-    """The fields the stats wrapper sets: sizes in bytes, 0 on failure (Java's defaults)."""
+    """The fields the stats wrapper sets: sizes in bytes (4.20.0: KiB), 0 on failure
+    (Java's defaults); ``result`` false whatever happened (see :func:`stats_answer`)."""
 
     result: bool
     details: str | None
@@ -138,15 +150,17 @@ def take_backup_answer(
             ),
         )
     if generation is Generation.MERGED:
-        fallback = FALLBACK_MARKER in stdout
-        kept = [line for line in stdout.split("\n") if FALLBACK_MARKER not in line]
+        # Both marker lines go; bitmapCreated is the command's, whatever stdout says.
+        markers = (FALLBACK_MARKER, PARENT_BITMAP_DELETED_MARKER)
+        kept = [line for line in stdout.split("\n") if not any(m in line for m in markers)]
         details = java_trim("\n".join(kept))
         return BackupFields(
             result=True,
             details=details,
             size=backup_size(details, disk_paths_given=disk_paths_given),
             bitmap_created=bitmap_new,
-            incremental_fallback=fallback,
+            incremental_fallback=FALLBACK_MARKER in stdout,
+            parent_bitmap_deleted=PARENT_BITMAP_DELETED_MARKER in stdout,
         )
     trimmed = java_trim(stdout)
     if generation is Generation.SEED:
@@ -184,18 +198,21 @@ def script_answer(exit_code: int, stdout: str) -> tuple[bool, str | None]:
     return (True, None) if exit_code == 0 else (False, stdout)
 
 
-def stats_answer(exit_code: int, stdout: str) -> StatsFields:
-    """What the stats wrapper builds: tokens 1 and 2 of stdout split on white space, times 1024."""
+def stats_answer(generation: Generation, exit_code: int, stdout: str) -> StatsFields:
+    """What the stats wrapper builds: tokens 1 and 2 of stdout split on white space, times
+    1024 (4.20.0: as they are). Its answer says ``result`` false on success too: the wrapper
+    builds it with ``false`` either way, and the provider reads only the sizes."""
     if exit_code != 0:
         return StatsFields(result=False, details=stdout)
     tokens = re.split(r"\s+", stdout)
     if len(tokens) < 3:
         raise JavaParseError("java.lang.ArrayIndexOutOfBoundsException")
+    unit = 1024 if generation.stats_in_bytes else 1
     return StatsFields(
-        result=True,
+        result=False,
         details=stdout,
-        total_size=parse_long(tokens[1]) * 1024,
-        used_size=parse_long(tokens[2]) * 1024,
+        total_size=parse_long(tokens[1]) * unit,
+        used_size=parse_long(tokens[2]) * unit,
     )
 
 

@@ -356,6 +356,7 @@ def test_the_merged_wrapper_sets_bitmap_created_from_the_command() -> None:
         size=9000,
         bitmap_created="b-2",
         incremental_fallback=True,
+        parent_bitmap_deleted=False,
     )
     # A stopped VM's stdout has no marker: the bitmap is still the command's.
     command = _command(mode="full", bitmapNew="b-2", volumePaths=["/mnt/p/v1", "/mnt/p/v2"])
@@ -387,7 +388,8 @@ def test_older_wrappers_set_details_and_size_only(generation: Generation) -> Non
     answer = command.answer(Result("Job type: Completed\n\n9000\n"))
     assert answer == BackupAnswer(result=True, details="Job type: Completed\n\n9000", size=9000)
     unclean = command.failure("cannot unmount", 20)
-    assert unclean.needs_cleanup is (True if generation is not Generation.V4_20_0 else None)
+    # 4.20.0's and 4.20.x's BackupAnswer have no needsCleanup field.
+    assert unclean.needs_cleanup is (True if generation is Generation.V4_21 else None)
 
 
 def test_failures_cleanup_failures_and_timeouts() -> None:
@@ -418,9 +420,13 @@ def test_delete_stats_rebase_and_restore_answers() -> None:
     assert rebase.answer(Result("")) == BackupAnswer(result=True)
     stats = GetBackupStorageStatsCommand(**fields)
     answer = stats.answer(Result("/tmp/m\n100 40\n", StorageStats("/tmp/m", 100, 40)))
+    # result false on success too, as the wrapper builds it (the provider reads the sizes).
     assert answer == BackupStorageStatsAnswer(
-        result=True, details="/tmp/m\n100 40\n", total_size=102400, used_size=40960
+        result=False, details="/tmp/m\n100 40\n", total_size=102400, used_size=40960
     )
+    old = replace(stats, generation=Generation.V4_20_0)  # its wrapper keeps df's KiB
+    kib = old.answer(Result("/tmp/m\n100 40\n", StorageStats("/tmp/m", 100, 40)))
+    assert (kib.result, kib.total_size, kib.used_size) == (False, 100, 40)
     assert stats.failure("Failed to mount nfs store", 1) == BackupStorageStatsAnswer(
         result=False, details="Failed to mount nfs store\n", total_size=0, used_size=0
     )

@@ -223,3 +223,39 @@ def test_loading_a_command_looks_up_no_ceph_key(monkeypatch: pytest.MonkeyPatch)
     )
     assert isinstance(command, TakeBackupCommand)
     assert command.to_request(secrets=False).disk_paths[0].endswith("client_mount_timeout=30")
+
+
+@pytest.mark.parametrize("generation", list(Generation))
+def test_stats_answers_say_false_and_only_4_20_0_keeps_kib(generation: Generation) -> None:
+    stdout = "/tmp/csbackup.x\n1024 512\n"
+    answer = wrappers.stats_answer(generation, 0, stdout)
+    unit = 1 if generation is Generation.V4_20_0 else 1024
+    assert (answer.result, answer.details) == (False, stdout)
+    assert (answer.total_size, answer.used_size) == (1024 * unit, 512 * unit)
+    failed = wrappers.stats_answer(generation, 1, "Failed to mount nfs store\n")
+    assert (failed.result, failed.total_size, failed.used_size) == (False, 0, 0)
+
+
+@pytest.mark.parametrize("generation", list(Generation))
+def test_needs_cleanup_only_where_the_answer_has_the_field(generation: Generation) -> None:
+    answer = take_backup_answer(
+        generation, 20, "Backup cleanup failed\n", disk_paths_given=False, bitmap_new=None
+    )
+    has_field = generation not in (Generation.V4_20_0, Generation.V4_20_X)
+    assert (answer.result, answer.needs_cleanup) == (False, True if has_field else None)
+
+
+def test_the_merged_wrapper_strips_and_reports_the_parent_bitmap_marker() -> None:
+    stdout = "INCREMENTAL_FALLBACK=true\nPARENT_BITMAP_DELETED=true\nBITMAP_CREATED=b-2\n9000\n"
+    answer = take_backup_answer(
+        Generation.MERGED, 0, stdout, disk_paths_given=False, bitmap_new="b-2"
+    )
+    assert answer.details == "BITMAP_CREATED=b-2\n9000" and answer.size == 9000
+    assert (answer.incremental_fallback, answer.parent_bitmap_deleted) == (True, True)
+    plain = take_backup_answer(
+        Generation.MERGED, 0, "9000\n", disk_paths_given=False, bitmap_new="b-2"
+    )
+    assert plain.parent_bitmap_deleted is False  # present on every success, as in Java
+    for other in (g for g in Generation if g is not Generation.MERGED):
+        answer = take_backup_answer(other, 0, "9000\n", disk_paths_given=False, bitmap_new=None)
+        assert answer.parent_bitmap_deleted is None  # the field does not exist there

@@ -29,7 +29,7 @@ from shim.service import Service, ServiceConfig, StartupRefused, TcpAddress
 from shim.service.config import parse_tcp_address, read_token
 from shim.service.jobs import ABORTED_MESSAGE, Scheduler
 from shim.virt import host
-from tests.envelopes import GENERATIONS, all_cases, fill, mismatches, read
+from tests.envelopes import GENERATIONS, SAMPLE_VALUES, all_cases, fill, mismatches, read
 from tests.lab import Lab, MiB
 from tests.lab.leaks import leaks
 from tests.service_support import (
@@ -173,7 +173,9 @@ async def test_one_envelope_runs_its_commands_in_order(lab: Lab, service: Runnin
         "org.apache.cloudstack.backup.BackupStorageStatsAnswer",
         ANSWER,
     ]
-    assert [_answer(answers, i)["result"] for i in range(3)] == [True, True, False]
+    # The stats answer says false on success too, as the agent's: its size says it ran.
+    assert [_answer(answers, i)["result"] for i in range(3)] == [True, False, False]
+    assert _answer(answers, 1)["totalSize"] > 0
     assert _answer(answers, 2)["details"].endswith("already exists")
     assert [type(c.request).__name__ for c in service.engine.calls] == [
         "BackupRequest",
@@ -264,7 +266,7 @@ async def test_async_job_answers_as_the_synchronous_call(lab: Lab, service: Runn
     run.vm.write(0, 0, 1 * MiB)
     command, expected = read("seed", "full")
     values = run.values()
-    status, accepted = await service.post(fill(command, values), run_async=True)
+    status, accepted = await service.post(fill(command, values), run_async=True, generation="seed")
     assert status == 202
     done = await service.wait_job(accepted["jobId"])
     assert done["state"] == "succeeded"
@@ -573,7 +575,8 @@ def test_the_client_through_scripts_serve(lab: Lab, tmp_path: Path) -> None:
         sent = client("send", str(envelope))
         assert sent.returncode == 0, sent.stdout + sent.stderr
         answer = _answer(json.loads(sent.stdout))
-        assert answer["result"] is True and answer["totalSize"] > 0
+        # As the agent's stats answer: result false on success too; the client knows it.
+        assert answer["result"] is False and answer["totalSize"] > 0
         refused = client("send", "-", stdin="[{")
         assert refused.returncode == 2 and json.loads(refused.stdout)["error"] == "malformed JSON"
         health = client("health")
@@ -636,6 +639,21 @@ async def test_a_cleanup_failure_sets_needs_cleanup() -> None:
     await scheduler.shutdown()
 
 
+@pytest.mark.parametrize("generation", [g for g, c in all_cases() if c == "cleanup-failed"])
+async def test_a_cleanup_failure_answers_as_each_generation(generation: str) -> None:
+    # Exit 20: needsCleanup where the generation's BackupAnswer has the field, none where
+    # it has not (4.20.0, 4.20.x).
+    def unclean(_request: object, **_kw: object) -> None:
+        raise CleanupFailed("cannot unmount /tmp/csbackup.x")
+
+    command, expected = read(generation, "cleanup-failed")
+    scheduler = Scheduler(max_backups=1, runner=unclean)
+    commands = load_commands(fill(command, SAMPLE_VALUES), generation=Generation(generation))
+    answers = await scheduler.submit(commands).wait()
+    await scheduler.shutdown()
+    assert mismatches(expected, dump(answers), SAMPLE_VALUES) == []
+
+
 def _load_one(envelope: list[Any]) -> Any:
     (command,) = load_commands(envelope)
     return command
@@ -652,7 +670,7 @@ async def test_concurrent_stats_of_one_repository_share_one_run(lab: Lab, servic
     results = await asyncio.gather(*(service.post(dump([command])) for _ in range(20)))
     assert all(status == 200 for status, _ in results)
     answers = [next(iter(body[0].values())) for _, body in results]
-    assert all(a["result"] and a["totalSize"] > 0 for a in answers)
+    assert all(a["totalSize"] > 0 for a in answers)
     # Twenty requests at once need far fewer mounts than twenty (one per wave).
     assert len(service.engine.calls) < 20
     assert leaks(lab) == []

@@ -8,7 +8,8 @@
 
 It talks to the Unix socket (``--socket``, default the service's). What the service
 answers is printed on stdout as JSON. Exit status: 0 when the request succeeded (and, for
-``send``, every answer's ``result`` is true), 1 when an answer says it failed, 2 when the
+``send``, every answer's ``result`` is true; a stats answer, which says ``result`` false
+as the agent's does, when it carries a size), 1 when an answer says it failed, 2 when the
 service refused the request (the error body is printed) or cannot be reached.
 """
 
@@ -42,9 +43,22 @@ async def request(
         return reply.status, await reply.json(content_type=None)
 
 
+STATS_ANSWER = "org.apache.cloudstack.backup.BackupStorageStatsAnswer"
+
+
+def _succeeded(class_name: str, body: Any) -> bool:
+    if not isinstance(body, dict):
+        return False
+    if class_name == STATS_ANSWER:
+        # The agent's stats answer says result false on success too (its wrapper builds it
+        # so): it succeeded when it carries the repository's size.
+        return isinstance(body.get("totalSize"), int) and body["totalSize"] > 0
+    return bool(body.get("result"))
+
+
 def _all_succeeded(answers: Any) -> bool:
     return isinstance(answers, list) and all(
-        isinstance(item, dict) and all(body.get("result") for body in item.values())
+        isinstance(item, dict) and all(_succeeded(name, body) for name, body in item.items())
         for item in answers
     )
 
