@@ -59,8 +59,6 @@ class BackupDirectory:
         """Refuse a path that already holds a backup (or anything but an empty directory,
         or a path through a link). Changes nothing, so that it can run before anything
         else is touched (a refused retry must leave no trace)."""
-        if not self.vm_dir.exists():
-            return
         kind = self.vm_dir.kind(self.name)
         if kind == "file" or (kind == "directory" and self.vm_dir.names(self.name)):
             raise InputError(f"backup path {self.relative} already exists")
@@ -150,7 +148,7 @@ class BackupDirectory:
         """Remove the partial directory (the published one is never touched), and the VM's
         directory if this run created it and it is still empty."""
         try:
-            if self.vm_dir.exists() and self.vm_dir.kind(self.work.name) is not None:
+            if self.vm_dir.kind(self.work.name) is not None:
                 self.vm_dir.remove_tree(self.work.name)
         except ShimError as exc:  # a link planted there, rm failing: left to the next sweep
             raise OSError(errno.EIO, f"cannot remove {self.work}: {exc}") from exc

@@ -44,11 +44,6 @@ class Parents:
     """Reasons to fall back to a full backup (a named parent that is missing or unusable)."""
 
 
-def vm_dir_of(relative: str) -> str:
-    """The VM directory (first component) of a mount-relative backup path."""
-    return split_vm(relative)[0]
-
-
 def resolve_parents(
     session: MountSession,
     disks: Sequence[DomainDisk],
@@ -104,8 +99,7 @@ def _named_parents(vm_dir: VmDirectory, parent_paths: Sequence[str]) -> dict[tup
     by_key = {}
     for given in parent_paths:
         relative = _inside_vm_dir(vm_dir, given)
-        if vm_dir.exists():
-            vm_dir.kind(relative)  # a path through a link is refused before anything
+        vm_dir.kind(relative)  # a path through a link is refused before anything
         key = parse_backup_file_name(posixpath.basename(relative))
         if key is None:
             raise InputError(f"parent path does not name a backup file: {given}")
@@ -117,8 +111,8 @@ def _parent_directory(vm_dir: VmDirectory, parent_path: str) -> str | None:
     """The seed's ``--parent-path`` (the parent directory, or the root disk's file in it) as
     the directory relative to the VM's; None when there is none."""
     relative = _inside_vm_dir(vm_dir, parent_path)
-    kind = vm_dir.kind(relative) if vm_dir.exists() else None
-    named_file = kind == "file" or parse_backup_file_name(posixpath.basename(relative))
+    named = parse_backup_file_name(posixpath.basename(relative))
+    named_file = vm_dir.kind(relative) == "file" or named
     directory = posixpath.dirname(relative) if named_file else relative
     if not directory or vm_dir.kind(directory) != "directory":
         return None

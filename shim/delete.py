@@ -32,7 +32,7 @@ def delete_backup(repository: Repository, path: str) -> None:
         vm_dir = session.vm_directory(vm)
         for dead in sweep_dead_work(vm_dir):
             log.warning("removed %s, left by a run that died", dead)
-        kind = vm_dir.kind(backup) if vm_dir.exists() else None
+        kind = vm_dir.kind(backup)
         if kind is None:
             log.info("backup %s does not exist: nothing to delete", path)
             return

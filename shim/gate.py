@@ -447,8 +447,9 @@ class VmDirectory:
             return _open_at(parent, name, self.shown(relative), directory=True)
 
     def kind(self, relative: str) -> str | None:
-        """``"directory"``, ``"file"`` (a regular file) or None (nothing there); anything
-        else (a link, a FIFO), or a path through one, is refused."""
+        """``"directory"``, ``"file"`` (a regular file) or None (nothing there, the VM's
+        directory included); anything else (a link, a FIFO), or a path through one, is
+        refused."""
         try:
             with self._walk(relative) as (parent, name):
                 _check_component(name, self.shown(relative))

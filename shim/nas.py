@@ -453,8 +453,10 @@ class MountSession:
         validate_relative(relative, what)
         vm, rest = split_vm(relative)
         vm_dir = self.vm_directory(vm)
-        if vm_dir.exists() and rest:
-            vm_dir.kind(rest)
+        if rest:
+            vm_dir.kind(rest)  # the VM's directory is walked too
+        else:
+            vm_dir.exists()  # refused when a link or a file stands in its place
         return self.root / vm / rest if rest else self.root / vm
 
 

@@ -63,7 +63,7 @@ def rebase_backup(repository: Repository, target: str, new_backing: str) -> None
 
 
 def _pairs(vm_dir: VmDirectory, top: str, base: str) -> list[tuple[str, str]]:
-    kinds = (vm_dir.kind(top), vm_dir.kind(base)) if vm_dir.exists() and top and base else ()
+    kinds = (vm_dir.kind(top), vm_dir.kind(base)) if top and base else ()
     if kinds == ("directory", "directory"):
         pairs = [
             (f"{top}/{name}", f"{base}/{name}")

@@ -76,7 +76,7 @@ def restore_backup(request: RestoreRequest) -> RestoreOutcome:
             stack.enter_context(VmLock(name))
         session = stack.enter_context(_mounted(request))
         vm_dir = session.vm_directory(vm)
-        if not backup or not vm_dir.exists() or vm_dir.kind(backup) != "directory":
+        if vm_dir.kind(backup) != "directory":
             raise BackupFailed(f"backup {request.backup_path} does not exist")
         chains = _chains(vm_dir, backup, request.backup_files, uuids)
         if len(chains) != len(request.targets):
@@ -272,7 +272,7 @@ def _restore_one(
         if create_size is not None:
             # A new Ceph volume: created at the size the management server gave it.
             qemu_img.create(target, max(create_size, virtual_size), fmt="raw")
-        _write_in_place(chain, target, "raw", target, virtual_size)
+        _write_in_place(chain, source, target, "raw", target)
         return virtual_size
     path = Path(target)
     try:
@@ -299,7 +299,7 @@ def _restore_one(
             {"driver": "raw", "size": virtual_size,
              "file": {"driver": "host_device", "filename": target}}
         )  # fmt: skip
-        _write_in_place(chain, target, "raw", f"json:{limited}", virtual_size)
+        _write_in_place(chain, source, target, "raw", f"json:{limited}")
         return virtual_size
     if link:
         raise BackupFailed(
@@ -311,14 +311,13 @@ def _restore_one(
     return virtual_size
 
 
-def _write_in_place(chain: Chain, target: str, fmt: str, readable: str, size: int) -> None:
+def _write_in_place(chain: Chain, source: Spec, target: str, fmt: str, readable: str) -> None:
     log.info("restoring %s into %s in place", chain.top.shown, target)
-    source = chain.spec()
     qemu_img.convert(source, target, target_fmt=fmt, existing=True, coroutines=COPY_COROUTINES)
     device = None if target.startswith("rbd:") else Path(target)
     if not _compare_flushing(source, readable, None, device):
         raise BackupFailed(f"restored {target} differs from the backup")
-    log.info("restored %s (%d bytes), verified identical", target, size)
+    log.info("restored %s (%d bytes), verified identical", target, chain.virtual_size)
 
 
 def _volume_format(target: Path) -> str:

@@ -37,7 +37,7 @@ def verify_backup(repository: Repository, path: str) -> list[str]:
     vm, backup = split_vm(path)
     with VmLock(vm), MountSession(repository) as session:
         vm_dir = session.vm_directory(vm)
-        if not backup or not vm_dir.exists() or vm_dir.kind(backup) != "directory":
+        if vm_dir.kind(backup) != "directory":
             raise BackupFailed(f"backup {path} does not exist")
         problems: list[str] = []
         checked: dict[tuple[int, int], Layer] = {}

@@ -206,6 +206,19 @@ class World:
         if not self.host_before:
             self.host_before = _host_picture(self.host)
 
+    def operate(self, operation: str, backup: str, *, files: str | None = None) -> Run:
+        """``-o restore`` (into a new volume), ``verify`` or ``delete`` of ``<VM>/<backup>``."""
+        if operation == "restore":
+            return self.restore(backup, files=files)
+        return self.dropin("-o", operation, "-p", f"{VM}/{backup}")
+
+    def rebase(self, target: str, new_backing: str) -> Run:
+        """``-o rebase`` of ``<VM>/<target>`` onto ``<VM>/<new_backing>``."""
+        return self.dropin(
+            "-o", "rebase", "--rebase-target", f"{VM}/{target}",
+            "--rebase-new-backing", f"{VM}/{new_backing}",
+        )  # fmt: skip
+
     def qemu_img_calls(self) -> list[str]:
         """Every ``qemu-img`` command line the drop-ins ran."""
         log = self.spy_dir / "calls"
@@ -398,12 +411,7 @@ def manifest_tmp_link(operation: str) -> Plant:
         _full_and_two_incrementals(world)
         for backup in ("b1", "b3"):
             (world.vm_dir / backup / ".manifest.json.tmp").symlink_to(world.host / "passwd")
-        if operation == "verify":
-            run = world.dropin("-o", "verify", "-p", f"{VM}/b1")
-        else:
-            run = world.dropin(
-                "-o", "rebase", "--rebase-target", f"{VM}/b3", "--rebase-new-backing", f"{VM}/b1"
-            )
+        run = world.rebase("b3", "b1") if operation == "rebase" else world.operate(operation, "b1")
         return succeeded(run)
 
     return plant
@@ -417,14 +425,7 @@ def manifest_link(operation: str) -> Plant:
         for backup in ("b1", "b3"):
             (world.vm_dir / backup / "manifest.json").unlink()
             (world.vm_dir / backup / "manifest.json").symlink_to(world.host / "passwd")
-        if operation == "verify":
-            run = world.dropin("-o", "verify", "-p", f"{VM}/b1")
-        elif operation == "restore":
-            run = world.restore("b1")
-        else:
-            run = world.dropin(
-                "-o", "rebase", "--rebase-target", f"{VM}/b3", "--rebase-new-backing", f"{VM}/b1"
-            )
+        run = world.rebase("b3", "b1") if operation == "rebase" else world.operate(operation, "b1")
         return refused(run, "manifest.json", "symbolic link") + no_copy(world)
 
     return plant
@@ -435,9 +436,7 @@ def disk_file_link_to_another_volume(world: World) -> list[str]:
     target = world.vm_dir / "b3" / "root.v1.qcow2"
     target.unlink()
     target.symlink_to(world.host / "other-vm.qcow2")
-    run = world.dropin(
-        "-o", "rebase", "--rebase-target", f"{VM}/b3", "--rebase-new-backing", f"{VM}/b1"
-    )
+    run = world.rebase("b3", "b1")
     return refused(run, "b3/root.v1.qcow2", "symbolic link")
 
 
@@ -454,15 +453,11 @@ def backing(name: Callable[[World], str], *, fmt: str = "qcow2", operation: str 
             ["qemu-img", "rebase", "-u", "-f", "qcow2", "-b", name(world), "-F", fmt, str(file)],
             check=True, capture_output=True,
         )  # fmt: skip
-        if operation == "restore":
-            run = world.restore("b2")
-        elif operation == "verify":
-            run = world.dropin("-o", "verify", "-p", f"{VM}/b2")
-        else:
+        if operation == "rebase":
             world.backup("b3", parent="b2")
-            run = world.dropin(
-                "-o", "rebase", "--rebase-target", f"{VM}/b3", "--rebase-new-backing", f"{VM}/b1"
-            )
+            run = world.rebase("b3", "b1")
+        else:
+            run = world.operate(operation, "b2")
         return refused(run, "b2/root.v1.qcow2", *words) + no_copy(world)
 
     return plant
@@ -504,16 +499,10 @@ def link_out_of_nas(where: str, operation: str) -> Plant:
             (world.vm_dir / "b1" / "root.v1.qcow2").unlink()
             (world.vm_dir / "b1" / "root.v1.qcow2").symlink_to(outside / "b1" / "root.v2.qcow2")
         shown = {"vm": VM, "backup": f"{VM}/b1", "file": "b1/root.v1.qcow2"}[where]
-        if operation == "restore":
-            run = world.restore("b1", files="root.v1.qcow2")
-        elif operation == "verify":
-            run = world.dropin("-o", "verify", "-p", f"{VM}/b1")
-        elif operation == "delete":
-            run = world.dropin("-o", "delete", "-p", f"{VM}/b1")
+        if operation == "rebase":
+            run = world.rebase("b1", "b1")
         else:
-            run = world.dropin(
-                "-o", "rebase", "--rebase-target", f"{VM}/b1", "--rebase-new-backing", f"{VM}/b1"
-            )
+            run = world.operate(operation, "b1", files="root.v1.qcow2")
         problems = refused(run, shown, "symbolic link") + no_copy(world)
         if not (outside / "b1" / "root.v1.qcow2").exists():
             problems.append("the file the link led to was removed")
@@ -564,10 +553,7 @@ def hard_link(operation: str) -> Plant:
         world.backup("b1")
         (world.vm_dir / "b1" / "root.v1.qcow2").unlink()
         os.link(world.host / "other-vm.qcow2", world.vm_dir / "b1" / "root.v1.qcow2")
-        if operation == "restore":
-            run = world.restore("b1", files="root.v1.qcow2")
-        else:
-            run = world.dropin("-o", "verify", "-p", f"{VM}/b1")
+        run = world.operate(operation, "b1", files="root.v1.qcow2")
         return refused(run, "b1/root.v1.qcow2", "hard links") + no_copy(world)
 
     return plant
@@ -581,14 +567,10 @@ def fifo(name: str, operation: str, *, expect_ok: bool = False) -> Plant:
         where = world.vm_dir / ("b2" if operation == "delete" else "b1") / name
         where.unlink(missing_ok=True)
         os.mkfifo(where)
-        if operation == "delete":
-            # b2 is b3's parent (refused, named), b1 is b2's parent: delete b3 (leaf): the
-            # listing of b2 meets the FIFO.
-            run = world.dropin("-o", "delete", "-p", f"{VM}/b3")
-        elif operation == "verify":
-            run = world.dropin("-o", "verify", "-p", f"{VM}/b1")
-        else:
-            run = world.restore("b1", files="root.v1.qcow2" if name.endswith("qcow2") else None)
+        # Deleted: b3, the leaf (b2 and b1 are parents), whose siblings' listing meets the
+        # FIFO in b2. Else b1, whose own file or manifest is the FIFO.
+        files = "root.v1.qcow2" if name.endswith("qcow2") else None
+        run = world.operate(operation, "b3" if operation == "delete" else "b1", files=files)
         if expect_ok:
             return succeeded(run)
         return refused(run, name, "FIFO") + no_copy(world)
@@ -605,10 +587,7 @@ def chain_loop(operation: str) -> Plant:
              "qcow2", str(world.vm_dir / "b1" / "root.v1.qcow2")],
             check=True, capture_output=True,
         )  # fmt: skip
-        if operation == "restore":
-            run = world.restore("b2")
-        else:
-            run = world.dropin("-o", "verify", "-p", f"{VM}/b2")
+        run = world.operate(operation, "b2")
         return refused(run, "root.v1.qcow2", "loops back on itself") + no_copy(world)
 
     return plant
@@ -630,10 +609,7 @@ def sparse_giant(operation: str) -> Plant:
     def plant(world: World) -> list[str]:
         directory = world.backup("b1")
         os.truncate(directory / "root.v1.qcow2", TB)
-        if operation == "restore":
-            run = world.restore("b1")
-        else:
-            run = world.dropin("-o", "verify", "-p", f"{VM}/b1")
+        run = world.operate(operation, "b1")
         return refused(run, "b1/root.v1.qcow2", "its header does not describe it") + no_copy(world)
 
     return plant
@@ -644,11 +620,7 @@ def huge_manifest(operation: str) -> Plant:
         directory = world.backup("b1")
         with open(directory / "manifest.json", "r+b") as fh:
             fh.truncate(100 * MiB)
-        run = (
-            world.restore("b1")
-            if operation == "restore"
-            else world.dropin("-o", "verify", "-p", f"{VM}/b1")
-        )
+        run = world.operate(operation, "b1")
         return refused(run, "b1/manifest.json", "more than") + no_copy(world)
 
     return plant
@@ -660,7 +632,7 @@ def newline_names(world: World) -> list[str]:
     directory = world.backup("b1")
     forged = "root.v1\n2026-12-07 00-00-00> nasbackup[1]: INFO forged line.qcow2"
     os.rename(directory / "root.v1.qcow2", directory / forged)
-    run = world.dropin("-o", "verify", "-p", f"{VM}/b1")
+    run = world.operate("verify", "b1")
     problems = refused(run, "holds no backup file")
     if any(line.startswith("2026-12-07 00-00-00> nasbackup[1]") for line in _log_lines(world)):
         problems.append("a forged line in the log")
@@ -760,9 +732,7 @@ def dotdot_through_a_link(world: World) -> list[str]:
          "-b", f"x/../{world.host.name}/other-vm.qcow2", str(b3 / "root.v1.qcow2")],
         check=True, capture_output=True,
     )  # fmt: skip
-    run = world.dropin(
-        "-o", "rebase", "--rebase-target", f"{VM}/b3", "--rebase-new-backing", f"{VM}/b1"
-    )
+    run = world.rebase("b3", "b1")
     return refused(run, "b3/root.v1.qcow2", "not of the form ../<backup>/<file>")
 
 
@@ -772,8 +742,7 @@ def deep_leftover(world: World) -> list[str]:
     world.backup("b1")
     deep = world.vm_dir / "b0.partial"
     subprocess.run(["mkdir", "-p", str(deep) + "/d" * 1100], check=True)  # os.makedirs recurses
-    run = world.dropin("-o", "delete", "-p", f"{VM}/b1")
-    problems = succeeded(run)
+    problems = succeeded(world.operate("delete", "b1"))
     if deep.exists() or (world.vm_dir / "b1").exists():
         problems.append("the leftover or the backup is still there")
     return problems
