@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import gzip
 import hashlib
+import lzma
 import os
 import re
 import shutil
@@ -115,8 +116,23 @@ def _run(*argv: str, cwd: Path | None = None) -> str:
     return done.stdout
 
 
-def _module_index(modules_dir: Path) -> dict[str, Path]:
-    index = {}
+def _unpacked(unpacked: Path, relative: str) -> Path:
+    """``relative`` in the unpacked packages, before or after the merged ``/usr`` (Debian 13
+    ships kernel modules and busybox under ``usr/``)."""
+    for candidate in (unpacked / relative, unpacked / "usr" / relative):
+        if candidate.exists():
+            return candidate
+    raise FileNotFoundError(f"{relative} is in none of the unpacked packages")
+
+
+def _module_index(modules_dir: Path) -> dict[str, Path | None]:
+    """Module name to its file, or to None when it is built into the kernel (Debian 13
+    builds ``virtio_pci`` in)."""
+    index: dict[str, Path | None] = {}
+    builtin = modules_dir / "modules.builtin"
+    if builtin.exists():
+        for line in builtin.read_text().split():
+            index[Path(line).name.split(".ko")[0].replace("-", "_")] = None
     for path in modules_dir.rglob("*.ko*"):
         name = path.name.split(".ko")[0].replace("-", "_")
         index[name] = path
@@ -125,7 +141,7 @@ def _module_index(modules_dir: Path) -> dict[str, Path]:
 
 def _depends(module: Path) -> list[str]:
     if module.name.endswith(".xz"):
-        data = subprocess.run(["xz", "-dc", str(module)], check=True, capture_output=True).stdout
+        data = lzma.decompress(module.read_bytes())
     else:
         data = module.read_bytes()
     found = re.search(rb"\x00depends=([^\x00]*)\x00", data)
@@ -134,13 +150,15 @@ def _depends(module: Path) -> list[str]:
     return [d.replace("-", "_") for d in found.group(1).decode().split(",")]
 
 
-def _load_order(index: dict[str, Path], wanted: tuple[str, ...]) -> list[str]:
+def _load_order(index: dict[str, Path | None], wanted: tuple[str, ...]) -> list[str]:
+    """The modules to load, dependencies first; built-in ones are left out."""
     order: list[str] = []
 
     def visit(name: str) -> None:
-        if name in order:
+        module = index[name]
+        if name in order or module is None:
             return
-        for dep in _depends(index[name]):
+        for dep in _depends(module):
             visit(dep)
         order.append(name)
 
@@ -220,12 +238,17 @@ def _download(debs: Path) -> list[str]:
     return ["=".join(line.split(": ", 1)[1] for line in pair) for pair in fields]
 
 
+def _built(index: dict[str, Path | None], name: str) -> Path:
+    module = index[name]
+    assert module is not None, f"{name} is built into the kernel"
+    return module
+
+
 def _copy_module(module: Path, directory: Path) -> str:
     target = directory / module.name
     if module.name.endswith(".xz"):
         target = target.with_suffix("")
-        unpacked = subprocess.run(["xz", "-dc", str(module)], check=True, capture_output=True)
-        target.write_bytes(unpacked.stdout)
+        target.write_bytes(lzma.decompress(module.read_bytes()))
     else:
         shutil.copy2(module, target)
     return target.name
@@ -233,16 +256,16 @@ def _copy_module(module: Path, directory: Path) -> str:
 
 def _stage_initramfs(unpacked: Path, initramfs: Path, kver: str) -> list[str]:
     """The initramfs tree; returns the modules it loads, in order."""
-    index = _module_index(unpacked / "lib/modules" / kver)
+    index = _module_index(_unpacked(unpacked, "lib/modules") / kver)
     order = _load_order(index, _MODULES)
     for sub in ("bin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "mnt", "etc",
                 "lib/modules", "tmp"):  # fmt: skip
         (initramfs / sub).mkdir(parents=True, exist_ok=True)
-    loaded = [_copy_module(index[name], initramfs / "lib/modules") for name in order]
+    loaded = [_copy_module(_built(index, name), initramfs / "lib/modules") for name in order]
     (initramfs / "etc/modules.load").write_text("\n".join(loaded) + "\n")
     # The kernel opens the console before running /init (devtmpfs comes later).
     os.mknod(initramfs / "dev/console", 0o600 | stat.S_IFCHR, os.makedev(5, 1))
-    shutil.copy2(unpacked / "bin/busybox", initramfs / "bin/busybox")
+    shutil.copy2(_unpacked(unpacked, "bin/busybox"), initramfs / "bin/busybox")
     for binary, where in (("usr/sbin/qemu-ga", "usr/sbin"), ("usr/bin/ioping", "usr/bin")):
         shutil.copy2(unpacked / binary, initramfs / where)
         for lib in _libraries(unpacked / binary):
@@ -286,7 +309,7 @@ def build(cache: Path = CACHE) -> tuple[GuestImage, bool]:
         versions = _download(debs)
         for deb in sorted(debs.glob("*.deb")):
             _run("dpkg-deb", "-x", str(deb), str(unpacked))
-        kver = next((unpacked / "lib/modules").iterdir()).name
+        kver = next(_unpacked(unpacked, "lib/modules").iterdir()).name
         order = _stage_initramfs(unpacked, initramfs, kver)
         shutil.copy2(unpacked / "boot" / f"vmlinuz-{kver}", staged / "vmlinuz")
         _write_cpio_newc(initramfs, staged / "initrd.gz")
