@@ -17,6 +17,7 @@ from marshmallow import Schema, ValidationError
 from commands import model
 from commands.schemas import ANSWER_SCHEMAS, COMMAND_SCHEMAS, JavaSchema
 from commands.wrappers import DEFAULT_GENERATION, Generation, infer_generation
+from shim.compat import strict_zip
 
 _SCHEMA_LEVEL = "_schema"
 
@@ -51,7 +52,7 @@ def _flatten(messages: Any, at: tuple[object, ...]) -> list[Problem]:
             where = at if key == _SCHEMA_LEVEL else (*at, key)
             problems += _flatten(value, where)
         return problems
-    if isinstance(messages, list | tuple):
+    if isinstance(messages, (list, tuple)):
         return [p for item in messages for p in _flatten(item, at)]
     return [Problem(_pointer(*at), str(messages))]
 
@@ -100,10 +101,10 @@ def load_commands(
     commands = _load(data, COMMAND_SCHEMAS, "command")
     problems = []
     typed = []
-    for index, (item, command) in enumerate(zip(data, commands, strict=True)):
+    for index, (item, command) in enumerate(strict_zip(data, commands)):
         ((class_name, body),) = item.items()
         inferred = infer_generation([str(key) for key in body])
-        if generation is not None and inferred not in (None, generation):
+        if generation is not None and inferred is not None and inferred != generation:
             problems.append(
                 Problem(
                     _pointer(index, class_name),

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import PurePosixPath
 from typing import Any, ClassVar
 
@@ -62,8 +62,17 @@ PACKAGE = "org.apache.cloudstack.backup"
 OpaqueObject = Mapping[str, Any]
 """A Java object the shim passes through untouched (a primary store TO, a volume info)."""
 
+_REQUIRED: Any = object()
 
-@dataclass(frozen=True, kw_only=True)
+
+def required() -> Any:
+    """A field the caller must give. Python 3.9 has no ``kw_only`` dataclasses, so a field
+    without a default cannot follow the base class's defaulted ones: this default stands
+    for "not given", and :meth:`Message.__post_init__` refuses it as ``__init__`` would."""
+    return field(default=_REQUIRED)
+
+
+@dataclass(frozen=True)
 class Message:
     """The fields of ``com.cloud.agent.api.Command``, which answers extend too."""
 
@@ -73,8 +82,13 @@ class Message:
     wait: int = 0
     bypass_host_maintenance: bool = False
 
+    def __post_init__(self) -> None:
+        missing = [f.name for f in fields(self) if getattr(self, f.name) is _REQUIRED]
+        if missing:
+            raise TypeError(f"{type(self).__name__} needs {', '.join(missing)}")
 
-@dataclass(frozen=True, kw_only=True)
+
+@dataclass(frozen=True)
 class Command(Message):
     """A command the agent runs: one engine request, one answer."""
 
@@ -161,12 +175,12 @@ class Command(Message):
         )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class RepositoryCommand(Command):
     """A command naming a backup repository (``-t TYPE -s ADDRESS -m OPTIONS``)."""
 
-    backup_repo_type: str
-    backup_repo_address: str
+    backup_repo_type: str = required()
+    backup_repo_address: str = required()
     mount_options: str | None = None
 
     @property
@@ -179,15 +193,15 @@ class RepositoryCommand(Command):
         )
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class TakeBackupCommand(RepositoryCommand):
     """``TakeBackupCommand``: a backup of one VM (running, or stopped with volumePaths)."""
 
     JAVA_CLASS: ClassVar[str] = f"{PACKAGE}.TakeBackupCommand"
     VM_FIELD: ClassVar[str | None] = "vm_name"
 
-    vm_name: str
-    backup_path: str
+    vm_name: str = required()
+    backup_path: str = required()
     volume_pools: Sequence[OpaqueObject] | None = None
     volume_paths: Sequence[str] | None = None
     quiesce: bool | None = None
@@ -244,14 +258,14 @@ class TakeBackupCommand(RepositoryCommand):
         return BackupAnswer(**vars(fields))
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class DeleteBackupCommand(RepositoryCommand):
     """``DeleteBackupCommand``: remove one backup."""
 
     JAVA_CLASS: ClassVar[str] = f"{PACKAGE}.DeleteBackupCommand"
     VM_PATH_FIELD: ClassVar[str | None] = "backup_path"
 
-    backup_path: str
+    backup_path: str = required()
 
     def to_request(self) -> operations.DeleteRequest:
         """``-o delete -p PATH``."""
@@ -263,15 +277,15 @@ class DeleteBackupCommand(RepositoryCommand):
         return BackupAnswer(result=result, details=details)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class RebaseBackupCommand(RepositoryCommand):
     """``RebaseBackupCommand`` (seed generation): re-point a backup file onto a new parent."""
 
     JAVA_CLASS: ClassVar[str] = f"{PACKAGE}.RebaseBackupCommand"
     VM_PATH_FIELD: ClassVar[str | None] = "target_path"
 
-    target_path: str
-    new_backing_path: str
+    target_path: str = required()
+    new_backing_path: str = required()
 
     def to_request(self) -> operations.RebaseRequest:
         """``-o rebase --rebase-target T --rebase-new-backing B``."""
@@ -285,7 +299,7 @@ class RebaseBackupCommand(RepositoryCommand):
         return BackupAnswer(result=result, details=details)
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class RestoreBackupCommand(RepositoryCommand):
     """``RestoreBackupCommand``: write a backup's disks into volumes."""
 
@@ -293,7 +307,7 @@ class RestoreBackupCommand(RepositoryCommand):
     VM_FIELD: ClassVar[str | None] = "vm_name"
     VM_PATH_FIELD: ClassVar[str | None] = "backup_path"
 
-    backup_path: str
+    backup_path: str = required()
     vm_name: str | None = None
     backup_volumes_uuids: Sequence[str] | None = None
     restore_volume_pools: Sequence[OpaqueObject] | None = None
@@ -380,7 +394,7 @@ def _item(values: Sequence[str] | None, index: int) -> str | None:
     return values[index] if values is not None and index < len(values) and values[index] else None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class GetBackupStorageStatsCommand(RepositoryCommand):
     """``GetBackupStorageStatsCommand``: the repository's size and use."""
 
@@ -397,15 +411,15 @@ class GetBackupStorageStatsCommand(RepositoryCommand):
         return BackupStorageStatsAnswer(**vars(fields))
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class Answer(Message):
     """The fields of ``com.cloud.agent.api.Answer`` (which extends Command)."""
 
-    result: bool
+    result: bool = required()
     details: str | None = None
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class BackupAnswer(Answer):
     """``BackupAnswer``: the answer to a backup, delete, rebase or restore."""
 
@@ -424,7 +438,7 @@ class BackupAnswer(Answer):
     bitmap was deleted (never: false)."""
 
 
-@dataclass(frozen=True, kw_only=True)
+@dataclass(frozen=True)
 class BackupStorageStatsAnswer(Answer):
     """``BackupStorageStatsAnswer``: the repository's size and use, in bytes."""
 

@@ -70,11 +70,11 @@ def _flag(name: str) -> StrictBoolean:
     return StrictBoolean(data_key=name, allow_none=True)
 
 
-def _texts(name: str) -> fields.List[str]:
+def _texts(name: str) -> fields.Field[Any]:
     return fields.List(fields.String(), data_key=name, allow_none=True)
 
 
-def _opaque_list(name: str) -> fields.List[dict[str, Any]]:
+def _opaque_list(name: str) -> fields.Field[Any]:
     return fields.List(fields.Dict(keys=fields.String()), data_key=name, allow_none=True)
 
 
@@ -99,7 +99,7 @@ def _encryption_fields(value: Any) -> dict[Any, Any]:
         lowered = str(key).lower()
         if any(k in lowered for k in _ENCRYPTION_KEYS) and item not in (None, "", [], {}):
             found[key] = _ENCRYPTED
-        elif isinstance(item, Mapping | list):
+        elif isinstance(item, (Mapping, list)):
             nested = _encryption_fields(item)
             if nested:
                 found[key] = nested

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
+from shim.compat import strict_zip
 from shim.errors import EXIT_CLEANUP_FAILED
 from shim.redact import redact
 
@@ -81,7 +82,7 @@ def _row(label: str, value: str) -> str:
 
 def _int(params: Mapping[str, object], key: str, default: int = 0) -> int:
     value = params.get(key, default)
-    return int(value) if isinstance(value, int | float | str) else default
+    return int(value) if isinstance(value, (int, float, str)) else default
 
 
 def jobinfo_text(params: Mapping[str, object]) -> list[str]:
@@ -148,6 +149,5 @@ def failure_stdout(message: str, exit_code: int) -> str:
 def restore_stdout(outcome: RestoreOutcome) -> str:
     """stdout of ``-o restore``: one line per volume written, ``<target> <virtual size>``."""
     return "".join(
-        f"{target} {size}\n"
-        for target, size in zip(outcome.targets, outcome.virtual_sizes, strict=True)
+        f"{target} {size}\n" for target, size in strict_zip(outcome.targets, outcome.virtual_sizes)
     )

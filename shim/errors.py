@@ -37,6 +37,7 @@ Every error class of the project (those defined elsewhere name their module)::
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Union
 
 EXIT_OK = 0
 EXIT_ERROR = 1
@@ -126,13 +127,13 @@ class CleanupFailed(ShimError):
     exit_code = EXIT_CLEANUP_FAILED
 
 
-Outcome = ShimError | Aborted
+Outcome = Union[ShimError, Aborted]
 """What ends an operation other than success: a failure, or a stop."""
 
 
 def exit_code_for(error: BaseException) -> int:
     """The process exit code for ``error``: the only place codes are chosen."""
-    if isinstance(error, ShimError | Aborted):
+    if isinstance(error, (ShimError, Aborted)):
         return error.exit_code
     return EXIT_ERROR
 

@@ -26,6 +26,7 @@ from lxml import etree
 from shim import qemu_img
 from shim.backupdir import PARTIAL_SUFFIX
 from shim.chain import Parents
+from shim.compat import strict_zip
 from shim.contract import BackupOutcome
 from shim.errors import BackupFailed, CleanupFailed, CommandFailed, ShimError, VirtError
 from shim.method import BackupMethod
@@ -67,7 +68,7 @@ def named_disks(disks: list[DomainDisk], volume_ids: Sequence[str]) -> list[Doma
     check_volume_id_count(volume_ids, len(disks), "disks in the domain")
     return [
         dataclasses.replace(disk, volume_id=volume_id)
-        for disk, volume_id in zip(disks, volume_ids, strict=True)
+        for disk, volume_id in strict_zip(disks, volume_ids)
     ]
 
 
@@ -372,7 +373,7 @@ class PushBackup(LiveBackup):
 
     def _job_xml(self, disks: list[DomainDisk], plan: BackupPlan) -> etree._Element:
         backup = _domainbackup("push", disks, plan)
-        for el, disk in zip(backup.iterfind("disks/disk"), disks, strict=True):
+        for el, disk in strict_zip(backup.iterfind("disks/disk"), disks):
             etree.SubElement(el, "target", file=str(self.directory.work / disk.backup_name))
             etree.SubElement(el, "driver", type="qcow2")
         return backup
@@ -408,7 +409,7 @@ class PullBackup(LiveBackup):
         backup = _domainbackup("pull", disks, plan)
         server = etree.Element("server", transport="unix", socket=str(self.scratch.socket))
         backup.insert(len(backup) - 1, server)  # before <disks>
-        for el, disk in zip(backup.iterfind("disks/disk"), disks, strict=True):
+        for el, disk in strict_zip(backup.iterfind("disks/disk"), disks):
             # libvirt creates it (sparse qcow2) and removes it when the job ends.
             etree.SubElement(el, "scratch", file=str(self.scratch.image(disk.target)))
             etree.SubElement(el, "driver", type="qcow2")

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import IO, Any, TypeVar
 
 from shim import proc
+from shim.compat import strict_zip
 
 MANIFEST = "manifest.json"
 FORMAT = 1
@@ -124,7 +125,7 @@ def checksums(
         return {}
     argvs = [_checksum_argv(os.fspath(name), algorithm) for name in names]
     runs = proc.run_many(argvs, at_once=os.cpu_count() or 1, pass_fds=pass_fds)
-    return {n: _digest(run.stdout, algorithm) for n, run in zip(names, runs, strict=True)}
+    return {n: _digest(run.stdout, algorithm) for n, run in strict_zip(names, runs)}
 
 
 @dataclass(frozen=True)
@@ -156,7 +157,7 @@ def disk_records(
             checksum=digest,
             backing=d.backing,
         )
-        for d, size, digest in zip(disks, stored_sizes, sums, strict=True)
+        for d, size, digest in strict_zip(disks, stored_sizes, sums)
     ]
 
 

@@ -24,6 +24,7 @@ from pathlib import Path
 from types import TracebackType
 
 from shim import proc
+from shim.compat import strict_zip
 from shim.errors import Aborted, CleanupFailed, CommandFailed, InputError, MountError
 from shim.gate import VmDirectory, split_vm
 from shim.runtime import MOUNT_REGISTRY, pid_alive
@@ -232,7 +233,7 @@ class _MountFiles:
                     credentials.setdefault(_CIFS_CREDENTIALS[key], value)
             if credentials:
                 text = "".join(f"{key}={value}\n" for key, value in credentials.items())
-                parts = [p for p, (k, _v) in zip(parts, found, strict=True)
+                parts = [p for p, (k, _v) in strict_zip(parts, found)
                          if k not in _CIFS_CREDENTIALS]  # fmt: skip
                 parts.append(f"credentials={self._write('credentials', text)}")
         elif repository.type == "ceph":

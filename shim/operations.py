@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Union
 
 from shim import contract
 from shim.cancel import CancelToken, bound
@@ -47,9 +47,9 @@ DISK_PATH_MARKERS_ENV = "NASBACKUP_SHIM_DISK_PATH_MARKERS"
 """Set to ``true`` for a management server of the seed generation, which strips marker
 lines before summing: markers are then printed for stopped-VM backups too."""
 
-Request = (
-    BackupRequest | DeleteRequest | RebaseRequest | StatsRequest | RestoreRequest | VerifyRequest
-)
+Request = Union[
+    BackupRequest, DeleteRequest, RebaseRequest, StatsRequest, RestoreRequest, VerifyRequest
+]
 
 
 @dataclass(frozen=True)

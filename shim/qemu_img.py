@@ -19,16 +19,17 @@ import re
 import secrets
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Union
 
 from shim import proc
+from shim.compat import strict_zip
 from shim.errors import CommandFailed
 from shim.runtime import RUN_DIR
 
 QEMU_IMG = "qemu-img"
 QCOW2_V3 = "compat=1.1"
 
-StrPath = str | os.PathLike[str]
+StrPath = Union[str, "os.PathLike[str]"]
 
 
 @dataclass(frozen=True)
@@ -40,7 +41,7 @@ class Spec:
     fds: tuple[int, ...]
 
 
-Image = StrPath | Spec
+Image = Union[StrPath, "Spec"]
 """An image as a program is told of it: a path (with its format given beside it), or a
 :class:`Spec` (which carries its own)."""
 
@@ -280,7 +281,7 @@ def check_many(images: Sequence[Spec], *, at_once: int) -> list[CheckResult | Co
     argvs = [_check_argv(image, "qcow2", chain=False) for image in images]
     runs = proc.run_many(argvs, at_once=at_once, check=False, pass_fds=_fds(*images), network=False)
     found: list[CheckResult | CommandFailed] = []
-    for argv, result in zip(argvs, runs, strict=True):
+    for argv, result in strict_zip(argvs, runs):
         try:
             found.append(_check_result(argv, result))
         except CommandFailed as exc:

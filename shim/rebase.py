@@ -22,6 +22,7 @@ import posixpath
 from shim import gate, qemu_img
 from shim.backupdir import rewrite_manifest
 from shim.chain import backup_files, parse_backup_file_name
+from shim.compat import strict_zip
 from shim.errors import InputError
 from shim.gate import Layer, VmDirectory, split_vm
 from shim.lock import VmLock
@@ -46,10 +47,10 @@ def rebase_backup(repository: Repository, target: str, new_backing: str) -> None
         pairs = _pairs(vm_dir, top, base)
         rebased: list[tuple[Layer, str]] = []
         chains = [(vm_dir.chain(file), vm_dir.chain(backing)) for file, backing in pairs]
-        for (child, below), (_file, _backing) in zip(chains, pairs, strict=True):
+        for (child, below), (_file, _backing) in strict_zip(chains, pairs):
             if child.top.identity in {layer.identity for layer in below.layers}:
                 raise InputError(f"{new_backing} is backed by {target}: that would be a loop")
-        for (child, _below), (file, backing) in zip(chains, pairs, strict=True):
+        for (child, _below), (file, backing) in strict_zip(chains, pairs):
             layer = child.top
             # An earlier rebase that was killed may have left leaked clusters: harmless,
             # but verify counts them; repairing leaks only ever frees unreferenced space.

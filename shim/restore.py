@@ -33,6 +33,7 @@ import libvirt
 from shim import cancel, gate, proc, qemu_img
 from shim.backupdir import fsync_dir
 from shim.chain import backup_files
+from shim.compat import strict_zip
 from shim.contract import RestoreOutcome
 from shim.errors import BackupFailed, CommandFailed, InputError, MountError
 from shim.gate import Chain, Damaged, Layer, VmDirectory, split_vm
@@ -86,7 +87,7 @@ def restore_backup(request: RestoreRequest) -> RestoreOutcome:
         _refuse_running_disks(request.targets)
         sizes = []
         with _ChainChecks(chains, uuids) as checks:
-            for chain, target, uuid in zip(chains, request.targets, uuids, strict=True):
+            for chain, target, uuid in strict_zip(chains, request.targets, uuids):
                 try:
                     sizes.append(_restore_one(chain, target, request.create_size, checks.require))
                 except OSError:
@@ -170,7 +171,7 @@ def _first_corrupt(chains: Sequence[Chain]) -> int | None:
             files.setdefault(layer.identity, layer)
     layers = list(files.values())
     found = qemu_img.check_many([gate.alone(layer) for layer in layers], at_once=CHECKS_AT_ONCE)
-    verdicts = {layer.identity: verdict for layer, verdict in zip(layers, found, strict=True)}
+    verdicts = {layer.identity: verdict for layer, verdict in strict_zip(layers, found)}
     for index, chain in enumerate(chains):
         for layer in chain.layers:
             verdict = verdicts[layer.identity]

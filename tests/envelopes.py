@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from shim.compat import strict_zip
 from tests.support import FIXTURES
 
 ENVELOPES = FIXTURES / "envelopes"
@@ -122,7 +123,7 @@ def _array_mismatches(
     if not isinstance(actual, list) or len(actual) != len(template):
         return [f"{at or '/'}: {actual!r} does not have {len(template)} items"]
     problems = []
-    for index, (item, got) in enumerate(zip(template, actual, strict=True)):
+    for index, (item, got) in enumerate(strict_zip(template, actual)):
         problems += mismatches(item, got, values, at=f"{at}/{index}", found=found)
     return problems
 

@@ -162,7 +162,7 @@ def _depth(data: Any) -> int:
     while pending:
         value, level = pending.pop()
         children = value.values() if isinstance(value, dict) else value
-        if isinstance(value, dict | list):
+        if isinstance(value, (dict, list)):
             deepest = max(deepest, level)
             pending.extend((child, level + 1) for child in children)
     return deepest

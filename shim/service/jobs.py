@@ -336,7 +336,8 @@ class Scheduler:
         return command.wait if command.wait > 0 else self.command_timeout
 
     async def _run_command(self, job: Job, command: Command) -> Answer:
-        slot = self._backup_slots if command.is_backup else contextlib.nullcontext()
+        # An empty AsyncExitStack: Python 3.9's nullcontext cannot be entered with async with.
+        slot = self._backup_slots if command.is_backup else contextlib.AsyncExitStack()
         async with self._vm_locks.hold(command.vm), slot:
             token = job._begin_command()
             log.info("job %s: %s", job.id, command.describe())
@@ -434,4 +435,4 @@ def _not_ended(backup_job: BackupJob) -> bool:
 
 def _count(stats: Mapping[str, object], key: str) -> int:
     value = stats.get(key, 0)
-    return int(value) if isinstance(value, int | float) else 0
+    return int(value) if isinstance(value, (int, float)) else 0

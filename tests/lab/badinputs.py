@@ -30,7 +30,7 @@ import tempfile
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import aiohttp
 
@@ -375,7 +375,7 @@ def _read(path: Path) -> str:
 
 
 # -- the drop-in ---------------------------------------------------------------------------------
-Changes = Callable[[Setup], Mapping[str, str | None]]
+Changes = Callable[[Setup], Mapping[str, Optional[str]]]
 Prepare = Callable[[Setup], Sequence[Path]]
 
 

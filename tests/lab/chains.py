@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from shim import manifest, qemu_img
+from shim.compat import strict_zip
 from shim.nas import Repository
 from tests.lab.lab import Lab, LabVM, compare, flatten
 
@@ -111,7 +112,7 @@ def verify_backup(
     """Every disk's chain: relative qcow2 backing links, clean checks, and its flattened
     content (qemu-img convert, as the Java restore) identical to the reference."""
     vm_dir = (repo_dir / backup).parent.resolve()
-    for file, ref in zip(disk_files(repo_dir, backup, vm, volume_ids), refs, strict=True):
+    for file, ref in strict_zip(disk_files(repo_dir, backup, vm, volume_ids), refs):
         assert file.is_file(), f"missing {file}"
         links = qemu_img.chain(file)
         for link in links:

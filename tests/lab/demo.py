@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from shim.compat import strict_zip
 from shim.errors import ShimError
 from shim.nas import Repository
 from tests.lab import Lab, LabVM, MiB, compare, flatten
@@ -97,7 +98,7 @@ class Demo:
                       "backups read nothing back: their first verify computes them)")  # fmt: skip
             self.nasbackup("-o", "verify", "-p", incremental)
             self.step("verify again: every checksum matches the one recorded")
-            for i, (disk, ref) in enumerate(zip(vm.disks, truth, strict=True)):
+            for i, (disk, ref) in enumerate(strict_zip(vm.disks, truth)):
                 role = "root" if i == 0 else "datadisk"
                 top = self.repository_dir / incremental / f"{role}.{disk.volume_id}.qcow2"
                 restored = flatten(top, lab.dir / f"java-restore-{disk.target}.qcow2")
@@ -109,7 +110,7 @@ class Demo:
                 "-o", "restore", "-p", incremental, "-v", vm.name,
                 "--restore-volume-paths", ",".join(map(str, volumes)),
             )  # fmt: skip
-            for volume, ref in zip(volumes, truth, strict=True):
+            for volume, ref in strict_zip(volumes, truth):
                 if not compare(volume, ref):
                     raise ShimError(f"restored volume {volume.name} differs from the reference")
             self.step(f"restore into {len(volumes)} fresh volumes (-o restore): identical to "

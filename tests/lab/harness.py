@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import itertools
 import json
 import logging
 import threading
@@ -20,6 +19,7 @@ from typing import Any
 import aiohttp
 
 from shim import operations
+from shim.compat import strict_zip
 from shim.service import Service, ServiceConfig
 from tests.lab.chains import ROOT
 
@@ -84,7 +84,7 @@ class EngineSpy:
 def overlap(spans: Sequence[tuple[float, float]]) -> bool:
     """Whether any two of these (start, end) spans overlap."""
     ordered = sorted(spans)
-    return any(later[0] < earlier[1] for earlier, later in itertools.pairwise(ordered))
+    return any(later[0] < earlier[1] for earlier, later in zip(ordered, ordered[1:]))
 
 
 # -- the service ---------------------------------------------------------------------------------
@@ -191,7 +191,7 @@ def captured_log(path: Path) -> Iterator[Path]:
     try:
         yield path
     finally:
-        for logger, level in zip(loggers, levels, strict=True):
+        for logger, level in strict_zip(loggers, levels):
             logger.removeHandler(handler)
             logger.setLevel(level)
         handler.close()

@@ -30,6 +30,7 @@ import libvirt_qemu
 from lxml import etree
 
 from shim import proc, qemu_img
+from shim.compat import strict_zip
 from shim.errors import CommandFailed
 from shim.nas import Repository
 from shim.virt.connection import DEFAULT_URI, open_connection, reconnect
@@ -377,7 +378,7 @@ class LabVM:
         files = [dest / f"{d.target}.qcow2" for d in self.disks]
         backup = etree.Element("domainbackup", mode="push")
         disks_el = etree.SubElement(backup, "disks")
-        for disk, file in zip(self.disks, files, strict=True):
+        for disk, file in strict_zip(self.disks, files):
             el = etree.SubElement(disks_el, "disk", name=disk.target, backup="yes", type="file")
             etree.SubElement(el, "target", file=str(file))
             etree.SubElement(el, "driver", type="qcow2")
