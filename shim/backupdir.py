@@ -19,6 +19,7 @@ import stat
 from collections.abc import Sequence
 from pathlib import Path
 
+from shim import proc
 from shim.chain import relative_backing
 from shim.contract import BackupOutcome
 from shim.errors import InputError, ShimError
@@ -41,6 +42,8 @@ from shim.virt.disks import DomainDisk
 log = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial"
+DU_TIMEOUT = 120
+"""Seconds for measuring a published backup (a handful of files, on a NAS that may be slow)."""
 
 
 class BackupDirectory:
@@ -54,6 +57,8 @@ class BackupDirectory:
         self.final = self.vm_dir.path / self.name
         self.work = partial_dir(self.final)
         self._created_vm_dir = False
+        self.size: int | None = None
+        """The published directory's size (``du -sb``), measured by :meth:`publish`."""
 
     def check(self) -> None:
         """Refuse a path that already holds a backup (or anything but an empty directory,
@@ -136,7 +141,10 @@ class BackupDirectory:
         finally:
             os.close(work_fd)
         fsync_tree(self.work)  # the disk files, the manifest, and the directory's entries
+        # Measured before the rename (which changes no size in it): a stop here still finds
+        # the work directory to remove, and a published backup is never measured again.
         vm_fd = self.vm_dir.fd
+        self.size = directory_size(self.vm_dir.anchored(self.work.name), pass_fds=[vm_fd])
         if self.vm_dir.kind(self.name) == "directory":
             os.rmdir(self.name, dir_fd=vm_fd)  # an empty directory someone prepared
         os.rename(self.work.name, self.name, src_dir_fd=vm_fd, dst_dir_fd=vm_fd)
@@ -165,8 +173,10 @@ class BackupDirectory:
         job_stats: dict[str, object] | None = None,
     ) -> BackupOutcome:
         """What the published backup reports."""
+        if self.size is None:
+            raise RuntimeError("outcome() before publish()")
         return BackupOutcome(
-            size=directory_size(self.final),
+            size=self.size,
             file_sizes=[os.lstat(self.final / name).st_size for name in files],
             files=files,
             bitmap_created=bitmap_created,
@@ -198,18 +208,15 @@ def partial_dir(final: Path) -> Path:
     return final.with_name(final.name + PARTIAL_SUFFIX)
 
 
-def directory_size(path: Path) -> int:
-    """Bytes under ``path`` as ``du -sb`` counts them (apparent sizes, the directory's own
-    entry included, hard links once)."""
-    seen: set[tuple[int, int]] = set()
-    total = 0
-    for root, dirs, files in os.walk(path):
-        for name in [*dirs, *files]:
-            st = os.lstat(os.path.join(root, name))
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total + os.lstat(path).st_size
+def directory_size(path: str | Path, *, pass_fds: Sequence[int] = ()) -> int:
+    """Bytes under ``path`` as the host's own ``nasbackup.sh`` reports them: its ``du -sb``.
+
+    The host's du, not a rule written here: since coreutils 9.2 ``--apparent-size`` counts
+    only regular files and links (directories no longer), so the same directory measures
+    9525 bytes on Debian 12 and 1333 on Debian 13, and the drop-in must print what the
+    script would print on this host."""
+    du = proc.run(["du", "-sb", "--", str(path)], timeout=DU_TIMEOUT, pass_fds=pass_fds)
+    return int(du.stdout.split()[0])
 
 
 def fsync_tree(path: Path) -> None:
