@@ -33,6 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from shim import proc, qemu_img
+from shim.compat import strict_zip
 from shim.errors import CommandFailed, InputError
 from shim.qemu_img import QEMU_IMG
 from shim.request import validate_scratch_dir
@@ -45,6 +46,7 @@ from shim.storage_daemon import (
     blockdev_nbd,
     blockdev_qcow2,
 )
+from shim.versions import X_PERF_SINCE
 
 log = logging.getLogger(__name__)
 
@@ -225,7 +227,7 @@ class ExportCopier:
         self.sizes = list(sizes)
         self.total = sum(
             size if c.extents is None else selected_bytes(c.extents)
-            for c, size in zip(self.copies, sizes, strict=True)
+            for c, size in strict_zip(self.copies, sizes)
         )
         self.done = 0
         self._on_progress = on_progress
@@ -240,7 +242,7 @@ class ExportCopier:
         incrementals = [(i, c) for i, c in enumerate(self.copies) if c.extents]
         if incrementals:
             self._copy_incrementals(incrementals)
-        fulls = [(c, size) for c, size in zip(self.copies, self.sizes, strict=True)
+        fulls = [(c, size) for c, size in strict_zip(self.copies, self.sizes)
                  if c.extents is None]  # fmt: skip
         if fulls:
             self._convert(fulls)
@@ -328,11 +330,13 @@ class ExportCopier:
                 f"the selection of {copy.export} marks {selected} bytes, "
                 f"not the {selected_bytes(extents)} of its dirty extents"
             )
-        return {
+        backup: dict[str, object] = {
             "device": f"src{i}", "target": f"tgt{i}", "job-id": f"copy{i}",
             "sync": "incremental", "bitmap": SELECTION_BITMAP,
-            "x-perf": {"max-workers": COPY_WORKERS},
         }  # fmt: skip
+        if daemon.qemu_version >= X_PERF_SINCE:
+            backup["x-perf"] = {"max-workers": COPY_WORKERS}
+        return backup
 
     def _report(self, done: int) -> None:
         self.done = done
