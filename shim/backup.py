@@ -38,7 +38,7 @@ def take_backup(request: BackupRequest, *, on_job: JobObserver | None = None) ->
             if dom is not None and dom.isActive():
                 # Running after all (-d is filled when the server believes it stopped): a
                 # live backup is the safe one; stdout still follows the -d form.
-                host.check_versions(conn)
+                host.check_versions(conn, dom)
                 scratch_root = request.scratch_dir or scratch_setting()
                 scratch = Scratch(scratch_root, request.vm) if scratch_root else None
                 with MountSession(request.repository) as session:

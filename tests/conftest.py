@@ -6,15 +6,68 @@ import contextlib
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import libvirt
 import pytest
 
 from shim.errors import VirtError
+from shim.virt import host
 from shim.virt.connection import open_connection
 from tests.lab import Lab, MiB, sweep_stale_labs
 from tests.lab.lab import start_libvirtd_if_down
 from tests.support import Chain
+
+
+def _lab_backs_up_running_vms() -> bool | None:
+    """Whether the lab's libvirt backs up a running (TCG) domain, by the shim's own checks;
+    None when no libvirtd answers (the tests then fail on the hypervisor fixture)."""
+    try:
+        conn = open_connection()
+    except VirtError:
+        return None
+    try:
+        return host.versions_back_up(conn) and host.backup_capability(conn, virttype="qemu")
+    finally:
+        with contextlib.suppress(libvirt.libvirtError):
+            conn.close()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """On a host whose libvirt cannot back up a running VM (Debian 11: libvirt 7.0), the
+    tests marked ``live_backup`` cannot run: they are deselected, loudly, and the tests
+    marked ``no_live_backup`` (the refusal, in upstream's words) run in their place. On
+    every other host it is the other way round. Nothing is skipped."""
+    capable = _lab_backs_up_running_vms()
+    if capable is None:
+        return
+    unwanted = "no_live_backup" if capable else "live_backup"
+    dropped = [item for item in items if item.get_closest_marker(unwanted)]
+    if not dropped:
+        return
+    config.hook.pytest_deselected(items=dropped)
+    items[:] = [item for item in items if not item.get_closest_marker(unwanted)]
+    config.stash[_DESELECTED_BY_CAPABILITY] = (capable, len(dropped))
+
+
+_DESELECTED_BY_CAPABILITY = pytest.StashKey[tuple[bool, int]]()
+
+
+def pytest_report_header(config: pytest.Config) -> str:
+    capable = _lab_backs_up_running_vms()
+    return f"lab hypervisor backs up running VMs: {capable}"
+
+
+def pytest_terminal_summary(terminalreporter: Any, config: pytest.Config) -> None:
+    found = config.stash.get(_DESELECTED_BY_CAPABILITY, None)
+    if found is None:
+        return
+    capable, count = found
+    if capable:
+        why = "they prove the refusal on hosts that cannot back up running VMs"
+    else:
+        why = "they back up running VMs, which this host's libvirt cannot (upstream refuses too)"
+    terminalreporter.write_line(f"{count} tests deselected: {why}")
 
 
 @pytest.fixture(scope="session")

@@ -94,6 +94,7 @@ def _run(argv: list[str], observer: _Programs) -> operations.Result:
     return _observed(request_for(parse(argv)), observer)
 
 
+@pytest.mark.live_backup
 def test_a_backup_stopped_at_each_program_raises_the_stop_and_loses_nothing(
     lab: Lab, tmp_path: Path, programs: Callable[[int | None], _Programs]
 ) -> None:
@@ -132,6 +133,7 @@ def test_a_backup_stopped_at_each_program_raises_the_stop_and_loses_nothing(
     verify_backup(lab, chain.repo_dir, path, vm, refs)
 
 
+@pytest.mark.live_backup
 def test_a_restore_stopped_at_each_program_raises_the_stop_and_writes_nothing(
     lab: Lab, tmp_path: Path, programs: Callable[[int | None], _Programs]
 ) -> None:

@@ -14,6 +14,7 @@ import pytest
 
 from shim import cli, qemu_img
 from shim.backupdir import directory_size
+from shim.compat import strict_zip
 from shim.contract import jobinfo_text
 from shim.errors import VirtError
 from shim.lock import LOCK_WAIT_ENV
@@ -65,6 +66,7 @@ def _after_backup(chain: Chain, run: Run, path: str, *, fallback: bool = False) 
     assert leaks(chain.lab) == []
 
 
+@pytest.mark.live_backup
 @pytest.mark.parametrize("generation", MODE_GENERATIONS)
 def test_full_then_three_incrementals(chain: Chain, generation: str) -> None:
     chain.generation = generation
@@ -88,6 +90,7 @@ def test_full_then_three_incrementals(chain: Chain, generation: str) -> None:
             assert qemu_img.check(file).clean
 
 
+@pytest.mark.live_backup
 @pytest.mark.parametrize("generation", [g for g in GENERATIONS if not g.startswith(("_", "other"))])
 def test_legacy_full_under_every_generation(chain: Chain, generation: str) -> None:
     chain.generation = generation
@@ -99,6 +102,7 @@ def test_legacy_full_under_every_generation(chain: Chain, generation: str) -> No
     assert chain.vm.checkpoints() == []
 
 
+@pytest.mark.live_backup
 def test_stdout_is_markers_then_virsh_jobinfo_then_size(chain: Chain) -> None:
     run, path = chain.backup("full")
     lines = run.stdout.split("\n")
@@ -138,6 +142,7 @@ def test_stdout_is_markers_then_virsh_jobinfo_then_size(chain: Chain) -> None:
     ]
 
 
+@pytest.mark.live_backup
 def test_restarted_transient_vm_continues_the_chain(chain: Chain) -> None:
     _write_round(chain.vm, 0)
     run, path = chain.backup("full")
@@ -152,6 +157,7 @@ def test_restarted_transient_vm_continues_the_chain(chain: Chain) -> None:
     assert sum(f.stat().st_size for f in disk_files(chain.repo_dir, path, chain.vm)) < 4 * MiB
 
 
+@pytest.mark.live_backup
 def test_bitmap_missing_on_one_disk_falls_back_to_full(chain: Chain) -> None:
     run, path = chain.backup("full")
     _after_backup(chain, run, path)
@@ -177,6 +183,7 @@ def test_bitmap_missing_on_one_disk_falls_back_to_full(chain: Chain) -> None:
     _after_backup(chain, run, path)
 
 
+@pytest.mark.live_backup
 def test_hot_plugged_disk_is_backed_up_full_inside_the_incremental(chain: Chain) -> None:
     _write_round(chain.vm, 0)
     run, path = chain.backup("full")
@@ -197,6 +204,7 @@ def test_hot_plugged_disk_is_backed_up_full_inside_the_incremental(chain: Chain)
     assert qemu_img.info(disk_files(chain.repo_dir, path, chain.vm)[2]).backing_filename
 
 
+@pytest.mark.live_backup
 def test_nas_full_mid_job_leaves_nothing_and_harms_nothing(lab: Lab, tmp_path: Path) -> None:
     vm = lab.create_vm(disks=(64 * MiB, 16 * MiB))
     chain = Chain(lab=lab, vm=vm, repo=lab.repository(size=48 * MiB), log=tmp_path / "a.log")
@@ -219,6 +227,7 @@ def test_nas_full_mid_job_leaves_nothing_and_harms_nothing(lab: Lab, tmp_path: P
     _after_backup(chain, run, path)
 
 
+@pytest.mark.live_backup
 def test_running_vm_with_disk_paths_prints_integers_only(chain: Chain) -> None:
     disks = ",".join(str(d.path) for d in chain.vm.disks)
     run, path = chain.backup("full", disks=disks)
@@ -232,6 +241,7 @@ def test_running_vm_with_disk_paths_prints_integers_only(chain: Chain) -> None:
         )
 
 
+@pytest.mark.live_backup
 def test_quiesce_without_guest_agent_is_crash_consistent(lab: Lab, tmp_path: Path) -> None:
     for with_channel in (False, True):
         vm = lab.create_vm(disks=(16 * MiB,), guest_agent=with_channel)
@@ -305,6 +315,7 @@ def _backup_in_flight(lab: Lab, log: Path, path: str = "2026.10.01.00.00.00") ->
     return InFlight(vm, nas, proc)
 
 
+@pytest.mark.live_backup
 def test_second_backup_of_the_same_vm_fails_fast(
     lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -321,6 +332,7 @@ def test_second_backup_of_the_same_vm_fails_fast(
     assert leaks(lab) == []
 
 
+@pytest.mark.live_backup
 def test_sigterm_mid_job_cleans_up(lab: Lab, tmp_path: Path) -> None:
     job = _backup_in_flight(lab, tmp_path / "agent.log")
     job.proc.terminate()  # what the agent's timeout sends
@@ -330,6 +342,7 @@ def test_sigterm_mid_job_cleans_up(lab: Lab, tmp_path: Path) -> None:
     assert job.backups() == []
 
 
+@pytest.mark.live_backup
 def test_log_is_appended_and_has_no_secrets(chain: Chain) -> None:
     chain.log.write_text("earlier agent lines\n")
     chain.repo = Repository(chain.repo.type, chain.repo.address, "bind,password=hunter2")
@@ -340,6 +353,7 @@ def test_log_is_appended_and_has_no_secrets(chain: Chain) -> None:
     assert all(line[:20].count("-") == 4 and line[19] == ">" for line in text.splitlines()[1:])
 
 
+@pytest.mark.live_backup
 def test_vm_killed_mid_job_leaves_nothing(lab: Lab, tmp_path: Path) -> None:
     job = _backup_in_flight(lab, tmp_path / "agent.log")
     job.vm.kill()
@@ -349,6 +363,7 @@ def test_vm_killed_mid_job_leaves_nothing(lab: Lab, tmp_path: Path) -> None:
     assert job.backups() == []
 
 
+@pytest.mark.live_backup
 def test_backup_directory_describes_the_domain(chain: Chain) -> None:
     _, path = chain.backup("full")
     names = sorted(os.listdir(chain.repo_dir / path))
@@ -365,6 +380,7 @@ def test_backup_directory_describes_the_domain(chain: Chain) -> None:
     assert all(str(d.path) in blklist for d in chain.vm.disks)
 
 
+@pytest.mark.live_backup
 def test_manifest_describes_the_backup(chain: Chain) -> None:
     _, first = chain.backup("full")
     chain.vm.write(0, 0, 1 * MiB, pattern=0x42)
@@ -376,13 +392,14 @@ def test_manifest_describes_the_backup(chain: Chain) -> None:
     files = disk_files(chain.repo_dir, second, chain.vm)
     assert [d.file for d in manifest.disks] == [f.name for f in files]
     assert [d.role for d in manifest.disks] == ["root", "datadisk"]
-    for record, file, disk in zip(manifest.disks, files, chain.vm.disks, strict=True):
+    for record, file, disk in strict_zip(manifest.disks, files, chain.vm.disks):
         assert record.checksum == UNSEALED  # left to the first verify: nothing read back
         assert record.stored_size == file.stat().st_size
         assert record.virtual_size == disk.size and record.source == str(disk.path)
         assert record.backing == f"../{Path(first).name}/{file.name}"
 
 
+@pytest.mark.live_backup
 def test_shim_killed_mid_backup_is_recovered_by_the_next_run(lab: Lab, tmp_path: Path) -> None:
     job = _backup_in_flight(lab, tmp_path / "killed.log", "killed")
     job.proc.kill()  # SIGKILL: no cleanup at all
@@ -402,6 +419,7 @@ def test_shim_killed_mid_backup_is_recovered_by_the_next_run(lab: Lab, tmp_path:
     verify_backup(lab, chain.repo_dir, path, job.vm, job.vm.reference_backup())
 
 
+@pytest.mark.live_backup
 def test_the_first_verify_records_the_checksums_and_later_ones_compare(chain: Chain) -> None:
     chain.vm.write(0, 0, 1 * MiB, pattern=0x3C)
     _, path = chain.backup("full")
@@ -414,7 +432,7 @@ def test_the_first_verify_records_the_checksums_and_later_ones_compare(chain: Ch
     assert verify().returncode == 0
     manifest = read_manifest(chain.repo_dir / path)
     assert manifest is not None
-    for record, file in zip(manifest.disks, files, strict=True):
+    for record, file in strict_zip(manifest.disks, files):
         assert record.checksum == checksums([file], manifest.checksum_algorithm)[file]
     # Storage corruption after the first verify: a byte of guest data flipped (qcow2's
     # metadata intact, so only the checksum can tell), sizes unchanged.
@@ -430,6 +448,7 @@ def test_the_first_verify_records_the_checksums_and_later_ones_compare(chain: Ch
     assert flipped.returncode == 1 and "checksum differs" in flipped.stdout
 
 
+@pytest.mark.live_backup
 def test_a_file_resized_before_its_first_verify_fails_it(chain: Chain) -> None:
     """Its checksum is not recorded yet: its size, recorded by the backup, still tells (a
     torn or appended write on the NAS), and the damage is not sealed as its checksum."""
@@ -445,6 +464,7 @@ def test_a_file_resized_before_its_first_verify_fails_it(chain: Chain) -> None:
     assert manifest is not None and all(d.checksum == UNSEALED for d in manifest.disks)
 
 
+@pytest.mark.live_backup
 def test_sha256_checksums_when_asked(chain: Chain, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("NASBACKUP_SHIM_CHECKSUM", "sha256")
     monkeypatch.setenv(CHECKSUM_AT_ENV, "backup")  # computed as the backup ends
@@ -469,6 +489,7 @@ def test_sha256_checksums_when_asked(chain: Chain, monkeypatch: pytest.MonkeyPat
 DOWNSTREAM_IDS = ("0c9a1c3e-root-volume-uuid", "7d2c4b1a-data-volume-uuid")
 
 
+@pytest.mark.live_backup
 def test_downstream_volume_ids_name_the_files_and_the_chain_continues(chain: Chain) -> None:
     chain.generation, chain.volume_ids, chain.mount_timeout = "downstream", DOWNSTREAM_IDS, "30"
     names = ["root.0c9a1c3e-root-volume-uuid.qcow2", "datadisk.7d2c4b1a-data-volume-uuid.qcow2"]
@@ -506,6 +527,7 @@ def test_downstream_volume_ids_name_the_files_and_the_chain_continues(chain: Cha
     assert leaks(chain.lab) == []
 
 
+@pytest.mark.live_backup
 def test_downstream_volume_id_count_must_match_the_domain(chain: Chain) -> None:
     chain.generation = "downstream"
     chain.volume_ids = ("only-one",)
@@ -517,6 +539,7 @@ def test_downstream_volume_id_count_must_match_the_domain(chain: Chain) -> None:
     assert leaks(chain.lab) == []
 
 
+@pytest.mark.live_backup
 def test_retry_to_an_existing_path_is_refused_before_the_checkpoint_is_touched(
     chain: Chain,
 ) -> None:
@@ -540,6 +563,7 @@ def test_retry_to_an_existing_path_is_refused_before_the_checkpoint_is_touched(
         assert qemu_img.info(file).backing_filename == f"../{Path(path).name}/{file.name}"
 
 
+@pytest.mark.live_backup
 def test_housekeeping_failure_after_publishing_is_a_warning(
     chain: Chain,
     monkeypatch: pytest.MonkeyPatch,
@@ -570,3 +594,22 @@ def test_housekeeping_failure_after_publishing_is_a_warning(
     run, third = chain.backup("incremental")
     assert "INCREMENTAL_FALLBACK" not in run.stdout
     _after_backup(chain, run, third)
+
+
+@pytest.mark.no_live_backup
+@pytest.mark.parametrize("mode", ["full", ""])
+def test_a_host_that_cannot_back_up_a_running_vm_refuses_as_upstream(
+    chain: Chain, mode: str
+) -> None:
+    # libvirt 7.0 (Debian 11): upstream's sanity_checks line, exit 1, and nothing touched;
+    # the same VM stopped is backed up (tests/test_backup_stopped.py runs there too).
+    run, path = chain.backup(mode, expect_exit=1)
+    assert run.stdout.startswith("Failure... Your QEMU version "), run.stdout
+    assert run.stdout.endswith(
+        "is unsupported. Consider upgrading to the required minimum version of QEMU: "
+        "4.2.0 and Libvirt: 7.2.0\n"
+    ), run.stdout
+    assert run.stdout.count("\n") == 1
+    assert chain.vm.checkpoints() == []
+    assert not (chain.repo_dir / path).exists()
+    assert leaks(chain.lab) == []

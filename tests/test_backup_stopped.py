@@ -13,6 +13,7 @@ import pytest
 from lxml import etree
 
 from shim import qemu_img
+from shim.compat import strict_zip
 from tests.lab import Lab, LabVM, MiB, compare
 from tests.lab.chains import read_manifest
 from tests.lab.leaks import leaks
@@ -51,6 +52,7 @@ def _truth(vm: LabVM) -> list[Path]:
     return [d.path for d in vm.disks]
 
 
+@pytest.mark.live_backup
 def test_stopped_full_then_live_incremental_continues(chain: Chain) -> None:
     vm = chain.vm
     vm.write(0, 0, 4 * MiB, pattern=0x21)
@@ -431,6 +433,7 @@ def test_sigterm_during_an_offline_incremental_keeps_the_parent(lab: Lab, tmp_pa
     verify_backup(lab, chain.repo_dir, path, vm, _truth(vm))
 
 
+@pytest.mark.live_backup
 def test_downstream_volume_ids_name_offline_files_and_live_continues(chain: Chain) -> None:
     vm = chain.vm
     ids = ("5e6f-root-volume-uuid", "9a8b-data-volume-uuid")
@@ -467,6 +470,7 @@ def test_downstream_volume_ids_name_offline_files_and_live_continues(chain: Chai
     assert leaks(chain.lab) == []
 
 
+@pytest.mark.live_backup
 def test_downstream_restore_and_verify_of_volume_id_files(chain: Chain) -> None:
     vm = chain.vm
     ids = ("5e6f-root-volume-uuid", "9a8b-data-volume-uuid")
@@ -488,7 +492,7 @@ def test_downstream_restore_and_verify_of_volume_id_files(chain: Chain) -> None:
     # The shim's own restore (downstream argv, -w) flattens them into fresh volumes.
     volumes = chain.lab.new_dir("restored")
     targets = [volumes / "r0", volumes / "r1"]
-    for target, disk in zip(targets, vm.disks, strict=True):
+    for target, disk in strict_zip(targets, vm.disks):
         qemu_img.create(target, disk.size)
     values = {
         "operation": "restore",
@@ -498,7 +502,7 @@ def test_downstream_restore_and_verify_of_volume_id_files(chain: Chain) -> None:
     }
     restored = run_dropin(build_argv("downstream", values, "restore"), log_file=chain.log)
     assert restored.returncode == 0, restored.stdout
-    assert all(compare(t, r) for t, r in zip(targets, refs, strict=True))
+    assert all(compare(t, r) for t, r in strict_zip(targets, refs))
     assert leaks(chain.lab) == []
 
 

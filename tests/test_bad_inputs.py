@@ -32,6 +32,7 @@ def shared_lab(_lab_swept: None) -> Iterator[Lab]:
     assert not start_libvirtd_if_down(), "libvirtd died during the bad inputs"
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 @pytest.mark.parametrize("scenario", BAD_INPUTS, ids=[s.name for s in BAD_INPUTS])
 def test_bad_input_is_refused(scenario: Scenario, shared_lab: Lab, tmp_path: Path) -> None:
@@ -41,6 +42,7 @@ def test_bad_input_is_refused(scenario: Scenario, shared_lab: Lab, tmp_path: Pat
 LIVE_BACKUPS = [scenario for scenario in BAD_INPUTS if scenario.live_backup]
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 @pytest.mark.parametrize("scenario", LIVE_BACKUPS, ids=[s.name for s in LIVE_BACKUPS])
 def test_bad_input_is_refused_in_pull_mode(

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from shim import qemu_img
+from shim.compat import strict_zip
 from shim.manifest import MANIFEST
 from tests.lab import Lab, MiB, compare, flatten
 from tests.lab.flakyfs import FAIL_FSYNC_FLAG
@@ -49,7 +50,7 @@ def _three_deep(chain: Chain) -> list[list[Path]]:
 
 
 def _restores(chain: Chain, backup: str, refs: list[Path]) -> bool:
-    for file, ref in zip(disk_files(chain.repo_dir, backup, chain.vm), refs, strict=True):
+    for file, ref in strict_zip(disk_files(chain.repo_dir, backup, chain.vm), refs):
         flat = chain.lab.dir / "flat.qcow2"
         flatten(file, flat)
         same = compare(flat, ref)
@@ -61,11 +62,11 @@ def _restores(chain: Chain, backup: str, refs: list[Path]) -> bool:
 
 def _restores_into(volumes: list[Path], refs: list[Path]) -> bool:
     return all(
-        qemu_img.compare(ref, volume, second_fmt="raw")
-        for volume, ref in zip(volumes, refs, strict=True)
+        qemu_img.compare(ref, volume, second_fmt="raw") for volume, ref in strict_zip(volumes, refs)
     )
 
 
+@pytest.mark.live_backup
 def test_delete_middle_after_rebase_keeps_every_point(chain: Chain) -> None:
     refs = _three_deep(chain)
     first, middle, last = chain.backups
@@ -95,6 +96,7 @@ def test_delete_middle_after_rebase_keeps_every_point(chain: Chain) -> None:
     assert leaks(chain.lab) == []
 
 
+@pytest.mark.live_backup
 def test_delete_refusals(chain: Chain) -> None:
     chain.backup("full")
     for path, message in [
@@ -107,6 +109,7 @@ def test_delete_refusals(chain: Chain) -> None:
     assert (chain.repo_dir / chain.backups[0]).is_dir()
 
 
+@pytest.mark.live_backup
 def test_rebase_refusals(chain: Chain) -> None:
     _three_deep(chain)
     first, _middle, last = chain.backups
@@ -119,6 +122,7 @@ def test_rebase_refusals(chain: Chain) -> None:
     assert mixed.returncode == 1 and "two existing backup" in mixed.stdout
 
 
+@pytest.mark.live_backup
 def test_rebase_killed_half_way_leaves_the_chain_valid(lab: Lab, tmp_path: Path) -> None:
     vm = lab.create_vm(disks=(1024 * MiB,))
     chain = Chain(lab=lab, vm=vm, repo=lab.repository(), log=tmp_path / "agent.log")
@@ -167,6 +171,7 @@ def test_rebase_killed_half_way_leaves_the_chain_valid(lab: Lab, tmp_path: Path)
     assert _op(chain, "verify", path=last).returncode == 0
 
 
+@pytest.mark.live_backup
 def test_restore_into_qcow2_raw_and_block_volumes(chain: Chain, tmp_path: Path) -> None:
     refs = _three_deep(chain)
     backup = chain.backups[-1]
@@ -227,6 +232,7 @@ def test_restore_into_qcow2_raw_and_block_volumes(chain: Chain, tmp_path: Path) 
     assert leaks(chain.lab) == []
 
 
+@pytest.mark.live_backup
 def test_restore_refusals_leave_volumes_untouched(chain: Chain) -> None:
     refs = _three_deep(chain)
     backup = chain.backups[-1]
@@ -253,6 +259,7 @@ def test_restore_refusals_leave_volumes_untouched(chain: Chain) -> None:
     assert leaks(chain.lab) == []
 
 
+@pytest.mark.live_backup
 def test_a_later_disk_failing_its_check_leaves_every_volume_as_it_was(chain: Chain) -> None:
     # The chains are checked while the first disk is copied beside its volume: that copy is
     # made and compared, but no volume is replaced before every chain has passed its check.
@@ -277,6 +284,7 @@ def test_a_later_disk_failing_its_check_leaves_every_volume_as_it_was(chain: Cha
     assert leaks(chain.lab) == []
 
 
+@pytest.mark.live_backup
 def test_a_restore_is_on_stable_storage_before_it_replaces_the_volume(chain: Chain) -> None:
     # qemu-img convert leaves its target's data in the page cache: the restore flushes the
     # copy before the rename, and a flush that fails (writes succeeded) fails the restore,
@@ -305,6 +313,7 @@ def test_a_restore_is_on_stable_storage_before_it_replaces_the_volume(chain: Cha
     assert leaks(chain.lab) == []
 
 
+@pytest.mark.live_backup
 def test_verify_catches_flips_missing_manifests_and_absolute_links(chain: Chain) -> None:
     _three_deep(chain)
     first, middle, last = chain.backups

@@ -94,6 +94,7 @@ def test_downstream_generation_parses_with_w_and_u() -> None:
         assert request_for(parse(argv)).repository.mount_timeout == 15
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 @pytest.mark.parametrize(
     ("extra", "message"),

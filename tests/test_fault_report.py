@@ -32,6 +32,7 @@ ONLY = [
 ]
 
 
+@pytest.mark.live_backup
 @pytest.mark.timeout(3600)
 def test_the_report_ends_with_the_four_figures() -> None:
     done = subprocess.run(

@@ -25,11 +25,13 @@ MID_JOB = {
 PULL_FAULTS = [s for s in FAULTS if s.name in MID_JOB]
 
 
+@pytest.mark.live_backup
 @pytest.mark.parametrize("scenario", FAULTS, ids=[s.name for s in FAULTS])
 def test_fault_is_survived(scenario: Scenario, lab: Lab, tmp_path: Path) -> None:
     scenario.run(lab, tmp_path)
 
 
+@pytest.mark.live_backup
 @pytest.mark.parametrize("scenario", PULL_FAULTS, ids=[s.name for s in PULL_FAULTS])
 def test_fault_is_survived_in_pull_mode(
     scenario: Scenario, lab: Lab, tmp_path: Path, monkeypatch: pytest.MonkeyPatch

@@ -129,6 +129,7 @@ def _failing_full(chain: Chain, nas: FlakyNas, guest: Guest, log: Path) -> tuple
     return run.returncode, run.stdout
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 def test_a_full_nas_pauses_the_guest_and_the_failed_backup_resumes_it(
     guest_lab: Lab, healthy: Guest, tmp_path: Path
@@ -185,6 +186,7 @@ def _pull_mode(size: str) -> Iterator[Path]:
         path.rmdir()
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 def test_in_pull_mode_a_full_nas_fails_the_backup_never_the_guest(
     guest_lab: Lab, healthy: Guest, tmp_path: Path
@@ -212,6 +214,7 @@ def test_in_pull_mode_a_full_nas_fails_the_backup_never_the_guest(
         assert leaks(lab) == []
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 def test_in_pull_mode_a_full_scratch_fails_the_backup_never_the_guest(
     guest_lab: Lab, healthy: Guest, tmp_path: Path
@@ -280,6 +283,7 @@ def _after_a_stuck_target(
     assert leaks(lab) == [] or all(line.startswith("partial directory") for line in leaks(lab))
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 def test_a_vm_the_operator_paused_stays_paused(
     guest_lab: Lab, healthy: Guest, tmp_path: Path
@@ -306,6 +310,7 @@ def test_a_vm_the_operator_paused_stays_paused(
 
 
 # -- 2. quiesce ------------------------------------------------------------------------------
+@pytest.mark.live_backup
 @pytest.mark.lab
 def test_quiesce_freezes_the_guest_filesystem_for_the_job_start(
     guest_lab: Lab, healthy: Guest, tmp_path: Path
@@ -329,6 +334,7 @@ def test_quiesce_freezes_the_guest_filesystem_for_the_job_start(
     assert _md5_in(lab, root, "dirty-quiesced") == md5
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 def test_without_quiesce_the_same_write_is_not_in_the_backup(
     guest_lab: Lab, healthy: Guest, tmp_path: Path
@@ -362,6 +368,7 @@ def _interrupt_a_slow_freeze(
         guest.run(f"rm -f {SLOW_FREEZE_FLAG}")
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 def test_a_job_that_fails_to_begin_still_thaws(
     guest_lab: Lab, healthy: Guest, tmp_path: Path
@@ -388,6 +395,7 @@ def test_a_job_that_fails_to_begin_still_thaws(
     assert leaks(lab) == []
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 def test_a_signal_during_the_freeze_still_thaws(
     guest_lab: Lab, healthy: Guest, tmp_path: Path
@@ -409,6 +417,7 @@ def test_a_signal_during_the_freeze_still_thaws(
     assert leaks(lab) == []
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 def test_an_agent_that_does_not_answer_gives_a_crash_consistent_backup(
     guest_lab: Lab, guests: tuple[Guest, Guest], tmp_path: Path
@@ -432,6 +441,7 @@ of the disk, which a job copies last: the writes during a job meet copy-before-w
 SEQUENCE_FIRST = 32 * MiB // 4096 - SEQUENCE_BLOCKS
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 def test_each_backup_is_the_disk_at_its_start_while_the_guest_writes(
     guest_lab: Lab, healthy: Guest, tmp_path: Path
@@ -464,6 +474,7 @@ def test_each_backup_is_the_disk_at_its_start_while_the_guest_writes(
 
 
 # -- 4. a restored disk works ---------------------------------------------------------------
+@pytest.mark.live_backup
 @pytest.mark.lab
 def test_a_restored_root_volume_boots_a_fresh_guest_with_its_files_intact(
     guest_lab: Lab, healthy: Guest, tmp_path: Path

@@ -8,6 +8,7 @@ import libvirt
 import pytest
 
 from shim import qemu_img
+from shim.compat import strict_zip
 from shim.virt.disks import parse_disks
 from tests.lab import Lab, LabError, MiB, compare, flatten
 from tests.lab.system import mounts_under
@@ -25,7 +26,7 @@ def test_vm_is_shaped_like_cloudstacks(lab: Lab) -> None:
     # The CD-ROM is in the XML but is not a disk.
     assert [d.target for d in disks] == ["vda", "vdb"]
     assert [d.role for d in disks] == ["root", "datadisk"]
-    for disk, lab_disk in zip(disks, vm.disks, strict=True):
+    for disk, lab_disk in strict_zip(disks, vm.disks):
         path = Path(disk.source)
         assert disk.volume_id == path.name == lab_disk.volume_id
         assert len(path.name) == 36 and len(path.parent.name) == 36  # <pool-uuid>/<vol-uuid>
@@ -33,6 +34,7 @@ def test_vm_is_shaped_like_cloudstacks(lab: Lab) -> None:
         assert info.raw["format-specific"]["data"]["compat"] == "1.1"
 
 
+@pytest.mark.live_backup
 def test_written_data_is_in_the_reference_backup(lab: Lab) -> None:
     vm = lab.create_vm()
     before = vm.reference_backup()
@@ -44,10 +46,11 @@ def test_written_data_is_in_the_reference_backup(lab: Lab) -> None:
     assert not compare(before[1], after[1])
     # Positive control: the data read back from a stopped VM equals the reference.
     vm.stop()
-    for disk, ref in zip(vm.disks, after, strict=True):
+    for disk, ref in strict_zip(vm.disks, after):
         assert compare(disk.path, ref)
 
 
+@pytest.mark.live_backup
 def test_paused_vm_takes_writes_and_backups(lab: Lab) -> None:
     vm = lab.create_vm()
     vm.pause()
@@ -62,6 +65,7 @@ def test_paused_vm_takes_writes_and_backups(lab: Lab) -> None:
     assert not vm.is_paused()
 
 
+@pytest.mark.live_backup
 def test_zeroes_and_discards_read_back_as_zeroes(lab: Lab) -> None:
     vm = lab.create_vm(disks=(16 * MiB,))
     empty = vm.reference_backup()
@@ -72,6 +76,7 @@ def test_zeroes_and_discards_read_back_as_zeroes(lab: Lab) -> None:
     assert compare(vm.reference_backup()[0], empty[0])
 
 
+@pytest.mark.live_backup
 def test_flattened_chain_compares_with_reference(lab: Lab, tmp_path: Path) -> None:
     vm = lab.create_vm(disks=(16 * MiB,))
     vm.write(0, 0, 1 * MiB, pattern=0x11)
@@ -99,6 +104,7 @@ def test_stop_start_and_kill(lab: Lab) -> None:
     assert vm.is_running()
 
 
+@pytest.mark.live_backup
 def test_persistent_vm_and_hotplug(lab: Lab) -> None:
     vm = lab.create_vm(disks=(16 * MiB,), persistent=True)
     assert vm.dom.isPersistent()
@@ -128,6 +134,7 @@ def test_bad_writes_are_refused(lab: Lab) -> None:
         vm.write(0, 1, 512)
 
 
+@pytest.mark.live_backup
 def test_close_leaves_nothing_behind(hypervisor: libvirt.virConnect) -> None:
     lab = Lab()
     transient = lab.create_vm()

@@ -18,6 +18,7 @@ SECONDS = 240
 """A time bound well above what the count takes (about a minute here)."""
 
 
+@pytest.mark.live_backup
 @pytest.mark.timeout(600)
 def test_eight_vms_under_load(lab: Lab, tmp_path: Path) -> None:
     result = run_load(

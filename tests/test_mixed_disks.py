@@ -34,6 +34,7 @@ def _allocated(path: Path) -> int:
     return path.stat().st_blocks * 512
 
 
+@pytest.mark.live_backup
 @pytest.mark.parametrize("kind", [RAW, BLOCK])
 def test_qcow2_root_with_a_disk_without_bitmaps(lab: Lab, tmp_path: Path, kind: str) -> None:
     vm = lab.create_vm(disks=(16 * MiB, DATA_DISK_SIZE), kinds=("qcow2", kind))

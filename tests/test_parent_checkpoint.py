@@ -67,6 +67,7 @@ def _write(vm: LabVM, k: int) -> None:
     vm.write(1, k * MiB, 512 * 1024, pattern=0x70 + k)
 
 
+@pytest.mark.live_backup
 @pytest.mark.parametrize("generation", ["merged", "seed"])
 def test_running_vm_parent_of_another_checkpoint_falls_back(chain: Chain, generation: str) -> None:
     vm = chain.vm

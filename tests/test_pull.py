@@ -71,6 +71,7 @@ def _checked(chain: Chain, run: Run, path: str, scratch: Path) -> None:
     assert leaks(chain.lab) == []
 
 
+@pytest.mark.live_backup
 def test_full_then_incrementals_restore_identical(chain: Chain, pull: Path) -> None:
     for k in range(3):
         _changes(chain.vm, k)
@@ -83,6 +84,7 @@ def test_full_then_incrementals_restore_identical(chain: Chain, pull: Path) -> N
     assert sum(f.stat().st_size for f in incremental.glob("*.qcow2")) < 8 * MiB
 
 
+@pytest.mark.live_backup
 def test_scratch_dir_option_selects_pull_mode(chain: Chain, scratch: Path) -> None:
     """``-S DIR`` (apache/cloudstack PR 14194's option) for one run, no host setting."""
     _changes(chain.vm, 1)
@@ -117,6 +119,7 @@ def _slow_pull(lab: Lab, log: Path) -> tuple[Chain, FlakyNas, InFlight]:
     return chain, nas, in_flight
 
 
+@pytest.mark.live_backup
 def test_sigterm_mid_copy_cleans_up_everything(lab: Lab, pull: Path, tmp_path: Path) -> None:
     chain, nas, in_flight = _slow_pull(lab, tmp_path / "agent.log")
     in_flight.proc.send_signal(signal.SIGTERM)
@@ -130,6 +133,7 @@ def test_sigterm_mid_copy_cleans_up_everything(lab: Lab, pull: Path, tmp_path: P
     _checked(chain, run, path, pull)
 
 
+@pytest.mark.live_backup
 def test_a_killed_run_is_recovered_by_the_next(lab: Lab, pull: Path, tmp_path: Path) -> None:
     """SIGKILL mid-copy leaves libvirt's job, its scratch image and socket, and the storage
     daemon copying; the next run ends them all and succeeds."""
@@ -173,6 +177,7 @@ def test_a_daemon_a_dead_run_left_is_killed(scratch: Path) -> None:
         orphan.wait()
 
 
+@pytest.mark.live_backup
 async def test_progress_and_abort_over_the_socket(lab: Lab, pull: Path, tmp_path: Path) -> None:
     """The service reports a pull copy's progress (the copy's own bytes: libvirt does not
     see them) and its abort stops the copy at once, cleaned up as after any failure."""

@@ -63,6 +63,7 @@ def _take(run: FixtureRun, mode: str = "legacy", generation: str = "merged") -> 
 
 
 # -- the fixtures, end to end ------------------------------------------------------------------
+@pytest.mark.live_backup
 @pytest.mark.lab
 @pytest.mark.parametrize(("generation", "case"), RUNNING_CASES)
 async def test_running_vm_fixture_gets_its_answer_and_a_backup_that_restores(
@@ -144,6 +145,7 @@ async def test_the_dropins_lock_makes_it_a_failure_saying_so(
     assert leaks(lab) == []
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 async def test_two_requests_for_one_vm_run_one_after_the_other(lab: Lab, service: Running) -> None:
     run = FixtureRun(lab, lab.create_vm(disks=(128 * MiB,)), lab.repository())
@@ -161,6 +163,7 @@ async def test_two_requests_for_one_vm_run_one_after_the_other(lab: Lab, service
     assert leaks(lab) == []
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 async def test_one_envelope_runs_its_commands_in_order(lab: Lab, service: Running) -> None:
     run = FixtureRun(lab, lab.create_vm(disks=(16 * MiB,)), lab.repository())
@@ -195,6 +198,7 @@ async def _until(predicate: Any, what: str, timeout: float = 120) -> Any:
         await asyncio.sleep(0.05)
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 async def test_async_progress_limit_and_abort(lab: Lab, tmp_path: Path) -> None:
     big = FixtureRun(lab, lab.create_vm(disks=(1024 * MiB,)), lab.repository())
@@ -260,6 +264,7 @@ async def test_async_progress_limit_and_abort(lab: Lab, tmp_path: Path) -> None:
     verify_backup(lab, small.repo_dir, small.values()["backupPath"], small.vm, refs)
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 async def test_async_job_answers_as_the_synchronous_call(lab: Lab, service: Running) -> None:
     run = FixtureRun(lab, lab.create_vm(disks=(16 * MiB,)), lab.repository())
@@ -676,6 +681,7 @@ async def test_concurrent_stats_of_one_repository_share_one_run(lab: Lab, servic
     assert leaks(lab) == []
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 async def test_the_generation_is_asked_shown_or_configured(lab: Lab, tmp_path: Path) -> None:
     """A request says its generation, or a field shows it, or the service's setting holds."""

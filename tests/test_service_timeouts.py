@@ -75,6 +75,7 @@ def _no_shim_mounts() -> list[Path]:
     return [m for m in system.mount_points() if m.name.startswith("csbackup.")]
 
 
+@pytest.mark.live_backup
 @pytest.mark.lab
 async def test_a_backup_past_its_wait_is_stopped_cleaned_up_and_answers_timeout(
     lab: Lab, tmp_path: Path, caplog: pytest.LogCaptureFixture

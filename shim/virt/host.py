@@ -13,12 +13,12 @@ import libvirt
 import libvirt_qemu
 from lxml import etree
 
+from shim.compat import strict_zip
 from shim.errors import VirtError
+from shim.versions import MIN_LIBVIRT, MIN_QEMU
 
 log = logging.getLogger(__name__)
 
-MIN_QEMU = (4, 2, 0)
-MIN_LIBVIRT = (7, 2, 0)
 AGENT_TIMEOUT_SECONDS = 10
 QEMU_PID_DIR = Path("/run/libvirt/qemu")
 """Where the system libvirtd records each running domain's QEMU pid (``<name>.pid``)."""
@@ -43,14 +43,60 @@ def _dotted(version: tuple[int, ...]) -> str:
     return ".".join(map(str, version))
 
 
-def check_versions(conn: libvirt.virConnect) -> None:
-    """The backup-begin gate: QEMU >= 4.2 and libvirt >= 7.2 (push backups, checkpoints)."""
+def check_versions(conn: libvirt.virConnect, dom: libvirt.virDomain) -> None:
+    """The backup-begin gate, refused in upstream's own words (its ``sanity_checks``, which
+    operators search for): QEMU >= 4.2 and libvirt >= 7.2, and libvirt's own say that it
+    backs up ``dom`` (:func:`live_backup_supported`)."""
     qemu, lib = _version(conn.getVersion()), _version(conn.getLibVersion())
-    if qemu < MIN_QEMU or lib < MIN_LIBVIRT:
+    if not versions_back_up(conn) or not live_backup_supported(conn, dom):
         raise VirtError(
-            f"backups need QEMU >= {_dotted(MIN_QEMU)} and libvirt >= {_dotted(MIN_LIBVIRT)}; "
-            f"this host has QEMU {_dotted(qemu)} and libvirt {_dotted(lib)}"
+            f"Failure... Your QEMU version {_dotted(qemu)} or libvirt version {_dotted(lib)} "
+            "is unsupported. Consider upgrading to the required minimum version of QEMU: "
+            f"{_dotted(MIN_QEMU)} and Libvirt: {_dotted(MIN_LIBVIRT)}"
         )
+
+
+def live_backup_supported(conn: libvirt.virConnect, dom: libvirt.virDomain) -> bool:
+    """Whether libvirt backs up ``dom`` while it runs: the domain capabilities of its
+    emulator, machine and virtualization type say ``<backup supported='yes'/>``.
+
+    The capability, not a version: libvirt 6.0 to 7.1 (Debian 11 has 7.0) ship the backup
+    API but refuse it to any domain that did not opt in through a QEMU capability in its
+    XML, which CloudStack's never do; from 7.2 on it is on, and reported here.
+    """
+    root = etree.fromstring(dom.XMLDesc().encode())
+    os_type = root.find("os/type")
+    return backup_capability(
+        conn,
+        emulator=root.findtext("devices/emulator"),
+        arch=os_type.get("arch") if os_type is not None else None,
+        machine=os_type.get("machine") if os_type is not None else None,
+        virttype=root.get("type"),
+    )
+
+
+def backup_capability(
+    conn: libvirt.virConnect,
+    *,
+    emulator: str | None = None,
+    arch: str | None = None,
+    machine: str | None = None,
+    virttype: str | None = None,
+) -> bool:
+    """Whether the domain capabilities of this emulator, machine and virtualization type
+    report ``<backup supported='yes'/>`` (libvirt's defaults where not given)."""
+    try:
+        caps = conn.getDomainCapabilities(emulator, arch, machine, virttype, 0)
+    except libvirt.libvirtError as exc:
+        log.warning("cannot read the domain capabilities: %s", exc.get_error_message())
+        return False
+    return etree.fromstring(caps.encode()).find("features/backup[@supported='yes']") is not None
+
+
+def versions_back_up(conn: libvirt.virConnect) -> bool:
+    """Whether this QEMU and libvirt are ones upstream's script backs running VMs up on."""
+    qemu, lib = _version(conn.getVersion()), _version(conn.getLibVersion())
+    return qemu >= MIN_QEMU and lib >= MIN_LIBVIRT
 
 
 def versions(conn: libvirt.virConnect) -> dict[str, str]:
@@ -180,7 +226,7 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
 
     def line(cells: list[str]) -> str:
-        return " " + "   ".join(c.ljust(w) for c, w in zip(cells, widths, strict=True)).rstrip()
+        return " " + "   ".join(c.ljust(w) for c, w in strict_zip(cells, widths)).rstrip()
 
     ruler = "-" * (sum(widths) + 3 * (len(widths) - 1) + 2)
     return "\n".join([line(header), ruler, *(line(r) for r in rows)]) + "\n\n"
