@@ -13,6 +13,7 @@ import pytest
 from lxml import etree
 
 from shim import qemu_img
+from shim.compat import strict_zip
 from shim.manifest import MANIFEST
 from shim.virt.disks import parse_disks
 from tests.envelopes import all_cases, fill, mismatches, read
@@ -67,6 +68,7 @@ async def test_stopped_vm_fixture(lab: Lab, service: Running, generation: str) -
     assert leaks(lab) == []
 
 
+@pytest.mark.live_backup
 @pytest.mark.parametrize("generation", _cases("delete"))
 async def test_delete_fixture(lab: Lab, service: Running, generation: str) -> None:
     run = FixtureRun(lab, lab.create_vm(disks=(16 * MiB, 16 * MiB)), lab.repository())
@@ -79,6 +81,7 @@ async def test_delete_fixture(lab: Lab, service: Running, generation: str) -> No
     assert leaks(lab) == []
 
 
+@pytest.mark.live_backup
 async def test_rebase_fixture_repairs_the_chain_before_a_delete(lab: Lab, service: Running) -> None:
     run = FixtureRun(lab, lab.create_vm(disks=(32 * MiB, 16 * MiB)), lab.repository())
     _write(run.vm, 1)
@@ -111,6 +114,7 @@ async def test_rebase_fixture_repairs_the_chain_before_a_delete(lab: Lab, servic
     assert leaks(lab) == []
 
 
+@pytest.mark.live_backup
 @pytest.mark.parametrize(
     ("generation", "case"),
     [(g, c) for c in ("restore", "restore-destroyed") for g in _cases(c)],
@@ -133,12 +137,13 @@ async def test_restore_fixture_writes_the_backup_into_the_volumes(
     values = {**run.values(), "backupPath": run.backups[-1]}
     expected, answers = await _post(service, generation, case, values)
     assert mismatches(expected, answers, values) == []
-    for disk, ref in zip(vm.disks, refs, strict=True):
+    for disk, ref in strict_zip(vm.disks, refs):
         assert qemu_img.compare(disk.path, ref), f"{disk.path} was not restored"
         assert qemu_img.info(disk.path).bitmaps == ()
     assert leaks(lab) == []
 
 
+@pytest.mark.live_backup
 @pytest.mark.parametrize("generation", _cases("restore-volume"))
 async def test_a_single_volume_is_restored_into_a_new_volume_of_the_running_vm(
     lab: Lab, service: Running, generation: str
@@ -169,11 +174,16 @@ async def test_a_single_volume_is_restored_into_a_new_volume_of_the_running_vm(
         etree.fromstring(vm.dom.XMLDesc()).xpath(f"//disk[source/@file='{new_volume}']")[0]
     ).decode().replace('"', "'")
     assert qemu_img.compare(new_volume, refs[1], force_share=True)
-    # The VM's own disks were not touched: they still hold the later writes.
-    assert not qemu_img.compare(vm.disks[1].path, refs[1], force_share=True)
+    # The VM's own disks were not touched: they still hold the later writes. Read as the VM
+    # reads them (a backup through its QEMU), not from the file under it: QEMU 6.2, 8.2 and
+    # 10.0 keep the later writes' qcow2 metadata in memory until a flush, so the file alone
+    # still reads as the backup did.
+    now = vm.reference_backup()
+    assert not qemu_img.compare(now[1], refs[1])
     assert leaks(lab) == []
 
 
+@pytest.mark.live_backup
 async def test_restore_failures_answer_the_java_messages(lab: Lab, service: Running) -> None:
     vm = lab.create_vm(disks=(16 * MiB, 16 * MiB), persistent=True)
     run = FixtureRun(lab, vm, lab.repository())
@@ -214,6 +224,7 @@ async def test_restore_failures_answer_the_java_messages(lab: Lab, service: Runn
     assert leaks(lab) == []
 
 
+@pytest.mark.live_backup
 @pytest.mark.parametrize("generation", _cases("timeout"))
 async def test_timeout_fixture_stops_the_backup_and_answers_timeout(
     lab: Lab, service: Running, generation: str
