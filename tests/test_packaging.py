@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import subprocess
 import sys
 import zipfile
@@ -12,10 +13,16 @@ REPO = Path(__file__).resolve().parents[1]
 
 def test_the_lab_is_not_installed(tmp_path: Path) -> None:
     # The wheel pip would install, built as pip builds it (any Python, no setuptools needed
-    # in this environment: the build backend comes in its own isolated environment).
+    # in this environment: the build backend comes in its own isolated environment), from a
+    # copy of the sources: setuptools reuses a checkout's build/ directory, stale or not.
+    source = tmp_path / "source"
+    shutil.copytree(
+        REPO, source,
+        ignore=shutil.ignore_patterns(".*", "build", "*.egg-info", "__pycache__", "fixtures"),
+    )  # fmt: skip
     subprocess.run(
         [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--disable-pip-version-check",
-         "-w", str(tmp_path), str(REPO)],
+         "-w", str(tmp_path), str(source)],
         check=True, capture_output=True, cwd=tmp_path,
     )  # fmt: skip
     (wheel,) = tmp_path.glob("*.whl")
