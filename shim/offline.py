@@ -156,6 +156,7 @@ class OfflineBackup(BackupMethod):
         sizes.update(
             {d.target: qemu_img.info(d.source, fmt=d.driver_type).virtual_size for d in local}
         )
+        damaged = _damaged_images(local) if parents is not None else {}
         blockdevs = []
         for i, disk in enumerate(local):
             driver = "host_device" if disk.source_type == "block" else "file"
@@ -168,7 +169,7 @@ class OfflineBackup(BackupMethod):
             ]
         try:
             with StorageDaemon(blockdevs) as daemon:
-                return self._copy_in(daemon, disks, local, parents)
+                return self._copy_in(daemon, disks, local, parents, damaged)
         except CommandFailed as exc:
             if "lock" in exc.stderr:
                 raise BackupFailed(
@@ -182,6 +183,7 @@ class OfflineBackup(BackupMethod):
         disks: list[DomainDisk],
         local: list[DomainDisk],
         parents: Parents | None,
+        damaged: Mapping[str, str],
     ) -> BackupPlan:
         request = self.request
         nodes = {d.target: f"src{i}" for i, d in enumerate(local)}
@@ -189,7 +191,9 @@ class OfflineBackup(BackupMethod):
             request,
             disks,
             parents,
-            lambda parent, files: self._bitmap_problem(daemon, disks, nodes, parent, files),
+            lambda parent, files: self._bitmap_problem(
+                daemon, disks, nodes, parent, files, damaged=damaged
+            ),
         )
         actions = []
         for disk in local:
@@ -245,11 +249,15 @@ class OfflineBackup(BackupMethod):
         nodes: dict[str, str],
         parent_bitmap: str,
         files: dict[str, Path],
+        *,
+        damaged: Mapping[str, str],
     ) -> str | None:
         """Why the images cannot serve ``parent_bitmap`` as the parent (None: they can)."""
         for disk in disks:
             if disk.target not in files:
                 continue  # attached since the parent, or no bitmaps: copied full
+            if disk.target in damaged:
+                return damaged[disk.target]
             bitmaps = node_bitmaps(daemon, nodes[disk.target])
             if parent_bitmap not in bitmaps:
                 return f"{disk.source} has no bitmap {parent_bitmap}"
@@ -278,3 +286,28 @@ class OfflineBackup(BackupMethod):
                 checkpoints.delete(dom, checkpoint.name, metadata_only=True)
         except VirtError as exc:  # housekeeping never fails a published backup
             log.warning("cannot clear the checkpoint metadata of %s: %s", self.request.vm, exc)
+
+
+def _damaged_images(disks: Sequence[DomainDisk]) -> dict[str, str]:
+    """Disk target -> why its image's bitmaps cannot be trusted, for the stopped disks
+    that carry bitmaps.
+
+    Only an image ``qemu-img check`` finds sound is trusted with an incremental: QEMU reads
+    a torn bitmap directory's table past the end of the file as zeroes, an empty bitmap
+    that would silently drop every change since the parent (leaked clusters are harmless
+    and do not count)."""
+    damaged = {}
+    for disk in disks:
+        if not disk.carries_bitmaps:
+            continue
+        try:
+            result = qemu_img.check(disk.source, fmt=disk.driver_type, chain=False)
+        except CommandFailed as exc:
+            damaged[disk.target] = f"{disk.source} cannot be checked: {exc}"
+            continue
+        if result.corruptions or result.check_errors:
+            damaged[disk.target] = (
+                f"{disk.source} fails qemu-img check ({result.corruptions} corruptions, "
+                f"{result.check_errors} errors): its bitmaps are not trusted"
+            )
+    return damaged

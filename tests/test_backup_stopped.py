@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import json
 import os
+import struct
 import subprocess
 import time
 from pathlib import Path
@@ -513,3 +515,76 @@ def test_downstream_volume_id_count_must_match_the_disk_paths(chain: Chain) -> N
     assert run.stdout == "--volumeuuids names 3 volume(s) but there are 2 disk paths (-d)\n"
     assert os.listdir(chain.repo_dir) == [] and chain.vm.bitmaps(0) == ()
     assert not chain.log.exists()  # refused before anything, even the log
+
+
+def _bitmap_flags(path: Path) -> dict[str, list[str]]:
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", "-f", "qcow2", str(path)],
+            capture_output=True, text=True, check=True,
+        ).stdout
+    )  # fmt: skip
+    found = info.get("format-specific", {}).get("data", {}).get("bitmaps", [])
+    return {b["name"]: b["flags"] for b in found}
+
+
+def _lose_bitmap_tables(path: Path) -> None:
+    """Point every bitmap's table past the end of the file, as a torn write of the bitmap
+    directory would: ``qemu-img check`` then reports the image corrupt."""
+    with path.open("r+b") as image:
+        header = image.read(4096)
+        offset = struct.unpack(">I", header[100:104])[0]  # v3: extensions after the header
+        while True:
+            kind, length = struct.unpack(">II", header[offset : offset + 8])
+            if kind == 0:
+                return
+            if kind == 0x23852875:  # the bitmaps extension
+                count, _, _, directory = struct.unpack(">IIQQ", header[offset + 8 : offset + 32])
+                image.seek(directory)
+                for _ in range(count):
+                    entry = image.tell()
+                    fields = struct.unpack(">QIIBBHI", image.read(24))
+                    image.seek(entry)
+                    image.write(struct.pack(">Q", 1 << 40))
+                    # The entry: 24 bytes, extra data, the name, padded to 8 bytes.
+                    image.seek(entry + ((24 + fields[6] + fields[5] + 7) & ~7))
+            offset += 8 + ((length + 7) & ~7)
+
+
+@pytest.mark.parametrize("damage", ["qemu-killed", "bitmap-tables-lost"])
+def test_a_stopped_vm_with_a_damaged_parent_bitmap_is_backed_up_in_full(
+    chain: Chain, damage: str
+) -> None:
+    # Field reports (virtnbdbackup 225, 237, 266; Launchpad 1814418): a QEMU killed while it
+    # had the image open leaves its bitmaps flagged in use; a torn bitmap directory makes
+    # qemu-img check fail. Either way the next backup is a full that says so, the damaged
+    # bitmap is gone, the data is intact, and the chain goes on from the new bitmap.
+    vm = chain.vm
+    vm.write(0, 0, 2 * MiB, pattern=0x51)
+    vm.stop()
+    _offline(chain, "full")
+    parent = chain.bitmaps[-1]
+    if damage == "qemu-killed":
+        vm.start()
+        vm.write(0, 4 * MiB, MiB, pattern=0x52)
+        vm.kill()
+        assert "in-use" in _bitmap_flags(vm.disks[0].path)[parent]
+    else:
+        _lose_bitmap_tables(vm.disks[0].path)
+        check = subprocess.run(["qemu-img", "check", str(vm.disks[0].path)], check=False,
+                               capture_output=True)  # fmt: skip
+        assert check.returncode != 0
+    _, path = _offline(chain, "incremental")
+    manifest = read_manifest(chain.repo_dir / path)
+    assert manifest is not None and manifest.fallback and manifest.mode == "full"
+    verify_backup(chain.lab, chain.repo_dir, path, vm, _truth(vm))
+    for disk in (0, 1):
+        assert _bitmap_flags(vm.disks[disk].path) == {chain.bitmaps[-1]: ["auto"]}
+    vm.start()
+    vm.write(1, 0, MiB, pattern=0x53)
+    vm.stop()
+    _, path = _offline(chain, "incremental")
+    manifest = read_manifest(chain.repo_dir / path)
+    assert manifest is not None and not manifest.fallback and manifest.mode == "incremental"
+    verify_backup(chain.lab, chain.repo_dir, path, vm, _truth(vm))
+    assert leaks(chain.lab) == []
