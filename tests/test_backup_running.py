@@ -613,3 +613,25 @@ def test_a_host_that_cannot_back_up_a_running_vm_refuses_as_upstream(
     assert chain.vm.checkpoints() == []
     assert not (chain.repo_dir / path).exists()
     assert leaks(chain.lab) == []
+
+
+@pytest.mark.live_backup
+def test_five_drop_ins_at_once_each_back_up_their_own_vm(lab: Lab, tmp_path: Path) -> None:
+    # CloudStack's change to run several take-backup commands per host at once (PR 12847):
+    # five agents' drop-ins, five VMs, one NAS, each run mounting it on its own.
+    repo = lab.repository()
+    chains = []
+    for i in range(5):
+        vm = lab.create_vm(disks=(16 * MiB, 8 * MiB))
+        vm.write(0, 0, MiB, pattern=0x60 + i)
+        chains.append(Chain(lab=lab, vm=vm, repo=repo, log=tmp_path / f"agent-{i}.log"))
+    for mode in ("full", "incremental"):
+        flights = [c.start(mode, tmp_path / f"{mode}-{i}.log") for i, c in enumerate(chains)]
+        runs = [flight.finish() for flight in flights]
+        assert [r.returncode for r in runs] == [0] * 5, runs
+        assert not [r for r in runs if "INCREMENTAL_FALLBACK" in r.stdout], runs
+        for i, (c, flight) in enumerate(strict_zip(chains, flights)):
+            verify_backup(lab, c.repo_dir, flight.path, c.vm, c.vm.reference_backup())
+            c.vm.write(1, 0, MiB, pattern=0x70 + i)
+        assert [c.vm.checkpoints() for c in chains] == [c.bitmaps[-1:] for c in chains]
+    assert leaks(lab) == []
