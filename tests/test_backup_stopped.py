@@ -528,27 +528,41 @@ def _bitmap_flags(path: Path) -> dict[str, list[str]]:
     return {b["name"]: b["flags"] for b in found}
 
 
+def _bitmaps_extension(header: bytes) -> int:
+    """The offset of a qcow2 v3 header's bitmaps extension."""
+    offset = struct.unpack(">I", header[100:104])[0]  # v3: extensions after the header
+    while True:
+        kind, length = struct.unpack(">II", header[offset : offset + 8])
+        if kind == 0x23852875:
+            return offset
+        assert kind != 0, "no bitmaps extension"
+        offset += 8 + ((length + 7) & ~7)
+
+
+def _lose_bitmap_directory(path: Path) -> None:
+    """Point the bitmap directory past the end of the file: QEMU then opens the image for
+    nothing, not even ``qemu-img check`` or ``convert``."""
+    with path.open("r+b") as image:
+        extension = _bitmaps_extension(image.read(4096))
+        image.seek(extension + 8 + 16)
+        image.write(struct.pack(">Q", 1 << 40))
+
+
 def _lose_bitmap_tables(path: Path) -> None:
     """Point every bitmap's table past the end of the file, as a torn write of the bitmap
     directory would: ``qemu-img check`` then reports the image corrupt."""
     with path.open("r+b") as image:
         header = image.read(4096)
-        offset = struct.unpack(">I", header[100:104])[0]  # v3: extensions after the header
-        while True:
-            kind, length = struct.unpack(">II", header[offset : offset + 8])
-            if kind == 0:
-                return
-            if kind == 0x23852875:  # the bitmaps extension
-                count, _, _, directory = struct.unpack(">IIQQ", header[offset + 8 : offset + 32])
-                image.seek(directory)
-                for _ in range(count):
-                    entry = image.tell()
-                    fields = struct.unpack(">QIIBBHI", image.read(24))
-                    image.seek(entry)
-                    image.write(struct.pack(">Q", 1 << 40))
-                    # The entry: 24 bytes, extra data, the name, padded to 8 bytes.
-                    image.seek(entry + ((24 + fields[6] + fields[5] + 7) & ~7))
-            offset += 8 + ((length + 7) & ~7)
+        extension = _bitmaps_extension(header)
+        count, _, _, directory = struct.unpack(">IIQQ", header[extension + 8 : extension + 32])
+        image.seek(directory)
+        for _ in range(count):
+            entry = image.tell()
+            fields = struct.unpack(">QIIBBHI", image.read(24))
+            image.seek(entry)
+            image.write(struct.pack(">Q", 1 << 40))
+            # The entry: 24 bytes, extra data, the name, padded to 8 bytes.
+            image.seek(entry + ((24 + fields[6] + fields[5] + 7) & ~7))
 
 
 @pytest.mark.parametrize("damage", ["qemu-killed", "bitmap-tables-lost"])
@@ -587,4 +601,28 @@ def test_a_stopped_vm_with_a_damaged_parent_bitmap_is_backed_up_in_full(
     manifest = read_manifest(chain.repo_dir / path)
     assert manifest is not None and not manifest.fallback and manifest.mode == "incremental"
     verify_backup(chain.lab, chain.repo_dir, path, vm, _truth(vm))
+    assert leaks(chain.lab) == []
+
+
+def test_a_stopped_vm_whose_disk_qemu_cannot_open_fails_clearly_and_loses_nothing(
+    chain: Chain,
+) -> None:
+    # A bitmap directory so broken that no QEMU tool opens the image (not check, not
+    # convert; the VM cannot start either): one line naming the disk and QEMU's reason,
+    # exit 1, and the earlier backup, the other disk and the repository untouched.
+    vm = chain.vm
+    vm.write(0, 0, 2 * MiB, pattern=0x54)
+    vm.stop()
+    _, full = _offline(chain, "full")
+    _lose_bitmap_directory(vm.disks[0].path)
+    before = sorted(os.listdir(chain.repo_dir / vm.name))
+    other = hashlib.sha256(vm.disks[1].path.read_bytes()).hexdigest()
+    run, _ = chain.backup("incremental", disks=_disks(vm), expect_exit=1)
+    assert len(run.stdout.splitlines()) == 1, run.stdout
+    assert str(vm.disks[0].path) in run.stdout and "constraints" in run.stdout, run.stdout
+    assert sorted(os.listdir(chain.repo_dir / vm.name)) == before
+    assert hashlib.sha256(vm.disks[1].path.read_bytes()).hexdigest() == other
+    assert vm.bitmaps(1) == (chain.bitmaps[-1],)
+    for file in disk_files(chain.repo_dir, full, vm):
+        assert qemu_img.check(file).clean
     assert leaks(chain.lab) == []
