@@ -44,8 +44,8 @@ EXIT_ERROR = 1
 EXIT_CLEANUP_FAILED = 20
 
 
-class ShimError(Exception):
-    """A handled failure: its message is one line meant for the operator."""
+class _OneLine(BaseException):
+    """A message of one line meant for the operator, and the exit code it ends with."""
 
     exit_code = EXIT_ERROR
 
@@ -55,6 +55,10 @@ class ShimError(Exception):
 
     def __str__(self) -> str:
         return self.message
+
+
+class ShimError(_OneLine, Exception):
+    """A handled failure: its message is one line meant for the operator."""
 
 
 class UsageError(ShimError):
@@ -101,20 +105,11 @@ class StorageFailed(ShimError):
     """The repository or a volume failed under an operation (EIO, ENOSPC, gone)."""
 
 
-class Aborted(BaseException):
+class Aborted(_OneLine):
     """The operation was stopped from outside; what it was doing did not fail.
 
     Not an ``Exception``: handlers of failures never see it (see the module's docstring).
     """
-
-    exit_code = EXIT_ERROR
-
-    def __init__(self, message: str) -> None:
-        super().__init__(message)
-        self.message = message
-
-    def __str__(self) -> str:
-        return self.message
 
 
 class Interrupted(Aborted):

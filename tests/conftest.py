@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Iterator
 from pathlib import Path
@@ -19,6 +20,7 @@ from tests.lab.lab import start_libvirtd_if_down
 from tests.support import Chain
 
 
+@functools.cache
 def _lab_backs_up_running_vms() -> bool | None:
     """Whether the lab's libvirt backs up a running (TCG) domain, by the shim's own checks;
     None when no libvirtd answers (the tests then fail on the hypervisor fixture)."""

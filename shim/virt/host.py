@@ -48,7 +48,7 @@ def check_versions(conn: libvirt.virConnect, dom: libvirt.virDomain) -> None:
     operators search for): QEMU >= 4.2 and libvirt >= 7.2, and libvirt's own say that it
     backs up ``dom`` (:func:`live_backup_supported`)."""
     qemu, lib = _version(conn.getVersion()), _version(conn.getLibVersion())
-    if not versions_back_up(conn) or not live_backup_supported(conn, dom):
+    if not _versions_back_up(qemu, lib) or not live_backup_supported(conn, dom):
         raise VirtError(
             f"Failure... Your QEMU version {_dotted(qemu)} or libvirt version {_dotted(lib)} "
             "is unsupported. Consider upgrading to the required minimum version of QEMU: "
@@ -95,7 +95,10 @@ def backup_capability(
 
 def versions_back_up(conn: libvirt.virConnect) -> bool:
     """Whether this QEMU and libvirt are ones upstream's script backs running VMs up on."""
-    qemu, lib = _version(conn.getVersion()), _version(conn.getLibVersion())
+    return _versions_back_up(_version(conn.getVersion()), _version(conn.getLibVersion()))
+
+
+def _versions_back_up(qemu: tuple[int, int, int], lib: tuple[int, int, int]) -> bool:
     return qemu >= MIN_QEMU and lib >= MIN_LIBVIRT
 
 
