@@ -2,7 +2,8 @@
 
 A booted Linux with qemu-guest-agent, so that pauses, freezes and guest I/O are real:
 
-* the distribution kernel (``linux-image-amd64``'s image package);
+* the distribution kernel (the image package of Debian's ``linux-image-amd64`` or Ubuntu's
+  ``linux-image-virtual``, with Ubuntu's separate modules package);
 * an initramfs holding ``busybox-static``, the kernel modules for virtio disks, the
   virtio console and ext4 (with their dependencies, read from each module's ``depends=``),
   ``qemu-guest-agent`` and ``ioping`` with the libraries ``ldd`` lists, and an ``/init``
@@ -218,21 +219,38 @@ def _write_cpio_newc(root: Path, out: Path) -> None:
         archive.write(trailer + b"\0" * (-(110 + len(trailer)) % 4))
 
 
+_KERNELS = ("linux-image-amd64", "linux-image-virtual")
+"""The distribution's kernel metapackage: Debian's, Ubuntu's."""
+
+
+def _apt_depends(package: str, prefix: str) -> list[str]:
+    # An unknown package (the other distribution's metapackage) is an answer, not an error.
+    listed = subprocess.run(["apt-cache", "depends", package],
+                            check=False, capture_output=True, text=True).stdout  # fmt: skip
+    return [line.split()[-1] for line in listed.splitlines()
+            if re.match(rf"\s+Depends: {prefix}\d", line)]  # fmt: skip
+
+
+def _kernel_packages() -> list[str]:
+    """The kernel's image package and, where they are split out of it (Ubuntu), its
+    modules."""
+    image = next((dep for meta in _KERNELS for dep in _apt_depends(meta, "linux-image-")), None)
+    if image is None:
+        raise RuntimeError(f"no kernel package: apt knows none of {', '.join(_KERNELS)}")
+    return [image, *_apt_depends(image, "linux-modules-")]
+
+
 def _download(debs: Path) -> list[str]:
     """The packages' .deb files into ``debs``; returns ``package=version`` of each."""
-    kernel_pkg = next(
-        line.split()[-1]
-        for line in _run("apt-cache", "depends", "linux-image-amd64").splitlines()
-        if re.match(r"\s+Depends: linux-image-\d", line)
-    )
+    kernel = _kernel_packages()
     # apt's sandbox user cannot write into root's scratch directory.
     os.chmod(debs, 0o777)  # noqa: S103 - a private scratch directory, removed after
     try:
-        _run("apt-get", "download", "-q", kernel_pkg, *_PACKAGES, cwd=debs)
+        _run("apt-get", "download", "-q", *kernel, *_PACKAGES, cwd=debs)
     except subprocess.CalledProcessError:
         # Package lists never fetched, or stale (a superseded version is gone).
         _run("apt-get", "update", "-qq")
-        _run("apt-get", "download", "-q", kernel_pkg, *_PACKAGES, cwd=debs)
+        _run("apt-get", "download", "-q", *kernel, *_PACKAGES, cwd=debs)
     fields = [_run("dpkg-deb", "-f", str(d), "Package", "Version").splitlines()
               for d in sorted(debs.glob("*.deb"))]  # fmt: skip
     return ["=".join(line.split(": ", 1)[1] for line in pair) for pair in fields]
