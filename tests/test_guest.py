@@ -25,7 +25,7 @@ from shim.pull import SCRATCH_ENV
 from tests.lab import Lab, MiB, compare, flatten, system
 from tests.lab.chains import InFlight, Run, disk_files
 from tests.lab.guest import Guest, SequenceCut, SequenceWriter, boot_guest
-from tests.lab.guest_image import FREEZE_LOG, SLOW_FREEZE_FLAG
+from tests.lab.guest_image import DD, FREEZE_LOG, SLOW_FREEZE_FLAG
 from tests.lab.lab import FlakyNas, start_libvirtd_if_down, sweep_stale_labs
 from tests.lab.leaks import leaks
 from tests.support import Chain
@@ -112,10 +112,14 @@ def _failing_full(chain: Chain, nas: FlakyNas, guest: Guest, log: Path) -> tuple
     """A full backup during which the NAS fills while the guest overwrites its raw disk
     (areas not yet copied: each write waits for its copy-before-write); returns the exit
     code and stdout."""
+    # Data for the job to copy, whatever earlier tests left on the disk, in the half the
+    # guest's writes below do not zero before the job starts (QEMU 6.2's guest does): the
+    # job lasts while the guest writes and the NAS fills.
+    guest.run(f"{DD} if=/dev/urandom of=/dev/vdb bs=1M seek=16 count=16 oflag=direct")
     nas.throttle(1_000_000)  # the job lasts, so the guest's writes meet it
     guest.spawn(
         "rm -f /run/w.stop /run/w.done; while [ ! -e /run/w.stop ]; do "
-        "dd if=/dev/zero of=/dev/vdb bs=64k count=256 oflag=direct 2>/dev/null; done; "
+        f"{DD} if=/dev/zero of=/dev/vdb bs=64k count=256 oflag=direct 2>/dev/null; done; "
         "touch /run/w.done"
     )
     try:
@@ -233,7 +237,7 @@ def test_in_pull_mode_a_full_scratch_fails_the_backup_never_the_guest(
         with guest.watch_pauses() as pauses:
             # 16 MiB of rewrites of data not yet copied: their old data fills the scratch.
             guest.spawn(
-                "rm -f /run/dd.rc; dd if=/dev/urandom of=/dev/vdb bs=64k count=256 "
+                f"rm -f /run/dd.rc; {DD} if=/dev/urandom of=/dev/vdb bs=64k count=256 "
                 "oflag=direct 2>/dev/null; echo $? > /run/dd.rc"
             )
             run = in_flight.finish()

@@ -20,6 +20,7 @@ from pathlib import Path
 from tests.lab.bench import Metric
 from tests.lab.bench_pull import pull_mode
 from tests.lab.guest import Guest, boot_guest, median, percentile
+from tests.lab.guest_image import DD
 from tests.lab.lab import Lab, MiB
 from tests.support import Chain
 
@@ -85,7 +86,7 @@ def _p10_in(lab: Lab, guest: Guest, mode: str) -> tuple[float, str]:
     nas.throttle(THROTTLE // 4)
     guest.spawn(
         "rm -f /run/w.stop; while [ ! -e /run/w.stop ]; do "
-        "dd if=/dev/zero of=/dev/vdb bs=64k count=1024 oflag=direct 2>/dev/null; done"
+        f"{DD} if=/dev/zero of=/dev/vdb bs=64k count=1024 oflag=direct 2>/dev/null; done"
     )
     try:
         with guest.watch_pauses() as pauses:

@@ -29,7 +29,7 @@ from typing import Any
 import libvirt
 import libvirt_qemu
 
-from tests.lab.guest_image import DATA_MOUNT, FREEZE_LOG, GuestImage
+from tests.lab.guest_image import DATA_MOUNT, DD, FREEZE_LOG, GuestImage
 from tests.lab.lab import Lab, LabError, LabVM, MiB
 
 BOOT_TIMEOUT_SECONDS = 90
@@ -248,7 +248,7 @@ class SequenceWriter:
         self.guest.run("rm -f /run/seq /run/seq.stop")
         self.guest.spawn(
             "i=0; while [ ! -e /run/seq.stop ]; do "
-            f"printf 'seq %012d\\n' $i | dd of={self.device} bs={BLOCK} "
+            f"printf 'seq %012d\\n' $i | {DD} of={self.device} bs={BLOCK} "
             f"seek=$(({self.first} + i % {self.blocks})) "
             "conv=sync,notrunc,fsync oflag=direct 2>/dev/null "
             "|| { echo failed $i > /run/seq.failed; sleep 0.1; continue; }; "

@@ -42,7 +42,12 @@ FREEZE_LOG = "/run/fsfreeze.log"
 SLOW_FREEZE_FLAG = "/run/slow-freeze"
 """While it exists in the guest, each freeze takes three seconds longer."""
 ROOT_SIZE = 64 * 1024 * 1024
-_PACKAGES = ("busybox-static", "qemu-guest-agent", "ioping")
+_PACKAGES = ("busybox-static", "qemu-guest-agent", "ioping", "coreutils")
+"""coreutils for its ``dd`` (:data:`DD`)."""
+DD = "/usr/local/bin/dd"
+"""The guest's ``dd`` for writes with ``oflag=direct``, which busybox's lacks before 1.33
+(Ubuntu 22.04 ships 1.30): coreutils', called by its path, since busybox's shell runs its
+own applet for a bare ``dd`` whatever PATH says."""
 _MODULES = ("virtio_pci", "virtio_blk", "virtio_console", "crc32c_generic", "ext4")
 """Loaded in dependency order; ext4 wants a crc32c (a soft dependency modinfo does not list
 as ``depends``): the generic one, as the accelerated one needs SSE4.2, absent under TCG."""
@@ -276,17 +281,21 @@ def _stage_initramfs(unpacked: Path, initramfs: Path, kver: str) -> list[str]:
     """The initramfs tree; returns the modules it loads, in order."""
     index = _module_index(_unpacked(unpacked, "lib/modules") / kver)
     order = _load_order(index, _MODULES)
-    for sub in ("bin", "usr/bin", "usr/sbin", "proc", "sys", "dev", "run", "mnt", "etc",
-                "lib/modules", "tmp"):  # fmt: skip
+    for sub in ("bin", "usr/bin", "usr/sbin", "usr/local/bin", "proc", "sys", "dev", "run",
+                "mnt", "etc", "lib/modules", "tmp"):  # fmt: skip
         (initramfs / sub).mkdir(parents=True, exist_ok=True)
     loaded = [_copy_module(_built(index, name), initramfs / "lib/modules") for name in order]
     (initramfs / "etc/modules.load").write_text("\n".join(loaded) + "\n")
     # The kernel opens the console before running /init (devtmpfs comes later).
     os.mknod(initramfs / "dev/console", 0o600 | stat.S_IFCHR, os.makedev(5, 1))
     shutil.copy2(_unpacked(unpacked, "bin/busybox"), initramfs / "bin/busybox")
-    for binary, where in (("usr/sbin/qemu-ga", "usr/sbin"), ("usr/bin/ioping", "usr/bin")):
-        shutil.copy2(unpacked / binary, initramfs / where)
-        for lib in _libraries(unpacked / binary):
+    for binary, where in (
+        (unpacked / "usr/sbin/qemu-ga", "usr/sbin"),
+        (unpacked / "usr/bin/ioping", "usr/bin"),
+        (_unpacked(unpacked, "bin/dd"), "usr/local/bin"),
+    ):
+        shutil.copy2(binary, initramfs / where)
+        for lib in _libraries(binary):
             target = initramfs / str(lib).lstrip("/")
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(lib.resolve(), target)
