@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -127,3 +128,97 @@ def test_refuses_where_the_environment_cannot_run(scripts_dir: Path, tmp_path: P
     assert target.read_text() == ORIGINAL.format(v="local") and not target.is_symlink()
     missing = _run("--scripts-dir", str(tmp_path / "no-agent"))
     assert missing.returncode == 1 and "is the CloudStack KVM agent installed" in missing.stderr
+
+
+def test_the_agents_own_configuration_names_the_script(scripts_dir: Path, tmp_path: Path) -> None:
+    """kvm.scripts.dir under environment.properties' paths.script, as the agent looks."""
+    common = scripts_dir.parent / "common"
+    target = common / "scripts/vm/hypervisor/kvm/nasbackup.sh"
+    target.parent.mkdir(parents=True)
+    target.write_text(ORIGINAL.format(v="packaged"))
+    conf = tmp_path / "agent-conf"
+    conf.mkdir()
+    (conf / "environment.properties").write_text(f"paths.script={common}\n")
+    env = {**os.environ, "SHIM_AGENT_CONF_DIR": str(conf)}
+    done = _run(env=env)
+    assert done.returncode == 0, done.stderr
+    assert target.resolve() == ROOT / "scripts" / "nasbackup.sh"
+    assert f"installed at {target}" in _run("--status", env=env).stdout
+    # An absolute kvm.scripts.dir wins.
+    elsewhere = tmp_path / "elsewhere"
+    (conf / "agent.properties").write_text(f"kvm.scripts.dir={elsewhere}/\n")
+    assert f"not installed at {elsewhere}/nasbackup.sh" in _run("--status", env=env).stdout
+    (conf / "agent.properties").unlink()
+    assert _run("--uninstall", env=env).returncode == 0
+    assert target.read_text() == ORIGINAL.format(v="packaged")
+    again = _run("--uninstall", env=env)
+    assert again.returncode == 0 and "not installed" in again.stdout
+    assert sorted(p.name for p in target.parent.iterdir()) == ["nasbackup.sh"]
+
+
+def test_an_upgrade_that_replaced_the_link_leaves_its_script_as_the_original(
+    scripts_dir: Path,
+) -> None:
+    target = scripts_dir / "vm/hypervisor/kvm/nasbackup.sh"
+    target.parent.mkdir(parents=True)
+    target.write_text(ORIGINAL.format(v="1"))
+    assert _run("--scripts-dir", str(scripts_dir)).returncode == 0
+    # An rpm upgrade of the agent writes its new script over the link.
+    staged = target.with_name("nasbackup.sh.rpmnew")
+    staged.write_text(ORIGINAL.format(v="2"))
+    staged.rename(target)
+    assert "not installed" in _run("--scripts-dir", str(scripts_dir), "--status").stdout
+    assert _run("--scripts-dir", str(scripts_dir)).returncode == 0
+    assert _run("--scripts-dir", str(scripts_dir), "--uninstall").returncode == 0
+    assert target.read_text() == ORIGINAL.format(v="2")
+    assert sorted(p.name for p in target.parent.iterdir()) == ["nasbackup.sh"]
+
+
+def test_the_agent_always_finds_a_script(scripts_dir: Path) -> None:
+    """Install and uninstall replace the script by renames: never a moment without one."""
+    target = scripts_dir / "vm/hypervisor/kvm/nasbackup.sh"
+    target.parent.mkdir(parents=True)
+    target.write_text(ORIGINAL.format(v="1"))
+    missing: list[int] = []
+    stop = threading.Event()
+
+    def watch() -> None:
+        while not stop.is_set():
+            if not os.path.lexists(target):
+                missing.append(1)
+
+    watcher = threading.Thread(target=watch)
+    watcher.start()
+    try:
+        for _ in range(5):
+            assert _run("--scripts-dir", str(scripts_dir)).returncode == 0
+            assert _run("--scripts-dir", str(scripts_dir), "--uninstall").returncode == 0
+    finally:
+        stop.set()
+        watcher.join()
+    assert missing == []
+    assert target.read_text() == ORIGINAL.format(v="1")
+
+
+def test_a_drop_in_that_does_not_answer_changes_nothing(scripts_dir: Path, tmp_path: Path) -> None:
+    target = scripts_dir / "vm/hypervisor/kvm/nasbackup.sh"
+    target.parent.mkdir(parents=True)
+    target.write_text(ORIGINAL.format(v="1"))
+    inode = target.stat().st_ino
+    clone = tmp_path / "clone"
+    shutil.copytree(ROOT / "scripts", clone / "scripts", symlinks=True)
+    # Imports fine (install-agent's check), but the drop-in's own start fails.
+    python = clone / ".venv" / "bin" / "python"
+    python.parent.mkdir(parents=True)
+    python.write_text(f'#!/bin/sh\n[ "$1" = -m ] && exit 3\nexec {ROOT}/.venv/bin/python "$@"\n')
+    python.chmod(0o755)
+    done = subprocess.run(
+        [str(clone / "scripts" / "install-agent"), "--scripts-dir", str(scripts_dir)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        check=False,
+    )
+    assert done.returncode == 1 and "does not answer -h" in done.stderr
+    assert not target.is_symlink() and target.stat().st_ino == inode
+    assert sorted(p.name for p in target.parent.iterdir()) == ["nasbackup.sh"]
