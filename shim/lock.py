@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 from types import TracebackType
 
-from shim import cancel
+from shim import cancel, settings
 from shim.errors import InputError, LockBusy
 from shim.runtime import LOCK_DIR
 
@@ -35,9 +35,9 @@ __all__ = [
     "validate_vm_name",
 ]
 
-LOCK_WAIT_ENV = "NASBACKUP_SHIM_LOCK_WAIT"
+LOCK_WAIT_ENV = settings.LOCK_WAIT.name
 """Seconds a second operation on a VM waits for the first one's lock (0: fail at once)."""
-DEFAULT_LOCK_WAIT_SECONDS = 60.0
+DEFAULT_LOCK_WAIT_SECONDS = float(settings.LOCK_WAIT.default)
 """Long enough for a delete or stats to outwait a short operation, far below the agent's
 command timeout."""
 _POLL_SECONDS = 0.2
@@ -46,9 +46,7 @@ _POLL_SECONDS = 0.2
 
 def lock_wait_seconds() -> float:
     """The configured lock wait: ``NASBACKUP_SHIM_LOCK_WAIT``, else the default."""
-    text = os.environ.get(LOCK_WAIT_ENV, "").strip()
-    if not text:
-        return DEFAULT_LOCK_WAIT_SECONDS
+    text = settings.value(settings.LOCK_WAIT)
     try:
         seconds = float(text)
     except ValueError:

@@ -14,16 +14,16 @@ from __future__ import annotations
 import contextlib
 import logging
 import logging.handlers
-import os
 import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
+from shim import settings
 from shim.redact import RedactingFilter
 
-DEFAULT_LOG_FILE = Path("/var/log/cloudstack/agent/agent.log")
-LOG_FILE_ENV = "NASBACKUP_SHIM_LOG"
+DEFAULT_LOG_FILE = Path(settings.LOG.default)
+LOG_FILE_ENV = settings.LOG.name
 
 
 _context = threading.local()
@@ -97,11 +97,15 @@ class _LogIdFilter(logging.Filter):
 
 def log_file() -> Path:
     """Where the log goes: ``$NASBACKUP_SHIM_LOG``, else the agent's log."""
-    return Path(os.environ.get(LOG_FILE_ENV) or DEFAULT_LOG_FILE)
+    return Path(settings.value(settings.LOG))
 
 
 def setup(verbose: bool = False) -> None:
-    """Send the ``shim`` loggers to the log file (append only), and to a terminal stderr."""
+    """Send the ``shim`` loggers to the log file (append only), and to a terminal stderr.
+
+    The host's settings file is read first (:func:`shim.settings.load`): it may name the log
+    file, and every process that logs reads it so (the drop-in, the service)."""
+    problems = settings.load()
     logger = logging.getLogger("shim")
     logger.setLevel(logging.DEBUG if verbose else logging.INFO)
     logger.propagate = False
@@ -131,3 +135,5 @@ def setup(verbose: bool = False) -> None:
         terminal.addFilter(RedactingFilter())
         terminal.addFilter(_EscapingFilter())
         logger.addHandler(terminal)
+    for problem in problems:
+        logger.warning("%s", problem)

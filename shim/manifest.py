@@ -36,14 +36,14 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import IO, Any, TypeVar
 
-from shim import proc
+from shim import proc, settings
 from shim.compat import strict_zip
 
 MANIFEST = "manifest.json"
 FORMAT = 1
-CHECKSUM_ENV = "NASBACKUP_SHIM_CHECKSUM"
+CHECKSUM_ENV = settings.CHECKSUM.name
 ALGORITHMS = ("cksum", "sha256")
-CHECKSUM_AT_ENV = "NASBACKUP_SHIM_CHECKSUM_AT"
+CHECKSUM_AT_ENV = settings.CHECKSUM_AT.name
 """When a backup's checksums are computed: ``verify`` (its first verify, the default) or
 ``backup`` (as it ends, reading every file back from the NAS)."""
 UNSEALED = ""
@@ -85,14 +85,14 @@ class Manifest:
 
 def checksum_algorithm() -> str:
     """The algorithm new backups use (``NASBACKUP_SHIM_CHECKSUM``, default ``cksum``)."""
-    algorithm = os.environ.get(CHECKSUM_ENV) or "cksum"
-    return algorithm if algorithm in ALGORITHMS else "cksum"
+    algorithm = settings.value(settings.CHECKSUM)
+    return algorithm if algorithm in ALGORITHMS else settings.CHECKSUM.default
 
 
 def checksums_at_backup() -> bool:
     """Whether backups compute their checksums as they end (``NASBACKUP_SHIM_CHECKSUM_AT``
     is ``backup``), rather than leaving them to the first verify."""
-    return os.environ.get(CHECKSUM_AT_ENV, "verify") == "backup"
+    return settings.value(settings.CHECKSUM_AT) == "backup"
 
 
 def _checksum_argv(name: str, algorithm: str) -> list[str]:

@@ -9,11 +9,10 @@ behind it (what a Java wrapper would have derived from that stdout). Failures ar
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Union
 
-from shim import contract
+from shim import contract, settings
 from shim.cancel import CancelToken, bound
 from shim.contract import BackupOutcome, RestoreOutcome, StorageStats
 from shim.errors import StorageFailed
@@ -43,7 +42,7 @@ __all__ = [
 ]
 
 
-DISK_PATH_MARKERS_ENV = "NASBACKUP_SHIM_DISK_PATH_MARKERS"
+DISK_PATH_MARKERS_ENV = settings.DISK_PATH_MARKERS.name
 """Set to ``true`` for a management server of the seed generation, which strips marker
 lines before summing: markers are then printed for stopped-VM backups too."""
 
@@ -97,7 +96,7 @@ def _run(request: Request, on_job: JobObserver | None) -> Result:
         text = contract.backup_stdout(
             outcome,
             disk_paths_given=bool(request.disk_paths),
-            markers_with_disk_paths=os.environ.get(DISK_PATH_MARKERS_ENV) == "true",
+            markers_with_disk_paths=settings.value(settings.DISK_PATH_MARKERS) == "true",
         )
         return Result(text, outcome)
     if isinstance(request, StatsRequest):

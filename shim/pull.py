@@ -32,7 +32,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from shim import proc, qemu_img
+from shim import proc, qemu_img, settings
 from shim.compat import strict_zip
 from shim.errors import CommandFailed, InputError
 from shim.qemu_img import QEMU_IMG
@@ -50,7 +50,7 @@ from shim.versions import X_PERF_SINCE
 
 log = logging.getLogger(__name__)
 
-SCRATCH_ENV = "NASBACKUP_SHIM_SCRATCH_DIR"
+SCRATCH_ENV = settings.SCRATCH_DIR.name
 """The host setting: a local directory for scratch images; set, running VMs are backed up
 in pull mode (``-S DIR``/``--scratch-dir DIR`` sets it for one run)."""
 SOCKET_NAME = "nbd.sock"
@@ -77,7 +77,7 @@ _SOCKET_PATH_MAX = 107
 
 def scratch_setting() -> str | None:
     """The host's scratch directory (:data:`SCRATCH_ENV`), None when push mode is set."""
-    return os.environ.get(SCRATCH_ENV) or None
+    return settings.value(settings.SCRATCH_DIR) or None
 
 
 @dataclass(frozen=True)
