@@ -60,16 +60,22 @@ def test_the_drop_in_answers_help_as_upstream_does(tmp_path: Path) -> None:
     assert done.returncode == 1 and done.stdout.startswith("Usage: nasbackup.sh")
 
 
-@pytest.fixture
-def agent_runs_the_shim(tmp_path: Path) -> dict[str, str]:
-    """An agent configuration whose nasbackup.sh links to a shim clone's drop-in."""
+def _agent_linked_to(clone: Path, tmp_path: Path) -> dict[str, str]:
+    """An agent configuration whose nasbackup.sh links to ``clone``'s drop-in; returns the
+    environment that points the scripts at it."""
     conf = tmp_path / "agent-conf"
     kvm = tmp_path / "agent-scripts" / "kvm"
     conf.mkdir()
     kvm.mkdir(parents=True)
     (conf / "agent.properties").write_text(f"# the agent's\nkvm.scripts.dir = {kvm}\n")
-    (kvm / "nasbackup.sh").symlink_to(ROOT / "scripts" / "nasbackup.sh")
+    (kvm / "nasbackup.sh").symlink_to(clone / "scripts" / "nasbackup.sh")
     return {"SHIM_AGENT_CONF_DIR": str(conf)}
+
+
+@pytest.fixture
+def agent_runs_the_shim(tmp_path: Path) -> dict[str, str]:
+    """The agent runs this checkout's drop-in."""
+    return _agent_linked_to(ROOT, tmp_path)
 
 
 @pytest.mark.parametrize("name", LAB_SCRIPTS)
@@ -101,16 +107,9 @@ def test_setup_host_never_rebuilds_the_environment_the_agent_runs(tmp_path: Path
     (venv / "bin").mkdir(parents=True)
     (venv / ".shim-stamp").write_text("an older pyproject\n")
     (venv / "bin" / "python").symlink_to("/usr/bin/python3")
-    conf = tmp_path / "agent-conf"
-    kvm = tmp_path / "agent-scripts" / "kvm"
-    conf.mkdir()
-    kvm.mkdir(parents=True)
-    (conf / "agent.properties").write_text(f"kvm.scripts.dir={kvm}\n")
-    (kvm / "nasbackup.sh").symlink_to(clone / "scripts" / "nasbackup.sh")
+    env = _agent_linked_to(clone, tmp_path)
     before = _listing(venv)
-    done = _run(
-        clone / "scripts" / "setup-host", "--no-lab", env={"SHIM_AGENT_CONF_DIR": str(conf)}
-    )
+    done = _run(clone / "scripts" / "setup-host", "--no-lab", env=env)
     assert done.returncode == 1
     assert "runs the shim from" in done.stderr and "not rebuilt in place" in done.stderr
     assert _listing(venv) == before
