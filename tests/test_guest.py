@@ -473,10 +473,14 @@ def test_each_backup_is_the_disk_at_its_start_while_the_guest_writes(
             files = disk_files(chain.repo_dir, chain.backups[-1], guest.vm)
             cut = writer.cut(_raw(lab, _restored(lab, files[DATA_DISK])))
             assert cut.consistent, f"{mode}: not one point in time: {cut.problems}"
-            # Writes the job saw happen and kept out: counted from the cut, not from the
+            # A write the job saw happen and kept out: counted from the cut, not from the
             # shim's "started" line, which QEMU 8.2 and later can hold back until the copy
             # is nearly done (a job that ends early drains the others' writes in flight).
-            assert after - cut.latest >= 8, f"{mode}: the guest hardly wrote during the job"
+            # How many more the guest completes is its latency under push mode, not this
+            # property: each of the ring's 8 clusters waits for its copy-before-write behind
+            # the job's own writes to the NAS, and on QEMU 6.2 to 10.0 those 8 waits can take
+            # the whole job (1 to 7 writes in some runs, 25 to 60 in others; "Supported hosts").
+            assert after > cut.latest, f"{mode}: no guest write completed during the job"
             # The cut lies between the last write before the job was asked for and the
             # first the shim could see after libvirt had begun it.
             assert before <= cut.latest <= begun + 1, (before, cut.latest, begun)
