@@ -230,8 +230,12 @@ def main(argv: list[str]) -> int:
     backing, mountpoint, *flags = argv
     count = "--count" in flags
     Path(mountpoint).mkdir(parents=True, exist_ok=True)
-    FUSE(FlakyPassthrough(backing, count=count), mountpoint, foreground=True,
-         nothreads=False, allow_other=True, fsname="flakynas", direct_io=count)  # fmt: skip
+    # hard_remove: an unlink removes at once. Without it libfuse renames a file it still
+    # believes open to .fuse_hiddenXXXX, and the kernel sends the close of a killed
+    # process's file asynchronously: an rm -rf right after the kill then found the
+    # directory "not empty" (a lab artifact: NFS has closed the files of a reaped process).
+    FUSE(FlakyPassthrough(backing, count=count), mountpoint, foreground=True, nothreads=False,
+         allow_other=True, fsname="flakynas", direct_io=count, hard_remove=True)  # fmt: skip
     return 0
 
 
