@@ -34,16 +34,23 @@ agent_kvm_scripts_dir() {
     esac
 }
 
-# Whether the agent runs the shim on this host; prints how when it does. $1, when given, is
-# the agent's nasbackup.sh (else the one the agent's configuration names).
+# The shim clone the agent's nasbackup.sh links to (nothing, and status 1, when it does not).
+agent_clone() {
+    local script real
+    script=$(agent_kvm_scripts_dir)/nasbackup.sh
+    [ -L "$script" ] || return 1
+    real=$(readlink -f "$script")
+    [ -f "$(dirname "$real")/../shim/cli.py" ] || return 1
+    (cd "$(dirname "$real")/.." && pwd)
+}
+
+# Whether the agent runs the shim on this host; prints how when it does.
 shim_serves_agent() {
-    local script=${1:-$(agent_kvm_scripts_dir)/nasbackup.sh} real
-    if [ -L "$script" ]; then
-        real=$(readlink -f "$script")
-        if [ -f "$(dirname "$real")/../shim/cli.py" ]; then
-            echo "$script links to $real"
-            return 0
-        fi
+    local script clone
+    script=$(agent_kvm_scripts_dir)/nasbackup.sh
+    if clone=$(agent_clone); then
+        echo "$script links to the clone at $clone"
+        return 0
     fi
     if command -v dpkg-divert >/dev/null && dpkg-divert --list "$script" 2>/dev/null | grep -q .; then
         echo "dpkg diverts $script"
@@ -58,14 +65,34 @@ shim_serves_agent() {
 
 # The virtual environment the agent's drop-in runs in, when the shim serves the agent.
 agent_venv() {
-    local script real
-    script=$(agent_kvm_scripts_dir)/nasbackup.sh
+    local clone
     if [ -r "$shim_python_file" ]; then
         dirname "$(dirname "$(cat "$shim_python_file")")"
-    elif [ -L "$script" ] && real=$(readlink -f "$script") \
-        && [ -f "$(dirname "$real")/../shim/cli.py" ]; then
-        (cd "$(dirname "$real")/.." && echo "$PWD/.venv")
+    elif clone=$(agent_clone); then
+        echo "$clone/.venv"
     fi
+}
+
+# A script's usage: its leading comment block, after the #! line.
+usage_of() {
+    awk 'NR == 1 {next} /^#/ {sub(/^# ?/, ""); print; next} {exit}' "$1"
+}
+
+# The arguments of a lab script ($1 its name, $2 its path, then its arguments): --help
+# prints its usage and exits; --lab lifts the guard (lab_only); the others are left in the
+# array lab_args for the script.
+lab_script() {
+    local name=$1 path=$2 arg lab=no
+    shift 2
+    lab_args=()
+    for arg in "$@"; do
+        case "$arg" in
+            -h|--help) usage_of "$path"; exit 0 ;;
+            --lab) lab=yes ;;
+            *) lab_args+=("$arg") ;;
+        esac
+    done
+    lab_only "$name" "$lab"
 }
 
 # For the lab scripts (demo, test, bench, fault-report), which install packages, start
