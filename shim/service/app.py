@@ -35,11 +35,19 @@ from shim.virt.connection import open_connection
 
 log = logging.getLogger(__name__)
 
-SCHEDULER: web.AppKey[Scheduler] = web.AppKey("scheduler", Scheduler)
-TOKEN: web.AppKey[str | None] = web.AppKey("token", str)  # None: no TCP listener, no token
-MAX_BODY: web.AppKey[int] = web.AppKey("max_body", int)
-OPENAPI: web.AppKey[dict[str, Any]] = web.AppKey("openapi", dict)
-DEFAULT_GENERATION_KEY: web.AppKey[Generation] = web.AppKey("generation", Generation)
+
+def _app_key(name: str, kind: type) -> Any:
+    """A typed application key (aiohttp 3.9); on Debian 12's aiohttp 3.8, which the .deb
+    depends on, the plain string that version keys its applications by."""
+    app_key = getattr(web, "AppKey", None)
+    return name if app_key is None else app_key(name, kind)
+
+
+SCHEDULER: web.AppKey[Scheduler] = _app_key("scheduler", Scheduler)
+TOKEN: web.AppKey[str | None] = _app_key("token", str)  # None: no TCP listener, no token
+MAX_BODY: web.AppKey[int] = _app_key("max_body", int)
+OPENAPI: web.AppKey[dict[str, Any]] = _app_key("openapi", dict)
+DEFAULT_GENERATION_KEY: web.AppKey[Generation] = _app_key("generation", Generation)
 
 _TRUE, _FALSE = ("1", "true"), ("0", "false", "")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
