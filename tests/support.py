@@ -148,3 +148,25 @@ def assert_size_parses(parser: str, stdout: str, directory: Path, *, disks_given
         )
     assert parsed.size == expected
     return parsed
+
+
+def stand_in_deb(into: Path, package: str, version: str, files: dict[str, bytes]) -> Path:
+    """A Debian package named ``package`` holding ``files`` (absolute path: content; the
+    ``.sh`` ones executable), standing in for one of CloudStack's in the install tests."""
+    root = into / f"{package}-{version}"
+    for path, content in files.items():
+        file = root / path.lstrip("/")
+        file.parent.mkdir(parents=True, exist_ok=True)
+        file.write_bytes(content)
+        file.chmod(0o755 if path.endswith(".sh") else 0o644)
+    (root / "DEBIAN").mkdir(parents=True)
+    (root / "DEBIAN" / "control").write_text(
+        f"Package: {package}\nVersion: {version}\nArchitecture: all\n"
+        "Maintainer: tests <tests@localhost>\nDescription: a stand-in for the tests\n"
+    )
+    deb = into / f"{package}_{version}_all.deb"
+    subprocess.run(
+        ["dpkg-deb", "--root-owner-group", "--build", str(root), str(deb)],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    return deb

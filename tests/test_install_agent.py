@@ -11,9 +11,12 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import stand_in_deb
+
 ROOT = Path(__file__).resolve().parent.parent
 INSTALL = ROOT / "scripts" / "install-agent"
 PACKAGE = "nasbackup-shim-testpkg"
+SHIM_PACKAGE = "cloudstack-nasbackup-shim"
 ORIGINAL = "#!/bin/bash\n# the agent's own nasbackup.sh, version {v}\necho upstream\n"
 
 
@@ -28,19 +31,8 @@ def _run(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedP
 
 
 def _build_deb(tmp: Path, scripts_dir: Path, version: str) -> Path:
-    root = tmp / f"pkg-{version}"
-    script = root / scripts_dir.relative_to("/") / "vm/hypervisor/kvm/nasbackup.sh"
-    script.parent.mkdir(parents=True)
-    script.write_text(ORIGINAL.format(v=version))
-    script.chmod(0o755)
-    (root / "DEBIAN").mkdir()
-    (root / "DEBIAN" / "control").write_text(
-        f"Package: {PACKAGE}\nVersion: {version}\nArchitecture: all\n"
-        "Maintainer: tests <tests@localhost>\nDescription: stands in for cloudstack-common\n"
-    )
-    deb = tmp / f"{PACKAGE}_{version}.deb"
-    subprocess.run(["dpkg-deb", "--build", str(root), str(deb)], capture_output=True, check=True)
-    return deb
+    script = f"{scripts_dir}/vm/hypervisor/kvm/nasbackup.sh"
+    return stand_in_deb(tmp, PACKAGE, version, {script: ORIGINAL.format(v=version).encode()})
 
 
 @pytest.fixture
@@ -50,11 +42,12 @@ def scripts_dir() -> Iterator[Path]:
     yield path
     subprocess.run(["dpkg", "--purge", PACKAGE], capture_output=True, check=False)
     target = path / "vm/hypervisor/kvm/nasbackup.sh"
-    subprocess.run(
-        ["dpkg-divert", "--local", "--rename", "--remove", str(target)],
-        capture_output=True,
-        check=False,
-    )
+    for owner in (["--local"], ["--package", SHIM_PACKAGE]):
+        subprocess.run(
+            ["dpkg-divert", *owner, "--rename", "--remove", str(target)],
+            capture_output=True,
+            check=False,
+        )
     shutil.rmtree(path.parent, ignore_errors=True)
 
 
@@ -222,3 +215,33 @@ def test_a_drop_in_that_does_not_answer_changes_nothing(scripts_dir: Path, tmp_p
     assert done.returncode == 1 and "does not answer -h" in done.stderr
     assert not target.is_symlink() and target.stat().st_ino == inode
     assert sorted(p.name for p in target.parent.iterdir()) == ["nasbackup.sh"]
+
+
+@pytest.mark.parametrize("holder", ["clone", "package"])
+def test_one_kind_of_install_never_takes_the_script_from_the_other(
+    scripts_dir: Path, holder: str
+) -> None:
+    """A clone install and the package each refuse the agent's script the other holds."""
+    target = scripts_dir / "vm/hypervisor/kvm/nasbackup.sh"
+    target.parent.mkdir(parents=True)
+    target.write_text(ORIGINAL.format(v="local"))
+    if holder == "clone":
+        assert _run("--scripts-dir", str(scripts_dir)).returncode == 0
+        other = ["--package"]
+    else:  # as the package's postinst leaves it (its drop-in is not on this host)
+        subprocess.run(
+            ["dpkg-divert", "--package", SHIM_PACKAGE, "--no-rename", "--divert",
+             f"{target}.cloudstack-orig", "--add", str(target)],
+            capture_output=True, check=True,
+        )  # fmt: skip
+        other = []
+    before = {p.name: (p.is_symlink(), os.readlink(p) if p.is_symlink() else p.read_text())
+              for p in target.parent.iterdir()}  # fmt: skip
+    done = _run("--scripts-dir", str(scripts_dir), *other)
+    assert done.returncode == 1, done.stdout
+    expected = "clone install" if holder == "clone" else "package runs the agent's script"
+    assert expected in done.stderr
+    after = {p.name: (p.is_symlink(), os.readlink(p) if p.is_symlink() else p.read_text())
+             for p in target.parent.iterdir()}  # fmt: skip
+    assert after == before
+    assert "not installed" in _run("--scripts-dir", str(scripts_dir), *other, "--uninstall").stdout
