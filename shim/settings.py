@@ -61,7 +61,14 @@ DISK_PATH_MARKERS = Setting(
     "false",
     "true: markers for stopped VMs' backups too (a seed-generation management server)",
 )
-TABLE: tuple[Setting, ...] = (LOG, LOCK_WAIT, CHECKSUM, CHECKSUM_AT, SCRATCH_DIR, DISK_PATH_MARKERS)
+SERVE_ARGS = Setting(
+    "NASBACKUP_SHIM_SERVE_ARGS",
+    "",
+    "the socket service's options, which its systemd unit passes to cloudstack-nasbackup-serve",
+)
+TABLE: tuple[Setting, ...] = (
+    LOG, LOCK_WAIT, CHECKSUM, CHECKSUM_AT, SCRATCH_DIR, DISK_PATH_MARKERS, SERVE_ARGS
+)  # fmt: skip
 KNOWN = frozenset(s.name for s in TABLE)
 
 

@@ -38,8 +38,12 @@ import time
 from pathlib import Path
 from typing import Any
 
-import fuse
-from fuse import FUSE, FuseOSError, Operations
+try:
+    import fuse
+    from fuse import FUSE, FuseOSError, Operations
+except ImportError:  # Debian's python3-fusepy (the package's test runs with it) renames it
+    import fusepy as fuse
+    from fusepy import FUSE, FuseOSError, Operations
 
 FAIL_FLAG = ".fail-writes"
 FAIL_FSYNC_FLAG = ".fail-fsync"

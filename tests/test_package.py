@@ -1,0 +1,248 @@
+"""The Debian package (``scripts/package``) in clean chroots of the releases it is for.
+
+Built from this checkout, installed with apt into a throwaway copy (an overlay) of a
+debootstrap of Debian 12 and of Debian 13 that nothing else touches: it must take the agent's
+``nasbackup.sh`` over, run the shim with the distribution's own Python libraries, survive
+an upgrade of itself and of ``cloudstack-common`` (a stand-in package, built here, that
+ships the agent's script), and leave the host exactly as it was when purged.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tests.support import stand_in_deb
+
+# Run from the host, into chroots of their own: not again inside a release chroot.
+pytestmark = [pytest.mark.host, pytest.mark.release_chroots]
+# Debian 11's python3-aiohttp (3.7) is older than the shim's floor: a clone install there.
+RELEASES = ("bookworm", "trixie")
+
+REPO = Path(__file__).resolve().parents[1]
+CHROOTS = Path(os.environ.get("SHIM_CHROOTS", "/var/tmp/nasbackup-shim-chroots")) / "package"
+AGENT_SCRIPT = "/usr/share/cloudstack-common/scripts/vm/hypervisor/kvm/nasbackup.sh"
+DROP_IN = "/usr/bin/cloudstack-nasbackup"
+PACKAGE = "cloudstack-nasbackup-shim"
+DEBS = "/root/debs"  # inside the chroot
+
+# Every file of the chroot: type, mode, owner, and content's hash or link's target. What
+# package managers keep for themselves (their database, caches, logs) is left out.
+SNAPSHOT = r"""
+import hashlib, json, os, stat, sys
+skip = {"/proc", "/sys", "/dev", "/run", "/tmp", "/var/lib/dpkg", "/var/lib/apt",
+        "/var/cache", "/var/log/apt", "/var/log/dpkg.log", "/var/log/alternatives.log",
+        "/root/debs", sys.argv[1]}
+seen = {}
+for top, dirs, files in os.walk("/"):
+    dirs[:] = [d for d in dirs if os.path.join(top, d) not in skip]
+    for name in dirs + files:
+        path = os.path.join(top, name)
+        if path in skip:
+            continue
+        st = os.lstat(path)
+        if stat.S_ISLNK(st.st_mode):
+            what = os.readlink(path)
+        elif stat.S_ISREG(st.st_mode):
+            with open(path, "rb") as f:
+                what = hashlib.sha256(f.read()).hexdigest()
+        else:
+            what = ""
+        seen[path] = [stat.filemode(st.st_mode), st.st_uid, st.st_gid, what]
+print(json.dumps(seen))
+"""
+
+
+@dataclass
+class Chroot:
+    """A throwaway copy of the clean chroot; each ``run`` sees what the last one left."""
+
+    overlay: Path
+    release: str
+
+    def run(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+        done = subprocess.run(
+            [str(REPO / "scripts/release-chroot"), "run", "--overlay", str(self.overlay),
+             self.release, "/bin/bash", "-euo", "pipefail", "-c", script],
+            env={**os.environ, "SHIM_CHROOTS": str(CHROOTS), "DEBIAN_FRONTEND": "noninteractive"},
+            capture_output=True, text=True, timeout=900, check=False,
+        )  # fmt: skip
+        if check and done.returncode != 0:
+            raise AssertionError(f"{script}\nexit {done.returncode}\n{done.stdout}{done.stderr}")
+        return done
+
+    def put(self, source: Path) -> str:
+        """Copies a file into the chroot's /root/debs; its path there."""
+        target = self.overlay / "upper" / DEBS.lstrip("/") / source.name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        target.write_bytes(source.read_bytes())
+        return f"{DEBS}/{source.name}"
+
+    def snapshot(self) -> dict[str, list[object]]:
+        out = self.run(f"python3 -c {_quote(SNAPSHOT)} {REPO}").stdout
+        snap: dict[str, list[object]] = json.loads(out)
+        return snap
+
+
+def _quote(text: str) -> str:
+    return "'" + text.replace("'", "'\\''") + "'"
+
+
+def _agent_script(version: str) -> bytes:
+    return f'#!/bin/bash\necho "upstream nasbackup.sh {version}"\nexit 0\n'.encode()
+
+
+def _cloudstack_common(into: Path, version: str) -> Path:
+    """A stand-in for CloudStack's cloudstack-common: the agent's script and a neighbour."""
+    kvm = Path(AGENT_SCRIPT).parent
+    files = {AGENT_SCRIPT: _agent_script(version), f"{kvm}/kvmheartbeat.sh": b"#!/bin/bash\n"}
+    return stand_in_deb(into, "cloudstack-common", version, files)
+
+
+@pytest.fixture(scope="module")
+def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    out = tmp_path_factory.mktemp("debs")
+    built = {}
+    for version in ("0.1.0~test1", "0.1.0~test2"):
+        done = subprocess.run(
+            [str(REPO / "scripts/package"), "--out", str(out), "--version", version],
+            check=True, capture_output=True, text=True,
+        )  # fmt: skip
+        built[version] = Path(done.stdout.strip())
+    for version in ("4.20.0", "4.20.1"):
+        built[version] = _cloudstack_common(out, version)
+    return built
+
+
+@pytest.fixture(params=RELEASES)
+def chroot(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Chroot]:
+    release: str = request.param
+    subprocess.run(
+        [str(REPO / "scripts/release-chroot"), "build", release],
+        env={**os.environ, "SHIM_CHROOTS": str(CHROOTS)},
+        check=True, capture_output=True, timeout=900,
+    )  # fmt: skip
+    yield Chroot(tmp_path / "overlay", release)
+
+
+def _installed_for_the_agent(chroot: Chroot) -> None:
+    """The agent's script is the drop-in, diverted in the package's name, and runs the shim."""
+    state = chroot.run(
+        f"readlink {AGENT_SCRIPT}; dpkg-divert --listpackage {AGENT_SCRIPT}; "
+        f"{AGENT_SCRIPT} -h || echo exit=$?"
+    ).stdout.splitlines()
+    assert state[0] == DROP_IN, state
+    assert state[1] == PACKAGE, state
+    assert state[2].startswith("Usage: nasbackup.sh -o <operation>"), state
+    assert state[-1] == "exit=1", state  # upstream's usage exit
+
+
+def _diverted(chroot: Chroot) -> bytes:
+    return chroot.run(f"cat {AGENT_SCRIPT}.cloudstack-orig").stdout.encode()
+
+
+def test_install_upgrades_and_purge_leave_the_agent_as_it_was(
+    chroot: Chroot, debs: dict[str, Path]
+) -> None:
+    first, second = chroot.put(debs["0.1.0~test1"]), chroot.put(debs["0.1.0~test2"])
+    common_old, common_new = chroot.put(debs["4.20.0"]), chroot.put(debs["4.20.1"])
+    # The agent, and what the package needs from the distribution (resolved by apt from
+    # the package's own Depends and Recommends), are there before the snapshot; and systemd,
+    # to check the unit with.
+    chroot.run(
+        f"dpkg -i {common_old} >/dev/null && apt-get update -qq && "
+        "apt-get satisfy -y -qq --no-install-recommends "
+        f'"$(dpkg-deb -f {first} Depends), $(dpkg-deb -f {first} Recommends), systemd" '
+        ">/dev/null"
+    )
+    before = chroot.snapshot()
+
+    # The install is one apt command.
+    chroot.run(f"apt-get install -y -qq {first} >/dev/null")
+    _installed_for_the_agent(chroot)
+    assert _diverted(chroot) == _agent_script("4.20.0")
+    enabled = chroot.run(
+        f"readlink /etc/systemd/system/multi-user.target.wants/{PACKAGE}.service"
+    ).stdout.strip()
+    assert enabled.endswith(f"/systemd/system/{PACKAGE}.service")
+    # systemd knows every line of the unit (an unknown one is only warned about).
+    assert chroot.run(f"systemd-analyze verify {PACKAGE}.service 2>&1").stdout == ""
+    # The service, with the distribution's aiohttp and marshmallow, answers its client (run
+    # as its unit runs it: no systemd here).
+    health = chroot.run(
+        "mkdir -m 0700 /run/t; NASBACKUP_SHIM_LOG=/var/log/cloudstack-nasbackup/serve.log "
+        "cloudstack-nasbackup-serve --socket /run/t/s.sock & "
+        "for _ in $(seq 100); do [ -S /run/t/s.sock ] && break; sleep 0.1; done; "
+        "cloudstack-nasbackup-client --socket /run/t/s.sock health || true; kill $!"
+    ).stdout
+    assert '"libvirt"' in health, health
+
+    # Again over itself, then a newer version: still one diversion, still the shim.
+    chroot.run(f"dpkg -i {first} >/dev/null && dpkg -i {second} >/dev/null")
+    _installed_for_the_agent(chroot)
+    assert chroot.run("dpkg-divert --list | grep -c nasbackup").stdout.strip() == "1"
+
+    # cloudstack-common upgraded under the shim: its new script goes beside the drop-in.
+    chroot.run(f"dpkg -i {common_new} >/dev/null")
+    _installed_for_the_agent(chroot)
+    assert _diverted(chroot) == _agent_script("4.20.1")
+
+    chroot.run(f"apt-get purge -y -qq {PACKAGE} >/dev/null")
+    after = chroot.snapshot()
+    assert chroot.run(f"cat {AGENT_SCRIPT}").stdout.encode() == _agent_script("4.20.1")
+    changed = {p for p in before.keys() | after.keys() if before.get(p) != after.get(p)}
+    assert changed == {AGENT_SCRIPT}, sorted(changed)
+    assert after[AGENT_SCRIPT][:3] == before[AGENT_SCRIPT][:3]  # mode and owner too
+
+
+def test_the_agent_installed_after_the_package_gets_the_drop_in(
+    chroot: Chroot, debs: dict[str, Path]
+) -> None:
+    shim, common = chroot.put(debs["0.1.0~test1"]), chroot.put(debs["4.20.0"])
+    chroot.run(f"apt-get update -qq && apt-get install -y -qq --no-install-recommends {shim}")
+    assert chroot.run(f"dpkg-divert --list {AGENT_SCRIPT}").stdout == ""
+    # The package's trigger on the agent's script takes it over as it arrives.
+    chroot.run(f"dpkg -i {common} >/dev/null")
+    _installed_for_the_agent(chroot)
+    assert _diverted(chroot) == _agent_script("4.20.0")
+    chroot.run(f"dpkg --purge {PACKAGE} >/dev/null")
+    assert chroot.run(f"cat {AGENT_SCRIPT}").stdout.encode() == _agent_script("4.20.0")
+    assert chroot.run(f"dpkg-divert --list {AGENT_SCRIPT}").stdout == ""
+
+
+# The tests of everything that uses aiohttp, marshmallow and apispec, but the lab's.
+LIBRARY_TESTS = (
+    "tests/test_commands.py", "tests/test_java_wrappers.py", "tests/test_jobs.py",
+    "tests/test_secrets.py", "tests/test_service.py", "tests/test_service_timeouts.py",
+    "tests/test_service_operations.py", "tests/test_errors.py", "tests/test_settings.py",
+)  # fmt: skip
+
+
+def test_the_service_tests_pass_with_the_distributions_libraries(
+    chroot: Chroot, debs: dict[str, Path]
+) -> None:
+    """pyproject's floors are the distribution's versions: they must really do."""
+    shim = chroot.put(debs["0.1.0~test1"])
+    chroot.run(
+        "apt-get update -qq && apt-get install -y -qq --no-install-recommends "
+        f"{shim} python3-pytest python3-pytest-aiohttp python3-pytest-asyncio "
+        "python3-pytest-timeout python3-fusepy >/dev/null"
+    )
+    done = chroot.run(
+        f"cd {REPO} && PYTHONDONTWRITEBYTECODE=1 python3 -m pytest -p no:cacheprovider -q "
+        f"-m 'not lab and not host' {' '.join(LIBRARY_TESTS)} "
+        # It runs scripts/serve, which a clone install has and this chroot does not.
+        "--deselect tests/test_service.py::test_scripts_serve_refuses_a_loose_directory "
+        "&& python3 -c 'import aiohttp, marshmallow, apispec; "
+        "print(aiohttp.__version__, marshmallow.__version__, apispec.__version__)'",
+        check=False,
+    )
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert " passed" in done.stdout and " failed" not in done.stdout
+    print(done.stdout.splitlines()[-1])  # the versions, in the suite's output
