@@ -4,7 +4,8 @@ Built from this checkout, installed with apt into a throwaway copy (an overlay) 
 debootstrap of Debian 12 and of Debian 13 that nothing else touches: it must take the agent's
 ``nasbackup.sh`` over, run the shim with the distribution's own Python libraries, survive
 an upgrade of itself and of ``cloudstack-common`` (a stand-in package, built here, that
-ships the agent's script), and leave the host exactly as it was when purged.
+ships the agent's script), and leave the host exactly as it was when purged; and through
+the agent's script it must back up, verify and restore a stopped VM's disk.
 """
 
 from __future__ import annotations
@@ -246,3 +247,52 @@ def test_the_service_tests_pass_with_the_distributions_libraries(
     assert done.returncode == 0, done.stdout + done.stderr
     assert " passed" in done.stdout and " failed" not in done.stdout
     print(done.stdout.splitlines()[-1])  # the versions, in the suite's output
+
+
+# A stopped VM's disk backed up through the agent's script, full then incremental, verified
+# and restored, as the agent and an operator would: the package's own Python, libraries,
+# qemu-img and qemu-storage-daemon do the work. libvirtd runs only to say the VM is not
+# running (the lab's minimum: the account it resolves first, its directories, QEMU as root).
+BACKUP_AND_RESTORE = r"""
+getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+getent passwd libvirt-qemu >/dev/null || useradd -r -g libvirt-qemu libvirt-qemu
+mkdir -p /etc/libvirt /var/log/libvirt/qemu /var/lib/libvirt/qemu /var/cache/libvirt/qemu
+printf 'user = "root"\ngroup = "root"\n' > /etc/libvirt/qemu.conf
+libvirtd -d
+for _ in $(seq 100); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.1; done
+mkdir /srv/nas
+qemu-img create -q -f qcow2 /srv/vol-1 64M && qemu-io -c 'write -P 7 0 4M' /srv/vol-1 >/dev/null
+nas=(-t none -s /srv/nas -m bind)
+full=i-2-3-VM/2026.12.07.00.00.00 incremental=i-2-3-VM/2026.12.07.01.00.00
+echo "full: $(AGENT -o backup -v i-2-3-VM "${nas[@]}" -p $full -q false -d /srv/vol-1 \
+    -M full --bitmap-new backup-1 | paste -sd+)"
+qemu-io -c 'write -P 9 8M 2M' /srv/vol-1 >/dev/null
+echo "incremental: $(AGENT -o backup -v i-2-3-VM "${nas[@]}" -p $incremental -q false \
+    -d /srv/vol-1 -M incremental --bitmap-new backup-2 --bitmap-parent backup-1 \
+    --parent-paths $full/root.vol-1.qcow2 | paste -sd+)"
+echo "backing: $(qemu-img info /srv/nas/$incremental/root.vol-1.qcow2 | grep '^backing file:')"
+AGENT -o verify "${nas[@]}" -p $incremental >/dev/null
+qemu-img create -q -f qcow2 /srv/restored 64M
+AGENT -o restore "${nas[@]}" -v i-2-3-VM -p $incremental --restore-volume-paths /srv/restored \
+    >/dev/null
+qemu-img compare /srv/vol-1 /srv/restored
+echo "mounts left: $(grep -c csbackup /proc/mounts || true)"
+"""
+
+
+def test_the_agents_script_backs_up_and_restores_a_stopped_vm(
+    chroot: Chroot, debs: dict[str, Path]
+) -> None:
+    shim, common = chroot.put(debs["0.1.0~test2"]), chroot.put(debs["4.20.0"])
+    chroot.run(
+        f"dpkg -i {common} >/dev/null && apt-get update -qq && apt-get install -y -qq "
+        f"--no-install-recommends {shim} libvirt-daemon libvirt-daemon-driver-qemu >/dev/null"
+    )
+    done = chroot.run(BACKUP_AND_RESTORE.replace("AGENT", AGENT_SCRIPT), check=False)
+    out = done.stdout.splitlines()
+    assert done.returncode == 0, done.stdout + done.stderr
+    full = sum(int(n) for n in out[0].removeprefix("full: ").split("+"))
+    incremental = sum(int(n) for n in out[1].removeprefix("incremental: ").split("+"))
+    assert full > 4 * 2**20 > incremental > 2 * 2**20  # the incremental holds the change only
+    assert out[2].startswith("backing: backing file: ../2026.12.07.00.00.00/root.vol-1.qcow2 ")
+    assert out[3:] == ["Images are identical.", "mounts left: 0"], out
