@@ -296,3 +296,79 @@ def test_the_agents_script_backs_up_and_restores_a_stopped_vm(
     assert full > 4 * 2**20 > incremental > 2 * 2**20  # the incremental holds the change only
     assert out[2].startswith("backing: backing file: ../2026.12.07.00.00.00/root.vol-1.qcow2 ")
     assert out[3:] == ["Images are identical.", "mounts left: 0"], out
+
+
+# Under the package's own unit, started by systemd itself (the chroot booted in
+# systemd-nspawn): a stopped VM's backup sent to the service, its files restored by the
+# drop-in and compared; and the unit's hardening seen on the service's process.
+PROBE_UNIT = """[Unit]
+After=cloudstack-nasbackup-shim.service
+Wants=cloudstack-nasbackup-shim.service
+[Service]
+Type=oneshot
+ExecStart=/bin/bash /root/probe.sh
+ExecStopPost=/bin/systemctl --no-block poweroff
+[Install]
+WantedBy=multi-user.target
+"""
+PROBE = r"""exec >/root/probe.out 2>&1
+set -x
+getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
+getent passwd libvirt-qemu >/dev/null || useradd -r -g libvirt-qemu libvirt-qemu
+mkdir -p /etc/libvirt /var/log/libvirt/qemu /var/lib/libvirt/qemu /var/cache/libvirt/qemu
+printf 'user = "root"\ngroup = "root"\n' > /etc/libvirt/qemu.conf
+libvirtd -d
+for _ in $(seq 100); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.1; done
+mkdir -p /srv/nas
+qemu-img create -q -f qcow2 /srv/vol-1 64M && qemu-io -c 'write -P 7 0 4M' /srv/vol-1
+socket=/run/cloudstack-nasbackup-shim/shim.sock
+for _ in $(seq 100); do [ -S $socket ] && break; sleep 0.1; done
+pid=$(systemctl show -P MainPID cloudstack-nasbackup-shim)
+echo "status: $(systemctl is-active cloudstack-nasbackup-shim)"
+echo "process: $(grep -E '^(NoNewPrivs|Seccomp):' /proc/$pid/status | tr -s '\t\n' '  ')"
+cloudstack-nasbackup-client send - > /root/answer.json <<'JSON'
+[{"org.apache.cloudstack.backup.TakeBackupCommand": {"vmName": "i-2-3-VM",
+  "backupPath": "i-2-3-VM/2026.12.07.00.00.00", "backupRepoType": "none",
+  "backupRepoAddress": "/srv/nas", "mountOptions": "bind", "quiesce": false,
+  "volumePaths": ["/srv/vol-1"], "mode": "full", "bitmapNew": "backup-1",
+  "contextMap": {}, "wait": 0, "bypassHostMaintenance": false}}]
+JSON
+echo "client: $?"
+qemu-img create -q -f qcow2 /srv/restored 64M
+cloudstack-nasbackup -o restore -t none -s /srv/nas -m bind -v i-2-3-VM \
+    -p i-2-3-VM/2026.12.07.00.00.00 --restore-volume-paths /srv/restored
+echo "compare: $(qemu-img compare /srv/vol-1 /srv/restored)"
+echo "done"
+"""
+
+
+def test_the_service_backs_up_under_its_unit_and_systemd(
+    chroot: Chroot, debs: dict[str, Path]
+) -> None:
+    shim = chroot.put(debs["0.1.0~test1"])
+    chroot.run(
+        "apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd "
+        f"systemd-sysv {shim} libvirt-daemon libvirt-daemon-driver-qemu >/dev/null"
+    )
+    etc = chroot.overlay / "upper/etc/systemd/system"
+    (etc / "probe.service").write_text(PROBE_UNIT)
+    (etc / "multi-user.target.wants/probe.service").symlink_to("/etc/systemd/system/probe.service")
+    (chroot.overlay / "upper/root/probe.sh").write_text(PROBE)
+    booted = subprocess.run(
+        [str(REPO / "scripts/release-chroot"), "boot", "--overlay", str(chroot.overlay),
+         chroot.release],
+        env={**os.environ, "SHIM_CHROOTS": str(CHROOTS)},
+        capture_output=True, text=True, timeout=400, check=False,
+    )  # fmt: skip
+    upper = chroot.overlay / "upper/root"
+    probe = (upper / "probe.out").read_text() if (upper / "probe.out").exists() else ""
+    lines = {k: v.strip() for k, _, v in (x.partition(":") for x in probe.splitlines())}
+    context = f"{probe}\n{booted.stdout[-3000:]}{booted.stderr[-2000:]}"
+    assert lines.get("done") == "", context
+    assert lines["status"] == "active", context
+    # NoNewPrivileges, and the seccomp filter of the unit's Restrict*= lines, are in force.
+    assert lines["process"] == "NoNewPrivs: 1 Seccomp: 2", context
+    assert lines["client"] == "0", context
+    assert lines["compare"] == "Images are identical.", context
+    answer = json.loads((upper / "answer.json").read_text())
+    assert answer[0]["org.apache.cloudstack.backup.BackupAnswer"]["bitmapCreated"] == "backup-1"
