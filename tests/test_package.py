@@ -159,7 +159,7 @@ def test_install_upgrades_and_purge_leave_the_agent_as_it_was(
     chroot.run(
         f"dpkg -i {common_old} >/dev/null && apt-get update -qq && "
         "apt-get satisfy -y -qq --no-install-recommends "
-        f'"$(dpkg-deb -f {first} Depends), $(dpkg-deb -f {first} Recommends), systemd" '
+        f'"$(dpkg-deb -f {first} Depends), $(dpkg-deb -f {first} Recommends), systemd, logrotate" '
         ">/dev/null"
     )
     before = chroot.snapshot()
@@ -174,6 +174,10 @@ def test_install_upgrades_and_purge_leave_the_agent_as_it_was(
     assert enabled.endswith(f"/systemd/system/{PACKAGE}.service")
     # systemd knows every line of the unit (an unknown one is only warned about).
     assert chroot.run(f"systemd-analyze verify {PACKAGE}.service 2>&1").stdout == ""
+    # logrotate takes the snippet (a forced rotation under --debug changes nothing).
+    rotate = chroot.run(f"logrotate --debug --force /etc/logrotate.d/{PACKAGE} 2>&1").stdout
+    assert "/var/log/cloudstack-nasbackup/*.log" in rotate
+    assert "error" not in rotate.lower(), rotate
     # The service, with the distribution's aiohttp and marshmallow, answers its client (run
     # as its unit runs it: no systemd here).
     health = chroot.run(
@@ -184,9 +188,14 @@ def test_install_upgrades_and_purge_leave_the_agent_as_it_was(
     ).stdout
     assert '"libvirt"' in health, health
 
-    # Again over itself, then a newer version: still one diversion, still the shim.
+    # Again over itself, then a newer version: still one diversion, still the shim, and the
+    # operator's settings kept.
+    setting = "NASBACKUP_SHIM_LOCK_WAIT=30"
+    chroot.run(f"echo {setting} >> /etc/default/cloudstack-nasbackup")
     chroot.run(f"dpkg -i {first} >/dev/null && dpkg -i {second} >/dev/null")
     _installed_for_the_agent(chroot)
+    kept = chroot.run("tail -n1 /etc/default/cloudstack-nasbackup").stdout.strip()
+    assert kept == setting
     assert chroot.run("dpkg-divert --list | grep -c nasbackup").stdout.strip() == "1"
 
     # cloudstack-common upgraded under the shim: its new script goes beside the drop-in.
