@@ -245,3 +245,25 @@ def test_one_kind_of_install_never_takes_the_script_from_the_other(
              for p in target.parent.iterdir()}  # fmt: skip
     assert after == before
     assert "not installed" in _run("--scripts-dir", str(scripts_dir), *other, "--uninstall").stdout
+
+
+def test_a_diversion_without_its_diverted_file_keeps_the_script_there(
+    scripts_dir: Path, tmp_path: Path
+) -> None:
+    """Killed between diverting and naming the original (or the original put back by hand):
+    the script in place is the original, kept under the diverted name before any rename."""
+    subprocess.run(
+        ["dpkg", "-i", str(_build_deb(tmp_path, scripts_dir, "1.0"))],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    target = scripts_dir / "vm/hypervisor/kvm/nasbackup.sh"
+    subprocess.run(
+        ["dpkg-divert", "--local", "--no-rename", "--divert", f"{target}.cloudstack-orig",
+         "--add", str(target)],
+        capture_output=True, check=True,
+    )  # fmt: skip
+    assert _run("--scripts-dir", str(scripts_dir)).returncode == 0
+    assert target.is_symlink()
+    assert Path(f"{target}.cloudstack-orig").read_text() == ORIGINAL.format(v="1.0")
+    assert _run("--scripts-dir", str(scripts_dir), "--uninstall").returncode == 0
+    assert target.read_text() == ORIGINAL.format(v="1.0") and not target.is_symlink()

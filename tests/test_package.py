@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -22,7 +23,8 @@ import pytest
 from tests.support import stand_in_deb
 
 # Run from the host, into chroots of their own: not again inside a release chroot.
-pytestmark = [pytest.mark.host, pytest.mark.release_chroots]
+# Each builds or boots a chroot and downloads packages: more than the suite's usual limit.
+pytestmark = [pytest.mark.host, pytest.mark.release_chroots, pytest.mark.timeout(900)]
 # Debian 11's python3-aiohttp (3.7) is older than the shim's floor: a clone install there.
 RELEASES = ("bookworm", "trixie")
 
@@ -129,7 +131,10 @@ def chroot(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Chroot]:
         env={**os.environ, "SHIM_CHROOTS": str(CHROOTS)},
         check=True, capture_output=True, timeout=900,
     )  # fmt: skip
-    yield Chroot(tmp_path / "overlay", release)
+    overlay = tmp_path / "overlay"
+    yield Chroot(overlay, release)
+    # Its packages (QEMU, libvirt) are hundreds of MiB; pytest keeps its last runs' files.
+    shutil.rmtree(overlay, ignore_errors=True)
 
 
 def _installed_for_the_agent(chroot: Chroot) -> None:
@@ -221,9 +226,20 @@ def test_the_agent_installed_after_the_package_gets_the_drop_in(
     chroot.run(f"dpkg -i {common} >/dev/null")
     _installed_for_the_agent(chroot)
     assert _diverted(chroot) == _agent_script("4.20.0")
-    chroot.run(f"dpkg --purge {PACKAGE} >/dev/null")
+    # A removal given up after prerm (dpkg then runs postinst abort-remove) takes it back.
+    info = f"/var/lib/dpkg/info/{PACKAGE}"
+    chroot.run(f"{info}.prerm remove")
+    assert chroot.run(f"cat {AGENT_SCRIPT}").stdout.encode() == _agent_script("4.20.0")
+    chroot.run(f"{info}.postinst abort-remove")
+    _installed_for_the_agent(chroot)
+    # With prerm unable to give the script back (its helper gone), postrm does, by a rename.
+    chroot.run(f"rm /usr/share/{PACKAGE}/install-agent && dpkg --purge {PACKAGE} >/dev/null")
     assert chroot.run(f"cat {AGENT_SCRIPT}").stdout.encode() == _agent_script("4.20.0")
     assert chroot.run(f"dpkg-divert --list {AGENT_SCRIPT}").stdout == ""
+    assert chroot.run(f"ls {Path(AGENT_SCRIPT).parent}").stdout.split() == [
+        "kvmheartbeat.sh",
+        "nasbackup.sh",
+    ]
 
 
 # The tests of everything that uses aiohttp, marshmallow and apispec, but the lab's.
@@ -308,8 +324,8 @@ def test_the_agents_script_backs_up_and_restores_a_stopped_vm(
 
 
 # Under the package's own unit, started by systemd itself (the chroot booted in
-# systemd-nspawn): a stopped VM's backup sent to the service, its files restored by the
-# drop-in and compared; and the unit's hardening seen on the service's process.
+# systemd-nspawn): a stopped VM's full, incremental and restore sent to the service, the
+# restored disk compared; and the unit's hardening seen on the service's process.
 PROBE_UNIT = """[Unit]
 After=cloudstack-nasbackup-shim.service
 Wants=cloudstack-nasbackup-shim.service
@@ -335,17 +351,30 @@ for _ in $(seq 100); do [ -S $socket ] && break; sleep 0.1; done
 pid=$(systemctl show -P MainPID cloudstack-nasbackup-shim)
 echo "status: $(systemctl is-active cloudstack-nasbackup-shim)"
 echo "process: $(grep -E '^(NoNewPrivs|Seccomp):' /proc/$pid/status | tr -s '\t\n' '  ')"
-cloudstack-nasbackup-client send - > /root/answer.json <<'JSON'
-[{"org.apache.cloudstack.backup.TakeBackupCommand": {"vmName": "i-2-3-VM",
-  "backupPath": "i-2-3-VM/2026.12.07.00.00.00", "backupRepoType": "none",
-  "backupRepoAddress": "/srv/nas", "mountOptions": "bind", "quiesce": false,
-  "volumePaths": ["/srv/vol-1"], "mode": "full", "bitmapNew": "backup-1",
-  "contextMap": {}, "wait": 0, "bypassHostMaintenance": false}}]
+repo='"backupRepoType": "none", "backupRepoAddress": "/srv/nas", "mountOptions": "bind"'
+base='"vmName": "i-2-3-VM", "contextMap": {}, "wait": 0, "bypassHostMaintenance": false'
+send() { cloudstack-nasbackup-client send - > "/root/$1.json"; echo "$1: $?"; }
+send full <<JSON
+[{"org.apache.cloudstack.backup.TakeBackupCommand": {$base, $repo, "quiesce": false,
+  "backupPath": "i-2-3-VM/2026.12.07.00.00.00", "volumePaths": ["/srv/vol-1"],
+  "mode": "full", "bitmapNew": "backup-1"}}]
 JSON
-echo "client: $?"
+qemu-io -c 'write -P 9 8M 2M' /srv/vol-1
+send incremental <<JSON
+[{"org.apache.cloudstack.backup.TakeBackupCommand": {$base, $repo, "quiesce": false,
+  "backupPath": "i-2-3-VM/2026.12.07.01.00.00", "volumePaths": ["/srv/vol-1"],
+  "mode": "incremental", "bitmapNew": "backup-2", "bitmapParent": "backup-1",
+  "parentPaths": ["i-2-3-VM/2026.12.07.00.00.00/root.vol-1.qcow2"]}}]
+JSON
 qemu-img create -q -f qcow2 /srv/restored 64M
-cloudstack-nasbackup -o restore -t none -s /srv/nas -m bind -v i-2-3-VM \
-    -p i-2-3-VM/2026.12.07.00.00.00 --restore-volume-paths /srv/restored
+send restore <<JSON
+[{"org.apache.cloudstack.backup.RestoreBackupCommand": {$base, $repo,
+  "backupPath": "i-2-3-VM/2026.12.07.01.00.00", "backupVolumesUUIDs": ["vol-1"],
+  "backupFiles": ["vol-1"], "restoreVolumePaths": ["/srv/restored"],
+  "volumePaths": ["/srv/restored"], "restoreVolumeSizes": [67108864],
+  "restoreVolumePools": [{"uuid": "p", "path": "/srv", "poolType": "Filesystem", "id": 1}],
+  "diskType": "root", "vmExists": true, "vmState": "Stopped", "mountTimeout": 0}}]
+JSON
 echo "compare: $(qemu-img compare /srv/vol-1 /srv/restored)"
 echo "done"
 """
@@ -377,7 +406,17 @@ def test_the_service_backs_up_under_its_unit_and_systemd(
     assert lines["status"] == "active", context
     # NoNewPrivileges, and the seccomp filter of the unit's Restrict*= lines, are in force.
     assert lines["process"] == "NoNewPrivs: 1 Seccomp: 2", context
-    assert lines["client"] == "0", context
+    assert (lines["full"], lines["incremental"], lines["restore"]) == ("0", "0", "0"), context
+    answers = {
+        name: json.loads((upper / f"{name}.json").read_text())[0][
+            "org.apache.cloudstack.backup.BackupAnswer"
+        ]
+        for name in ("full", "incremental", "restore")
+    }
+    assert answers["full"]["bitmapCreated"] == "backup-1"
+    # A real incremental (its parent checked by qemu-img in a network namespace of its own),
+    # not a full in its place.
+    assert answers["incremental"]["incrementalFallback"] is False
+    assert answers["incremental"]["size"] < answers["full"]["size"]
+    assert answers["restore"]["result"] is True
     assert lines["compare"] == "Images are identical.", context
-    answer = json.loads((upper / "answer.json").read_text())
-    assert answer[0]["org.apache.cloudstack.backup.BackupAnswer"]["bitmapCreated"] == "backup-1"

@@ -2,9 +2,11 @@
 
 The sources are this checkout's tracked files (nothing untracked or ignored gets in). The
 wheel is built by setuptools itself, called as its PEP 517 backend by the distribution's
-own ``python3`` (no pip, no index), and laid out as Debian lays out a pure-Python package:
-the modules under ``/usr/lib/python3/dist-packages`` (compiled by ``py3compile`` on
-install), the ``[project.scripts]`` commands in ``/usr/bin``. Its Python dependencies are
+own ``python3`` (no pip, no index), and laid out as Debian lays out an application in
+Python: the modules in a directory of the package's own, ``/usr/lib/cloudstack-nasbackup-shim``
+(``shim`` and ``commands`` are too generic to claim in the system's module path), compiled
+by ``py3compile`` on install; the ``[project.scripts]`` commands in ``/usr/bin``, which put
+that directory first on their module path. Its Python dependencies are
 the distribution's packages, at pyproject's own floors (README.md, "The package").
 """
 
@@ -29,7 +31,7 @@ except ModuleNotFoundError:  # Python 3.10 and older: the package is built on De
 
 REPO = Path(__file__).resolve().parents[2]
 NAME = "cloudstack-nasbackup-shim"
-PYTHON_LIBS = "usr/lib/python3/dist-packages"
+PYTHON_LIBS = f"usr/lib/{NAME}"
 SHARE = f"usr/share/{NAME}"
 # pip's name of each dependency, and the distribution's package of it.
 DEBIAN_PACKAGE_OF = {
@@ -116,11 +118,12 @@ def console_scripts(dist_info: Path) -> dict[str, str]:
 
 def command(target: str) -> str:
     """A console command. ``-I``: root's tool, run by the agent with the agent's environment,
-    takes no module path or user site from it."""
+    takes no module path or user site from it; the package's own directory comes first."""
     module, _, function = target.partition(":")
     return (
         "#!/usr/bin/python3 -I\n"
         "import sys\n\n"
+        f'sys.path.insert(0, "/{PYTHON_LIBS}")\n\n'
         f"from {module} import {function}\n\n"
         'if __name__ == "__main__":\n'
         f"    sys.exit({function}())\n"
@@ -144,6 +147,17 @@ def settings_file(source: Path) -> str:
     for setting in settings.TABLE:
         lines += ["", f"# {setting.meaning}", f"#{setting.name}={setting.default}"]
     return "\n".join(lines) + "\n"
+
+
+def copyright_file(project: dict[str, object]) -> str:
+    """Debian's machine-readable copyright file, from pyproject's license."""
+    license_ = project["license"]["text"]  # type: ignore[index]
+    return (
+        "Format: https://www.debian.org/doc/packaging-manuals/copyright-format/1.0/\n"
+        f"Upstream-Name: {NAME}\n\n"
+        f"Files: *\nCopyright: the {NAME} developers\nLicense: {license_}\n"
+        f" On Debian systems the license is in /usr/share/common-licenses/{license_}.\n"
+    )
 
 
 def install(path: Path, text: str | bytes, mode: int = 0o644) -> None:
@@ -207,6 +221,7 @@ def build(out: Path, version: str | None) -> Path:
                 0o755)  # fmt: skip
         install(root / SHARE / "lib/agent.sh", (source / "scripts/lib/agent.sh").read_bytes())
         install(root / f"usr/share/doc/{NAME}/README.md", (source / "README.md").read_bytes())
+        install(root / f"usr/share/doc/{NAME}/copyright", copyright_file(project))
 
         meta = root / "DEBIAN"
         for script in ("postinst", "prerm", "postrm"):
