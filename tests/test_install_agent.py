@@ -267,3 +267,18 @@ def test_a_diversion_without_its_diverted_file_keeps_the_script_there(
     assert Path(f"{target}.cloudstack-orig").read_text() == ORIGINAL.format(v="1.0")
     assert _run("--scripts-dir", str(scripts_dir), "--uninstall").returncode == 0
     assert target.read_text() == ORIGINAL.format(v="1.0") and not target.is_symlink()
+
+
+def test_a_moved_clones_install_is_seen_and_undone(scripts_dir: Path) -> None:
+    """The clone moved away: its link dangles (the agent gets 127); --status says so and
+    --uninstall, from the clone where it is now, still puts the original back."""
+    target = scripts_dir / "vm/hypervisor/kvm/nasbackup.sh"
+    target.parent.mkdir(parents=True)
+    target.write_text(ORIGINAL.format(v="local"))
+    assert _run("--scripts-dir", str(scripts_dir)).returncode == 0
+    target.unlink()
+    target.symlink_to("/nonexistent/old-clone/scripts/nasbackup.sh")
+    assert "which is gone" in _run("--scripts-dir", str(scripts_dir), "--status").stdout
+    done = _run("--scripts-dir", str(scripts_dir), "--uninstall")
+    assert done.returncode == 0, done.stderr
+    assert target.read_text() == ORIGINAL.format(v="local") and not target.is_symlink()
