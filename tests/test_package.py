@@ -80,6 +80,13 @@ class Chroot:
             raise AssertionError(f"{script}\nexit {done.returncode}\n{done.stdout}{done.stderr}")
         return done
 
+    def install(self, *packages: str) -> None:
+        """apt installs the packages (a path: a .deb), without recommends."""
+        self.run(
+            "apt-get update -qq && apt-get install -y -qq --no-install-recommends "
+            f"{' '.join(packages)} >/dev/null"
+        )
+
     def put(self, source: Path) -> str:
         """Copies a file into the chroot's /root/debs; its path there."""
         target = self.overlay / "upper" / DEBS.lstrip("/") / source.name
@@ -220,7 +227,7 @@ def test_the_agent_installed_after_the_package_gets_the_drop_in(
     chroot: Chroot, debs: dict[str, Path]
 ) -> None:
     shim, common = chroot.put(debs["0.1.0~test1"]), chroot.put(debs["4.20.0"])
-    chroot.run(f"apt-get update -qq && apt-get install -y -qq --no-install-recommends {shim}")
+    chroot.install(shim)
     assert chroot.run(f"dpkg-divert --list {AGENT_SCRIPT}").stdout == ""
     # The package's trigger on the agent's script takes it over as it arrives.
     chroot.run(f"dpkg -i {common} >/dev/null")
@@ -254,12 +261,10 @@ def test_the_service_tests_pass_with_the_distributions_libraries(
     chroot: Chroot, debs: dict[str, Path]
 ) -> None:
     """pyproject's floors are the distribution's versions: they must really do."""
-    shim = chroot.put(debs["0.1.0~test1"])
-    chroot.run(
-        "apt-get update -qq && apt-get install -y -qq --no-install-recommends "
-        f"{shim} python3-pytest python3-pytest-aiohttp python3-pytest-asyncio "
-        "python3-pytest-timeout python3-fusepy >/dev/null"
-    )
+    chroot.install(
+        chroot.put(debs["0.1.0~test1"]), "python3-pytest", "python3-pytest-aiohttp",
+        "python3-pytest-asyncio", "python3-pytest-timeout", "python3-fusepy",
+    )  # fmt: skip
     done = chroot.run(
         f"cd {REPO} && PYTHONDONTWRITEBYTECODE=1 python3 -m pytest -p no:cacheprovider -q "
         f"-m 'not lab and not host' {' '.join(LIBRARY_TESTS)} "
@@ -274,17 +279,24 @@ def test_the_service_tests_pass_with_the_distributions_libraries(
     print(done.stdout.splitlines()[-1])  # the versions, in the suite's output
 
 
-# A stopped VM's disk backed up through the agent's script, full then incremental, verified
-# and restored, as the agent and an operator would: the package's own Python, libraries,
-# qemu-img and qemu-storage-daemon do the work. libvirtd runs only to say the VM is not
-# running (the lab's minimum: the account it resolves first, its directories, QEMU as root).
-BACKUP_AND_RESTORE = r"""
+# libvirtd, only to say a VM is not running: the lab's minimum (the account it resolves
+# first, its directories, QEMU as root), without the distribution's systemd units.
+LIBVIRT = ("libvirt-daemon", "libvirt-daemon-driver-qemu")
+START_LIBVIRTD = r"""
 getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
 getent passwd libvirt-qemu >/dev/null || useradd -r -g libvirt-qemu libvirt-qemu
 mkdir -p /etc/libvirt /var/log/libvirt/qemu /var/lib/libvirt/qemu /var/cache/libvirt/qemu
 printf 'user = "root"\ngroup = "root"\n' > /etc/libvirt/qemu.conf
 libvirtd -d
 for _ in $(seq 100); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.1; done
+"""
+
+# A stopped VM's disk backed up through the agent's script, full then incremental, verified
+# and restored, as the agent and an operator would: the package's own Python, libraries,
+# qemu-img and qemu-storage-daemon do the work.
+BACKUP_AND_RESTORE = (
+    START_LIBVIRTD
+    + r"""
 mkdir /srv/nas
 qemu-img create -q -f qcow2 /srv/vol-1 64M && qemu-io -c 'write -P 7 0 4M' /srv/vol-1 >/dev/null
 nas=(-t none -s /srv/nas -m bind)
@@ -303,16 +315,14 @@ AGENT -o restore "${nas[@]}" -v i-2-3-VM -p $incremental --restore-volume-paths 
 qemu-img compare /srv/vol-1 /srv/restored
 echo "mounts left: $(grep -c csbackup /proc/mounts || true)"
 """
+)
 
 
 def test_the_agents_script_backs_up_and_restores_a_stopped_vm(
     chroot: Chroot, debs: dict[str, Path]
 ) -> None:
-    shim, common = chroot.put(debs["0.1.0~test2"]), chroot.put(debs["4.20.0"])
-    chroot.run(
-        f"dpkg -i {common} >/dev/null && apt-get update -qq && apt-get install -y -qq "
-        f"--no-install-recommends {shim} libvirt-daemon libvirt-daemon-driver-qemu >/dev/null"
-    )
+    chroot.run(f"dpkg -i {chroot.put(debs['4.20.0'])} >/dev/null")
+    chroot.install(chroot.put(debs["0.1.0~test2"]), *LIBVIRT)
     done = chroot.run(BACKUP_AND_RESTORE.replace("AGENT", AGENT_SCRIPT), check=False)
     out = done.stdout.splitlines()
     assert done.returncode == 0, done.stdout + done.stderr
@@ -336,14 +346,10 @@ ExecStopPost=/bin/systemctl --no-block poweroff
 [Install]
 WantedBy=multi-user.target
 """
-PROBE = r"""exec >/root/probe.out 2>&1
-set -x
-getent group libvirt-qemu >/dev/null || groupadd -r libvirt-qemu
-getent passwd libvirt-qemu >/dev/null || useradd -r -g libvirt-qemu libvirt-qemu
-mkdir -p /etc/libvirt /var/log/libvirt/qemu /var/lib/libvirt/qemu /var/cache/libvirt/qemu
-printf 'user = "root"\ngroup = "root"\n' > /etc/libvirt/qemu.conf
-libvirtd -d
-for _ in $(seq 100); do [ -S /run/libvirt/libvirt-sock ] && break; sleep 0.1; done
+PROBE = (
+    "exec >/root/probe.out 2>&1\nset -x\n"
+    + START_LIBVIRTD
+    + r"""
 mkdir -p /srv/nas
 qemu-img create -q -f qcow2 /srv/vol-1 64M && qemu-io -c 'write -P 7 0 4M' /srv/vol-1
 socket=/run/cloudstack-nasbackup-shim/shim.sock
@@ -378,16 +384,13 @@ JSON
 echo "compare: $(qemu-img compare /srv/vol-1 /srv/restored)"
 echo "done"
 """
+)
 
 
 def test_the_service_backs_up_under_its_unit_and_systemd(
     chroot: Chroot, debs: dict[str, Path]
 ) -> None:
-    shim = chroot.put(debs["0.1.0~test1"])
-    chroot.run(
-        "apt-get update -qq && apt-get install -y -qq --no-install-recommends systemd "
-        f"systemd-sysv {shim} libvirt-daemon libvirt-daemon-driver-qemu >/dev/null"
-    )
+    chroot.install(chroot.put(debs["0.1.0~test1"]), "systemd", "systemd-sysv", *LIBVIRT)
     etc = chroot.overlay / "upper/etc/systemd/system"
     (etc / "probe.service").write_text(PROBE_UNIT)
     (etc / "multi-user.target.wants/probe.service").symlink_to("/etc/systemd/system/probe.service")
