@@ -235,10 +235,10 @@ class LiveBackup(BackupMethod):
 
         QEMU sees a block device (LINSTOR/DRBD) as all data, so its backup holds every
         zero it read; ``qemu-img convert`` skips zero clusters and keeps the data
-        identical. Files and ``rbd:`` images report their holes: their copies are sparse.
+        identical (``SourceKind.resparsify``).
         """
         for disk in disks:
-            if disk.source_type != "block":  # never a parent's: copied in full every time
+            if not disk.kind.resparsify:  # never a parent's: copied in full every time
                 continue
             target = self.directory.work / disk.backup_name
             sparse = target.with_name(target.name + ".sparse")

@@ -29,7 +29,16 @@ from shim.plan import BackupPlan, plan_backup, planned_checkpoint
 from shim.request import BackupRequest, check_volume_id_count
 from shim.storage_daemon import QmpError, StorageDaemon, node_bitmaps
 from shim.virt import checkpoints
-from shim.virt.disks import DATADISK, ROOT, DomainDisk, parse_disks, volume_id_of
+from shim.virt.disks import (
+    BLOCK,
+    DATADISK,
+    FILE,
+    NETWORK,
+    ROOT,
+    DomainDisk,
+    parse_disks,
+    volume_id_of,
+)
 
 log = logging.getLogger(__name__)
 
@@ -61,14 +70,14 @@ def source_disks(
         target = f"disk{index}"
         volume_id = volume_ids[index] if volume_ids else volume_id_of(source)
         if source.startswith("rbd:"):
-            disks.append(DomainDisk(target, role, "network", source, "raw", volume_id))
+            disks.append(DomainDisk(target, role, NETWORK.name, source, "raw", volume_id))
             continue
         try:
             mode = os.stat(source).st_mode
         except OSError as exc:
             raise BackupFailed(f"disk {source}: {exc.strerror}") from None
         if stat.S_ISBLK(mode):
-            disks.append(DomainDisk(target, role, "block", source, "raw", volume_id))
+            disks.append(DomainDisk(target, role, BLOCK.name, source, "raw", volume_id))
             continue
         if not stat.S_ISREG(mode):
             raise InputError(f"disk {source} is neither a file nor a block device")
@@ -83,7 +92,7 @@ def source_disks(
             for link in qemu_img.chain(source)[1:]:
                 if Path(os.path.realpath(link.filename)).parent != home:
                     raise InputError(f"disk {source} has a backing file outside its pool")
-        disks.append(DomainDisk(target, role, "file", source, fmt, volume_id))
+        disks.append(DomainDisk(target, role, FILE.name, source, fmt, volume_id))
     return disks
 
 
@@ -101,7 +110,7 @@ def declared_formats(dom: libvirt.virDomain | None) -> dict[str, str]:
     return {
         os.path.realpath(disk.source): disk.driver_type
         for disk in parse_disks(xml)
-        if disk.source_type == "file" and disk.source
+        if disk.kind is FILE and disk.source
     }
 
 
@@ -144,9 +153,10 @@ class OfflineBackup(BackupMethod):
     # -- the copy ---------------------------------------------------------------------------
     def _copy(self, disks: list[DomainDisk], parents: Parents | None) -> BackupPlan:
         request = self.request
-        local = [d for d in disks if d.source_type != "network"]
+        # What QEMU cannot open as a local path is copied by qemu-img from its name.
+        local = [d for d in disks if d.kind.host_driver is not None]
         for disk in disks:
-            if disk.source_type == "network":
+            if disk.kind.host_driver is None:
                 self._convert(disk)
         if not local:
             # No disk carries a bitmap: the planner never asks about the parent.
@@ -159,7 +169,7 @@ class OfflineBackup(BackupMethod):
         damaged = _damaged_images(local) if parents is not None else {}
         blockdevs = []
         for i, disk in enumerate(local):
-            driver = "host_device" if disk.source_type == "block" else "file"
+            driver = disk.kind.host_driver
             writable = planned_checkpoint(request) is not None and disk.carries_bitmaps
             ro = "" if writable else ",read-only=on"
             source = disk.source.replace(",", ",,")

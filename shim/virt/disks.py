@@ -1,14 +1,20 @@
-"""The disks of a domain, read from its XML the way the contract names them.
+"""The disks of a domain, read from its XML the way the contract names them, and the one
+table of the kinds of disk source.
 
 Only ``device='disk'`` elements count (CD-ROMs and floppies do not), in document order: the
 first is the ``root`` disk, the others ``datadisk``. A disk's volume id is what CloudStack
 names the volume by: the basename of a file source, the image name of an rbd source, the
 uuid inside a LINSTOR ``/dev/drbd/by-res/cs-<uuid>/0`` device.
+
+What differs between a file, a block device and a network image (how the source is named,
+how QEMU opens it, whether it can hold a dirty bitmap, whether its copy comes out fully
+allocated) is in :data:`SOURCE_KINDS`; code that acts on a kind reads it there.
 """
 
 from __future__ import annotations
 
 import re
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 
@@ -18,6 +24,38 @@ ROOT = "root"
 DATADISK = "datadisk"
 
 _LINSTOR = re.compile(r"^/dev/drbd/by-res/cs-(?P<uuid>[^/]+)/\d+$")
+
+
+@dataclass(frozen=True)
+class SourceKind:
+    """One kind of disk source (libvirt's ``<disk type=...>``) and what the shim does with it."""
+
+    name: str
+    """libvirt's name of it: ``file``, ``block``, ``network`` or ``volume``."""
+    source_of: Callable[[etree._Element], str]
+    """The source, from the disk's ``<source>`` element."""
+    host_driver: str | None
+    """QEMU's driver for opening it on this host (``file``, ``host_device``); None when it is
+    not a local path (an ``rbd:`` image: ``qemu-img convert`` opens it by its name)."""
+    may_carry_bitmaps: bool
+    """Whether a qcow2 image of this kind can hold a persistent dirty bitmap (a checkpoint):
+    only a file. The others are copied in full by every backup."""
+    resparsify: bool
+    """Whether its copy comes out fully allocated and is rewritten sparse afterwards, as
+    upstream does: QEMU sees a block device (LINSTOR/DRBD) as all data. Files and ``rbd:``
+    images report their holes."""
+
+
+FILE = SourceKind("file", lambda s: s.get("file", ""), "file", True, False)
+BLOCK = SourceKind("block", lambda s: s.get("dev", ""), "host_device", False, True)
+NETWORK = SourceKind(
+    "network", lambda s: f"{s.get('protocol', '')}:{s.get('name', '')}", None, False, False
+)
+VOLUME = SourceKind(
+    "volume", lambda s: f"{s.get('pool', '')}/{s.get('volume', '')}", None, False, False
+)
+SOURCE_KINDS = {kind.name: kind for kind in (FILE, BLOCK, NETWORK, VOLUME)}
+_UNKNOWN = SourceKind("unknown", lambda s: "", None, False, False)
 
 
 @dataclass(frozen=True)
@@ -40,11 +78,16 @@ class DomainDisk:
     """The device alias of a running domain (``virtio-disk0``), None when inactive."""
 
     @property
+    def kind(self) -> SourceKind:
+        """Its row of :data:`SOURCE_KINDS` (a kind not in it is treated as nothing local)."""
+        return SOURCE_KINDS.get(self.source_type, _UNKNOWN)
+
+    @property
     def carries_bitmaps(self) -> bool:
         """Whether the disk can hold a persistent dirty bitmap (a checkpoint's): only a qcow2
         file can. Raw files, block devices (LINSTOR/DRBD) and network disks (``rbd:``)
         cannot; they are copied in full by every backup."""
-        return self.source_type == "file" and self.driver_type == "qcow2"
+        return self.kind.may_carry_bitmaps and self.driver_type == "qcow2"
 
     @property
     def backup_name(self) -> str:
@@ -71,21 +114,6 @@ def volume_id_of(source: str) -> str:
     return PurePosixPath(source).name
 
 
-def _source_of(disk: etree._Element, source_type: str) -> str:
-    src = disk.find("source")
-    if src is None:
-        return ""
-    if source_type == "file":
-        return src.get("file", "")
-    if source_type == "block":
-        return src.get("dev", "")
-    if source_type == "network":
-        return f"{src.get('protocol', '')}:{src.get('name', '')}"
-    if source_type == "volume":
-        return f"{src.get('pool', '')}/{src.get('volume', '')}"
-    return ""
-
-
 def parse_disks(domain_xml: str | bytes) -> list[DomainDisk]:
     """The ``device='disk'`` disks of ``domain_xml``, in document order, with their roles."""
     root = etree.fromstring(domain_xml.encode() if isinstance(domain_xml, str) else domain_xml)
@@ -97,10 +125,12 @@ def parse_disks(domain_xml: str | bytes) -> list[DomainDisk]:
         if target is None or not target.get("dev"):
             continue
         source_type = element.get("type", "file")
-        source = _source_of(element, source_type)
+        src = element.find("source")
+        kind = SOURCE_KINDS.get(source_type, _UNKNOWN)
+        source = kind.source_of(src) if src is not None else ""
         driver = element.find("driver")
         alias = element.find("alias")
-        if source_type == "network":
+        if kind is NETWORK:
             volume_id = PurePosixPath(source.split(":", 1)[1]).name
         else:
             volume_id = volume_id_of(source)
