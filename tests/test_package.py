@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -70,11 +71,10 @@ class Chroot:
     release: str
 
     def run(self, script: str, check: bool = True) -> subprocess.CompletedProcess[str]:
-        done = subprocess.run(
-            [str(REPO / "scripts/release-chroot"), "run", "--overlay", str(self.overlay),
-             self.release, "/bin/bash", "-euo", "pipefail", "-c", script],
-            env={**os.environ, "SHIM_CHROOTS": str(CHROOTS), "DEBIAN_FRONTEND": "noninteractive"},
-            capture_output=True, text=True, timeout=900, check=False,
+        done = _release_chroot(
+            "run", "--overlay", str(self.overlay), self.release,
+            "/usr/bin/env", "DEBIAN_FRONTEND=noninteractive",
+            "/bin/bash", "-euo", "pipefail", "-c", script,
         )  # fmt: skip
         if check and done.returncode != 0:
             raise AssertionError(f"{script}\nexit {done.returncode}\n{done.stdout}{done.stderr}")
@@ -95,13 +95,18 @@ class Chroot:
         return f"{DEBS}/{source.name}"
 
     def snapshot(self) -> dict[str, list[object]]:
-        out = self.run(f"python3 -c {_quote(SNAPSHOT)} {REPO}").stdout
+        out = self.run(f"python3 -c {shlex.quote(SNAPSHOT)} {REPO}").stdout
         snap: dict[str, list[object]] = json.loads(out)
         return snap
 
 
-def _quote(text: str) -> str:
-    return "'" + text.replace("'", "'\\''") + "'"
+def _release_chroot(*args: str, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+    """scripts/release-chroot with the package's own chroots, which nothing else touches."""
+    return subprocess.run(
+        [str(REPO / "scripts/release-chroot"), *args],
+        env={**os.environ, "SHIM_CHROOTS": str(CHROOTS)},
+        capture_output=True, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
 
 
 def _agent_script(version: str) -> bytes:
@@ -133,11 +138,8 @@ def debs(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 @pytest.fixture(params=RELEASES)
 def chroot(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Chroot]:
     release: str = request.param
-    subprocess.run(
-        [str(REPO / "scripts/release-chroot"), "build", release],
-        env={**os.environ, "SHIM_CHROOTS": str(CHROOTS)},
-        check=True, capture_output=True, timeout=900,
-    )  # fmt: skip
+    built = _release_chroot("build", release)
+    assert built.returncode == 0, built.stderr
     overlay = tmp_path / "overlay"
     yield Chroot(overlay, release)
     # Its packages (QEMU, libvirt) are hundreds of MiB; pytest keeps its last runs' files.
@@ -395,12 +397,7 @@ def test_the_service_backs_up_under_its_unit_and_systemd(
     (etc / "probe.service").write_text(PROBE_UNIT)
     (etc / "multi-user.target.wants/probe.service").symlink_to("/etc/systemd/system/probe.service")
     (chroot.overlay / "upper/root/probe.sh").write_text(PROBE)
-    booted = subprocess.run(
-        [str(REPO / "scripts/release-chroot"), "boot", "--overlay", str(chroot.overlay),
-         chroot.release],
-        env={**os.environ, "SHIM_CHROOTS": str(CHROOTS)},
-        capture_output=True, text=True, timeout=400, check=False,
-    )  # fmt: skip
+    booted = _release_chroot("boot", "--overlay", str(chroot.overlay), chroot.release, timeout=400)
     upper = chroot.overlay / "upper/root"
     probe = (upper / "probe.out").read_text() if (upper / "probe.out").exists() else ""
     lines = {k: v.strip() for k, _, v in (x.partition(":") for x in probe.splitlines())}

@@ -232,7 +232,7 @@ def build(out: Path, version: str | None) -> Path:
         install(meta / "conffiles", "".join(f"{c}\n" for c in conffiles))
         sums = []
         for path in sorted(p for p in root.rglob("*") if p.is_file() and meta not in p.parents):
-            if str(path.relative_to(root)) in (c.lstrip("/") for c in conffiles):
+            if f"/{path.relative_to(root)}" in conffiles:  # dpkg keeps theirs itself
                 continue
             digest = hashlib.md5(path.read_bytes()).hexdigest()  # noqa: S324 - dpkg's format
             sums.append(f"{digest}  {path.relative_to(root)}\n")
