@@ -9,27 +9,38 @@ unmounted.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import logging
 
 import libvirt
 
+from shim import settings
 from shim.contract import BackupOutcome
-from shim.errors import BackupFailed
+from shim.errors import BackupFailed, UsageError
 from shim.live import LiveBackup, PullBackup, PushBackup
 from shim.lock import VmLock
 from shim.nas import MountSession
 from shim.offline import OfflineBackup
-from shim.pull import Scratch, scratch_setting
+from shim.pull import DEFAULT_SCRATCH, Scratch, scratch_room_problem, scratch_setting
 from shim.request import BackupRequest
+from shim.targets import Targets, targets_for
 from shim.virt import host
 from shim.virt.connection import open_connection
+from shim.virt.disks import parse_disks
 from shim.virt.jobs import JobObserver
 
 __all__ = ["BackupRequest", "JobObserver", "take_backup"]
+
+log = logging.getLogger(__name__)
+
+AUTO, PUSH, PULL = "auto", "push", "pull"
+METHODS = (AUTO, PUSH, PULL)
 
 
 def take_backup(request: BackupRequest, *, on_job: JobObserver | None = None) -> BackupOutcome:
     """Back up ``request.vm`` to the repository; raise a ShimError on any failure."""
     request.validate()
+    targets = targets_for(request.compress, request.bandwidth_mib)
     with VmLock(request.vm):
         conn = open_connection()
         live: LiveBackup | None = None
@@ -39,14 +50,16 @@ def take_backup(request: BackupRequest, *, on_job: JobObserver | None = None) ->
                 # Running after all (-d is filled when the server believes it stopped): a
                 # live backup is the safe one; stdout still follows the -d form.
                 host.check_versions(conn, dom)
-                scratch_root = request.scratch_dir or scratch_setting()
-                scratch = Scratch(scratch_root, request.vm) if scratch_root else None
+                scratch = _scratch_for(dom, request, targets)
+                if scratch is None and targets.compression:
+                    log.warning("this backup of %s is not compressed", request.vm)
+                    targets = dataclasses.replace(targets, compression=None)
                 with MountSession(request.repository) as session:
                     if scratch is None:
-                        live = PushBackup(conn, dom, request, session, on_job=on_job)
+                        live = PushBackup(conn, dom, request, session, targets, on_job=on_job)
                     else:
                         live = PullBackup(
-                            conn, dom, request, session, scratch=scratch, on_job=on_job
+                            conn, dom, request, session, targets, scratch=scratch, on_job=on_job
                         )
                     return live.run()
             if not request.disk_paths:
@@ -54,8 +67,40 @@ def take_backup(request: BackupRequest, *, on_job: JobObserver | None = None) ->
                     f"VM {request.vm} is not running on this host and no disk paths were given"
                 )
             with MountSession(request.repository) as session:
-                return OfflineBackup(request, session, dom).run()
+                return OfflineBackup(request, session, targets, dom).run()
         finally:
             # The live backup may have reconnected (libvirtd restarted): close what is open.
             with contextlib.suppress(libvirt.libvirtError):
                 (live.conn if live is not None else conn).close()
+
+
+def _scratch_for(
+    dom: libvirt.virDomain, request: BackupRequest, targets: Targets
+) -> Scratch | None:
+    """Where a running VM's pull backup keeps its scratch images; None: push mode.
+
+    The host's :data:`~shim.settings.METHOD` forces a method. Otherwise (``auto``) a scratch
+    directory set (``-S``, the host's setting) means pull mode; none set, push mode, unless
+    the targets want pull mode (:attr:`~shim.targets.Targets.pull_reason`): then pull mode
+    through :data:`shim.pull.DEFAULT_SCRATCH` if its filesystem has room for every block
+    the disks hold (the most a guest can overwrite during the backup), else push mode
+    rather than no backup.
+    """
+    method = settings.value(settings.METHOD)
+    if method not in METHODS:
+        raise UsageError(f"{settings.METHOD.name} is auto, push or pull, not {method!r}")
+    if method == PUSH:
+        return None
+    root = request.scratch_dir or scratch_setting()
+    if root:
+        return Scratch(root, request.vm)
+    why = "pull mode is set" if method == PULL else targets.pull_reason
+    if why is None:
+        return None
+    allocated = sum(dom.blockInfo(d.target)[1] for d in parse_disks(dom.XMLDesc()))
+    problem = scratch_room_problem(DEFAULT_SCRATCH, allocated)
+    if problem:
+        log.warning("%s, and %s: push mode", why, problem)
+        return None
+    log.info("%s: its scratch in %s", why, DEFAULT_SCRATCH)
+    return Scratch(str(DEFAULT_SCRATCH), request.vm)

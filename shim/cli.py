@@ -43,7 +43,8 @@ Usage: nasbackup.sh -o <operation> -v|--vm <domain name> -t <storage type> \
 [--parent-path <path>] [--rebase-target <path>] [--rebase-new-backing <path>] \
 [--backup-files <f1,f2,...>] [--restore-volume-paths <v1,v2,...>] \
 [-w|--mount-timeout <seconds, 0 for none>] [-u|--volumeuuids <u1,u2,...>] \
-[-S|--scratch-dir <local directory: pull mode>]
+[-S|--scratch-dir <local directory: pull mode>] [-c|--compress] \
+[-b|--bandwidth <MiB/s, 0 for no cap>]
 Operations: backup, delete, stats, rebase, restore, verify.
 """
 
@@ -71,7 +72,12 @@ OPTIONS = {
     "-u": "volume_ids", "--volumeuuids": "volume_ids",
     # apache/cloudstack PR 14194's pull-mode path: its local scratch directory.
     "-S": "scratch_dir", "--scratch-dir": "scratch_dir",
+    # The open compression and bandwidth proposal (apache/cloudstack PR 12898).
+    "-b": "bandwidth", "--bandwidth": "bandwidth",
 }  # fmt: skip
+FLAGS = {"-c": "compress", "--compress": "compress"}
+"""Options that take no value (the proposal's ``-c``); ``true`` or ``false`` right after
+one is read as its value, so ``-c true`` means what it says."""
 
 MAX_ARGV_BYTES = 256 * 1024
 
@@ -109,6 +115,12 @@ def parse(argv: Sequence[str]) -> Arguments:
         option = argv[i]
         if option in ("-h", "--help"):
             raise _Usage()
+        flag = FLAGS.get(option)
+        if flag is not None:
+            explicit = i + 1 < len(argv) and argv[i + 1] in ("true", "false")
+            args.values[flag] = argv[i + 1] if explicit else "true"
+            i += 2 if explicit else 1
+            continue
         name = OPTIONS.get(option)
         if name is None:
             raise _Usage(f"Invalid option: {option}")
@@ -183,7 +195,22 @@ def _backup(args: Arguments) -> Request:
         parent_path=args.get("parent_path") or None,
         volume_ids=_volume_ids(args),
         scratch_dir=args.get("scratch_dir") or None,
+        compress=_compress(args),
+        bandwidth_mib=_bandwidth(args),
     )
+
+
+def _compress(args: Arguments) -> bool | None:
+    value = args.get("compress")
+    return None if value is None else value == "true"
+
+
+def _bandwidth(args: Arguments) -> int | None:
+    # Empty like any other option's value: the host setting, as when -b is absent.
+    from shim.targets import parse_bandwidth
+
+    value = args.get("bandwidth")
+    return (parse_bandwidth(value, "-b") or 0) if value else None
 
 
 def _required(args: Arguments, name: str, option: str) -> str:

@@ -23,7 +23,6 @@ from pathlib import Path
 import libvirt
 from lxml import etree
 
-from shim import qemu_img
 from shim.backupdir import PARTIAL_SUFFIX
 from shim.chain import Parents
 from shim.compat import strict_zip
@@ -35,6 +34,7 @@ from shim.plan import BackupPlan, plan_backup
 from shim.pull import SCRATCH_SUFFIX, DiskCopy, ExportCopier, Scratch, dirty_extents
 from shim.request import BackupRequest, check_volume_id_count
 from shim.storage_daemon import QmpError
+from shim.targets import Targets
 from shim.virt import checkpoints, host
 from shim.virt.connection import is_alive, reconnect
 from shim.virt.disks import DomainDisk, parse_disks
@@ -81,10 +81,11 @@ class LiveBackup(BackupMethod):
         dom: libvirt.virDomain,
         request: BackupRequest,
         session: MountSession,
+        targets: Targets,
         *,
         on_job: JobObserver | None = None,
     ) -> None:
-        super().__init__(request, session)
+        super().__init__(request, session, targets)
         self.conn = conn
         self.dom = dom
         self.on_job = on_job
@@ -228,7 +229,10 @@ class LiveBackup(BackupMethod):
         finally:
             if maybe_frozen:
                 host.thaw(self.dom)
-        log.info("backup job of %s started (%s, %s)", self.request.vm, plan.describe(), self.mode)
+        log.info(
+            "backup job of %s started (%s, %s, %s)",
+            self.request.vm, plan.describe(), self.mode, self.targets.describe(),
+        )  # fmt: skip
 
     def _resparsify(self, disks: list[DomainDisk]) -> None:
         """Rewrite the full copy of each raw block device sparse, as upstream does.
@@ -242,7 +246,7 @@ class LiveBackup(BackupMethod):
                 continue
             target = self.directory.work / disk.backup_name
             sparse = target.with_name(target.name + ".sparse")
-            qemu_img.convert(target, sparse)
+            self.convert_into(target, sparse)
             os.replace(sparse, target)
             log.info("re-sparsified the copy of %s", disk.source)
 
@@ -379,6 +383,9 @@ class PushBackup(LiveBackup):
         return backup
 
     def _transfer(self, job: BackupJob, disks: list[DomainDisk], plan: BackupPlan) -> JobStats:
+        rate = self.targets.share(len(disks))
+        if rate is not None:
+            job.cap_rate([d.target for d in disks], rate)
         return job.wait()
 
 
@@ -394,11 +401,12 @@ class PullBackup(LiveBackup):
         dom: libvirt.virDomain,
         request: BackupRequest,
         session: MountSession,
+        targets: Targets,
         *,
         scratch: Scratch,
         on_job: JobObserver | None = None,
     ) -> None:
-        super().__init__(conn, dom, request, session, on_job=on_job)
+        super().__init__(conn, dom, request, session, targets, on_job=on_job)
         self.scratch = scratch
         self.mode = f"pull through {scratch.dir}"
 
@@ -432,7 +440,7 @@ class PullBackup(LiveBackup):
             node = self.target_node(disk, plan, disk.target) if incremental else None
             copies.append(DiskCopy(export, target, extents, selection, node))
         sizes = [self.sizes[d.target] for d in disks]
-        copier = ExportCopier(scratch.socket, copies, sizes, job.report_progress)
+        copier = ExportCopier(scratch.socket, copies, sizes, self.targets, job.report_progress)
         copied = threading.Event()
         guard = threading.Thread(
             target=self._release_paused_guest, args=(job, copied), name="pause-guard", daemon=True

@@ -3,8 +3,9 @@
 Three methods exist: a live push backup (QEMU writes the targets on the NAS), a live pull
 backup (the shim copies from libvirt's export through a local scratch) and an offline
 backup of a stopped VM's disks. Each plans with :mod:`shim.plan`, writes its files into
-one :class:`~shim.backupdir.BackupDirectory` with the targets created here, and publishes
-it here, so a restore, ``verify`` and every CloudStack generation see one format.
+one :class:`~shim.backupdir.BackupDirectory` with the targets created here, as
+:attr:`BackupMethod.targets` says (compression, rate), and publishes it here, so a restore,
+``verify`` and every CloudStack generation see one format.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ from shim.contract import BackupOutcome
 from shim.nas import MountSession
 from shim.plan import BackupPlan, read_parents
 from shim.request import BackupRequest
+from shim.targets import Targets
 from shim.virt.disks import DomainDisk
 
 
@@ -29,12 +31,15 @@ class BackupMethod(ABC):
     offline: bool = False
     """Recorded in the manifest: the disks were copied while the VM was stopped."""
 
-    def __init__(self, request: BackupRequest, session: MountSession) -> None:
+    def __init__(self, request: BackupRequest, session: MountSession, targets: Targets) -> None:
         self.request = request
         self.session = session
         self.directory = BackupDirectory(session, request.path)
         self.sizes: dict[str, int] = {}
         """Disk target -> virtual size, filled before the targets are created."""
+        self.targets = targets
+        """How every file of this backup is written (:func:`shim.targets.targets_for`);
+        each writer asks it."""
 
     @abstractmethod
     def run(self) -> BackupOutcome:
@@ -51,17 +56,30 @@ class BackupMethod(ABC):
         target = self.directory.work / disk.backup_name
         size = self.sizes[disk.target]
         parent = plan.parents.get(disk.target)
+        options = self.targets.create_options
         if parent is None:
-            qemu_img.create(target, size)
+            qemu_img.create(target, size, options=options)
         else:
             backing = relative_backing(parent, self.directory.final)
-            qemu_img.create(target, size, backing=backing, backing_fmt="qcow2")
+            qemu_img.create(target, size, backing=backing, backing_fmt="qcow2", options=options)
         return target
+
+    def convert_into(self, source: str | Path, target: Path, *, source_fmt: str = "qcow2") -> None:
+        """``qemu-img convert`` ``source`` into a new file of this backup, written as
+        :attr:`targets` say."""
+        qemu_img.convert(
+            source,
+            target,
+            source_fmt=source_fmt,
+            create_options=self.targets.create_options,
+            write_options=self.targets.convert_options(),
+        )
 
     def target_node(self, disk: DomainDisk, plan: BackupPlan, node_name: str) -> dict[str, object]:
         """``disk``'s target as a storage daemon opens it: its parent's chain, when it has
         one, given layer by layer with each driver named (never read from the headers), and
-        zeroes written kept as zero clusters, never as the parent's data."""
+        zeroes written kept as zero clusters, never as the parent's data; its file written
+        as :attr:`targets` say."""
         chain = plan.parent_chains.get(disk.target)
         target = self.directory.work / disk.backup_name
         return {
@@ -69,7 +87,7 @@ class BackupMethod(ABC):
             "node-name": node_name,
             "discard": "unmap",
             "detect-zeroes": "unmap",
-            "file": {"driver": "file", "filename": str(target)},
+            "file": self.targets.file_node(str(target)),
             "backing": chain.node_graph(self.directory.vm_dir.path) if chain else None,
         }
 

@@ -28,6 +28,7 @@ from shim.nas import MountSession
 from shim.plan import BackupPlan, plan_backup, planned_checkpoint
 from shim.request import BackupRequest, check_volume_id_count
 from shim.storage_daemon import QmpError, StorageDaemon, node_bitmaps
+from shim.targets import Targets
 from shim.virt import checkpoints
 from shim.virt.disks import (
     BLOCK,
@@ -120,9 +121,13 @@ class OfflineBackup(BackupMethod):
     offline = True
 
     def __init__(
-        self, request: BackupRequest, session: MountSession, dom: libvirt.virDomain | None
+        self,
+        request: BackupRequest,
+        session: MountSession,
+        targets: Targets,
+        dom: libvirt.virDomain | None,
     ) -> None:
-        super().__init__(request, session)
+        super().__init__(request, session, targets)
         self.dom = dom
 
     def run(self) -> BackupOutcome:
@@ -178,7 +183,7 @@ class OfflineBackup(BackupMethod):
                 f"driver={disk.driver_type},file=src{i}-file,node-name=src{i}{ro}",
             ]
         try:
-            with StorageDaemon(blockdevs) as daemon:
+            with StorageDaemon(blockdevs, self.targets.daemon_objects) as daemon:
                 return self._copy_in(daemon, disks, local, parents, damaged)
         except CommandFailed as exc:
             if "lock" in exc.stderr:
@@ -210,7 +215,10 @@ class OfflineBackup(BackupMethod):
             actions += self._prepare_target(daemon, disk, nodes[disk.target], plan)
         carriers = [nodes[d.target] for d in local if plan.checkpoint and d.carries_bitmaps]
         daemon.command("transaction", actions=actions)
-        log.info("offline copy of %d disk(s) of %s started", len(local), request.vm)
+        log.info(
+            "offline copy of %d disk(s) of %s started (%s)",
+            len(local), request.vm, self.targets.describe(),
+        )  # fmt: skip
         try:
             daemon.wait_jobs([f"{nodes[d.target]}-job" for d in local])
         except BaseException:
@@ -244,6 +252,7 @@ class OfflineBackup(BackupMethod):
             "device": node,
             "target": f"{node}-tgt",
             "job-id": f"{node}-job",
+            **self.targets.job_options,
         }
         if disk.target in plan.parents:
             backup.update(sync="incremental", bitmap=plan.incremental_from)
@@ -285,7 +294,7 @@ class OfflineBackup(BackupMethod):
     def _convert(self, disk: DomainDisk) -> None:
         # rbd: no image lock to hold and no bitmap to keep; qemu-img reads it as raw.
         target = self.directory.work / disk.backup_name
-        qemu_img.convert(disk.source, target, source_fmt="raw")
+        self.convert_into(disk.source, target, source_fmt="raw")
         self.sizes[disk.target] = qemu_img.info(target).virtual_size
 
     def _forget_libvirt_checkpoints(self, dom: libvirt.virDomain) -> None:

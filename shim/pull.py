@@ -46,6 +46,7 @@ from shim.storage_daemon import (
     blockdev_nbd,
     blockdev_qcow2,
 )
+from shim.targets import Targets
 from shim.versions import X_PERF_SINCE
 
 log = logging.getLogger(__name__)
@@ -53,6 +54,9 @@ log = logging.getLogger(__name__)
 SCRATCH_ENV = settings.SCRATCH_DIR.name
 """The host setting: a local directory for scratch images; set, running VMs are backed up
 in pull mode (``-S DIR``/``--scratch-dir DIR`` sets it for one run)."""
+DEFAULT_SCRATCH = Path("/var/lib/cloudstack-nasbackup-shim/scratch")
+"""Pull mode's scratch directory when a backup needs pull mode (it is compressed) and
+none is set: created on first use, root's alone."""
 SOCKET_NAME = "nbd.sock"
 SCRATCH_SUFFIX = ".scratch.qcow2"
 """libvirt's scratch image of a disk: ``<target>.scratch.qcow2``."""
@@ -78,6 +82,23 @@ _SOCKET_PATH_MAX = 107
 def scratch_setting() -> str | None:
     """The host's scratch directory (:data:`SCRATCH_ENV`), None when push mode is set."""
     return settings.value(settings.SCRATCH_DIR) or None
+
+
+def scratch_room_problem(root: Path, needed: int) -> str | None:
+    """Why ``root`` (created if missing) cannot be a scratch directory holding ``needed``
+    bytes; None when it can."""
+    try:
+        root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        fs = os.statvfs(root)
+    except OSError as exc:
+        return f"the scratch directory {root} is unusable: {exc.strerror}"
+    free = fs.f_bavail * fs.f_frsize
+    if free < needed:
+        return (
+            f"the scratch directory {root} has {free} bytes free, "
+            f"less than the {needed} the disks hold"
+        )
+    return None
 
 
 @dataclass(frozen=True)
@@ -209,6 +230,7 @@ class ExportCopier:
     incrementals run in one storage daemon, each a ``sync=incremental`` job selected by
     :func:`write_selection`, all disks at once.
 
+    Each copy is written as ``targets`` says (compression, its share of the cap).
     ``on_progress(done, total)`` is called with bytes as the copy moves: for a full, what
     its target holds so far against the virtual size; for an incremental, the job's own.
     A full whose bytes stay still for :data:`COPY_STALL_SECONDS` is stopped and fails (a
@@ -220,9 +242,11 @@ class ExportCopier:
         socket: Path,
         copies: Sequence[DiskCopy],
         sizes: Sequence[int],
+        targets: Targets,
         on_progress: Callable[[int, int], None] | None = None,
     ) -> None:
         self.socket = socket
+        self.targets = targets
         self.copies = list(copies)
         self.sizes = list(sizes)
         self.total = sum(
@@ -252,8 +276,9 @@ class ExportCopier:
     def _convert(self, fulls: list[tuple[DiskCopy, int]]) -> None:
         # Each target was created empty: zeroes are skipped, holes stay holes. Made durable
         # with the whole directory before it is published.
+        options = self.targets.convert_options()
         argvs = [
-            [QEMU_IMG, "convert", "-n", "--target-is-zero", "-O", "qcow2",
+            [QEMU_IMG, "convert", "-n", "--target-is-zero", "-O", "qcow2", *options,
              "--image-opts", blockdev_nbd(self.socket, copy.export), str(copy.target)]
             for copy, _size in fulls
         ]  # fmt: skip
@@ -286,9 +311,10 @@ class ExportCopier:
                 blockdev_qcow2(f"sel{i}", f"sel{i}-file", read_only=True),
             ]
         base = self.done
-        with StorageDaemon(blockdevs) as daemon:
+        with StorageDaemon(blockdevs, self.targets.daemon_objects) as daemon:
             try:
-                jobs = [self._prepare(daemon, i, copy) for i, copy in incrementals]
+                options = self.targets.job_options
+                jobs = [{**self._prepare(daemon, i, copy), **options} for i, copy in incrementals]
                 daemon.command("transaction", actions=[
                     {"type": "blockdev-backup", "data": job} for job in jobs
                 ])  # fmt: skip

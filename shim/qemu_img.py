@@ -148,8 +148,10 @@ def create(
     fmt: str = "qcow2",
     backing: str | None = None,
     backing_fmt: str = "qcow2",
+    options: Sequence[str] = (),
 ) -> None:
-    """Create an image; qcow2 images are v3 (bitmaps need it).
+    """Create an image; qcow2 images are v3 (bitmaps need it), with ``options`` more
+    (``-o``: e.g. :attr:`shim.targets.Targets.create_options`).
 
     ``backing`` is stored as given: pass a path relative to the new image's directory to
     get a relocatable chain. With ``size`` given it is not opened (``-u``): a parent on the
@@ -158,7 +160,9 @@ def create(
     """
     argv = [QEMU_IMG, "create", "-q", "-f", fmt]
     if fmt == "qcow2":
-        argv += ["-o", QCOW2_V3]
+        argv += ["-o", ",".join((QCOW2_V3, *options))]
+    elif options:
+        argv += ["-o", ",".join(options)]
     if backing is not None:
         argv += ["-u"] if size is not None else []
         argv += ["-b", backing, "-F", backing_fmt]
@@ -178,19 +182,23 @@ def convert(
     bitmaps: bool = False,
     existing: bool = False,
     coroutines: int | None = None,
+    create_options: Sequence[str] = (),
+    write_options: Sequence[str] = (),
 ) -> None:
     """Copy ``source`` (its whole backing chain flattened) into a new sparse ``target``,
     or with ``existing`` into a target that exists (a device, an ``rbd:`` image).
 
     ``coroutines`` (``-m``, at most 16) reads that many pieces at once; the target is still
-    written in order.
+    written in order. ``create_options`` are the new target's ``-o`` options,
+    ``write_options`` how it is written (:class:`shim.targets.Targets`: ``-c``, ``-r``).
     """
     argv = [QEMU_IMG, "convert", "-O", target_fmt, *_format("-f", source, source_fmt)]
     argv += ["-m", str(coroutines)] if coroutines else []
+    argv += list(write_options)
     if existing:
         argv.append("-n")
     elif target_fmt == "qcow2":
-        argv += ["-o", QCOW2_V3]
+        argv += ["-o", ",".join((QCOW2_V3, *create_options))]
     argv += ["-U"] if force_share else []
     argv += ["--bitmaps"] if bitmaps else []
     _run([*argv, _name(source), os.fspath(target)], pass_fds=_fds(source))

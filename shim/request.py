@@ -13,6 +13,7 @@ from pathlib import Path, PurePosixPath
 from shim.errors import InputError, UsageError
 from shim.lock import validate_vm_name
 from shim.nas import Repository, validate_relative
+from shim.targets import parse_bandwidth
 
 FULL = "full"
 INCREMENTAL = "incremental"
@@ -40,6 +41,10 @@ class BackupRequest:
     scratch_dir: str | None = None
     """``-S``: a local directory for pull mode's scratch images (None: the host setting,
     :data:`shim.pull.SCRATCH_ENV`; neither: push mode)."""
+    compress: bool | None = None
+    """``-c``: compressed qcow2 files (None: the host setting, :mod:`shim.targets`)."""
+    bandwidth_mib: int | None = None
+    """``-b``: the backup's cap in MiB/s, 0 for none (None: the host setting)."""
 
     @property
     def effective_mode(self) -> str:
@@ -75,9 +80,15 @@ class BackupRequest:
             if bitmap is not None:
                 validate_bitmap_name(bitmap)
         validate_volume_ids(self.volume_ids, self.disk_paths)
+        self._validate_how()
+        self.repository.validate()
+
+    def _validate_how(self) -> None:
+        """The options of how the backup is taken (none of them is the Java wrapper's)."""
         if self.scratch_dir is not None:
             validate_scratch_dir(self.scratch_dir)
-        self.repository.validate()
+        if self.bandwidth_mib is not None:
+            parse_bandwidth(str(self.bandwidth_mib), "the bandwidth cap (-b)")
 
 
 def validate_scratch_dir(path: str) -> None:

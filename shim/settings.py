@@ -56,6 +56,23 @@ SCRATCH_DIR = Setting(
     "",
     "a local directory: running VMs are then backed up in pull mode, scratch images there",
 )
+METHOD = Setting(
+    "NASBACKUP_SHIM_METHOD",
+    "auto",
+    "how running VMs are backed up: auto (push, or pull when a scratch directory is set or "
+    "the backup is compressed or capped), push, or pull",
+)
+COMPRESS = Setting(
+    "NASBACKUP_SHIM_COMPRESS",
+    "false",
+    "true: backups are compressed qcow2 (zstd, else zlib), as with -c; running VMs then "
+    "in pull mode",
+)
+BANDWIDTH = Setting(
+    "NASBACKUP_SHIM_BANDWIDTH",
+    "0",
+    "a cap on what each backup writes, in MiB/s (0: none), as -b gives it for one run",
+)
 DISK_PATH_MARKERS = Setting(
     "NASBACKUP_SHIM_DISK_PATH_MARKERS",
     "false",
@@ -67,7 +84,8 @@ SERVE_ARGS = Setting(
     "the socket service's options, which its systemd unit passes to cloudstack-nasbackup-serve",
 )
 TABLE: tuple[Setting, ...] = (
-    LOG, LOCK_WAIT, CHECKSUM, CHECKSUM_AT, SCRATCH_DIR, DISK_PATH_MARKERS, SERVE_ARGS
+    LOG, LOCK_WAIT, CHECKSUM, CHECKSUM_AT, SCRATCH_DIR, METHOD, COMPRESS, BANDWIDTH,
+    DISK_PATH_MARKERS, SERVE_ARGS,
 )  # fmt: skip
 KNOWN = frozenset(s.name for s in TABLE)
 

@@ -75,14 +75,16 @@ class DaemonHung(QmpError):
 class StorageDaemon:
     """One ``qemu-storage-daemon`` process and its QMP monitor, as a context manager.
 
-    ``blockdevs`` are ``--blockdev`` option strings. Leaving the block quits the daemon
+    ``blockdevs`` are ``--blockdev`` option strings, ``objects`` ``--object`` ones (created
+    first: a throttle group the nodes name). Leaving the block quits the daemon
     (bitmaps are written to the images then); on an exception it is asked to quit, and
     killed if it does not answer. Every wait is bounded (see the module's constants), and
     :meth:`wait_jobs` stops at the thread's cancellation token (:mod:`shim.cancel`).
     """
 
-    def __init__(self, blockdevs: Sequence[str]) -> None:
+    def __init__(self, blockdevs: Sequence[str], objects: Sequence[str] = ()) -> None:
         self._blockdevs = list(blockdevs)
+        self._objects = list(objects)
         self._dir = Path(tempfile.mkdtemp(prefix="shim-qsd."))
         self._socket_path = self._dir / "qmp.sock"
         self._proc: subprocess.Popen[bytes] | None = None
@@ -101,6 +103,8 @@ class StorageDaemon:
 
     def __enter__(self) -> StorageDaemon:
         argv = [BINARY]
+        for obj in self._objects:
+            argv += ["--object", obj]
         for blockdev in self._blockdevs:
             argv += ["--blockdev", blockdev]
         # The daemon connects to us: accepting is an event to wait for, not a file to poll.

@@ -72,6 +72,28 @@ def test_every_generation_argv_parses_with_empty_values() -> None:
             assert ("-w" in argv) is (generation == "downstream")
 
 
+@pytest.mark.parametrize(
+    ("extra", "compress", "bandwidth"),
+    [
+        ([], None, None),
+        (["-c"], True, None),
+        (["--compress", "true", "-b", "50"], True, 50),
+        (["-c", "false", "--bandwidth", "0"], False, 0),
+        (["-b", ""], None, None),
+        (["-c", "-q", "true"], True, None),
+    ],
+)
+def test_the_proposal_s_c_and_b(
+    extra: list[str], compress: bool | None, bandwidth: int | None
+) -> None:
+    """apache/cloudstack PR 12898's flags: ``-c`` takes no value (``true``/``false`` after it
+    is its value), ``-b`` MiB/s (0: no cap; empty: the host setting)."""
+    argv = ["-o", "backup", "-v", "i-2-3-VM", *REPO_ARGS, "-p", "i-2-3-VM/t", *extra]
+    request = request_for(parse(argv))
+    assert isinstance(request, BackupRequest)
+    assert (request.compress, request.bandwidth_mib) == (compress, bandwidth)
+
+
 def test_downstream_generation_parses_with_w_and_u() -> None:
     values = {
         "operation": "backup",

@@ -17,6 +17,7 @@ from shim.errors import CommandFailed
 from shim.proc import processes_naming
 from shim.pull import DiskCopy, ExportCopier, Extent, selected_bytes
 from shim.storage_daemon import QmpError
+from shim.targets import Targets
 
 MiB = 1024 * 1024
 SIZE = 64 * MiB
@@ -72,7 +73,9 @@ def test_an_incremental_copies_exactly_its_selected_extents(export: Path, tmp_pa
     qemu_img.create(target, SIZE)
     copy = DiskCopy("vda", target, EXTENTS, tmp_path / "vda.selection.qcow2")
     seen: list[tuple[int, int]] = []
-    copier = ExportCopier(export, [copy], [SIZE], lambda done, total: seen.append((done, total)))
+    copier = ExportCopier(
+        export, [copy], [SIZE], Targets(), lambda done, total: seen.append((done, total))
+    )
     assert copier.run() == selected_bytes(EXTENTS) == 4 * MiB + 64 * 1024
     assert _data_extents(target) == EXTENTS
     assert seen[-1] == (copier.total, copier.total)
@@ -82,7 +85,9 @@ def test_a_disk_without_changes_is_not_copied(export: Path, tmp_path: Path) -> N
     target = tmp_path / "target.qcow2"
     qemu_img.create(target, SIZE)
     selection = tmp_path / "vda.selection.qcow2"
-    assert ExportCopier(export, [DiskCopy("vda", target, [], selection)], [SIZE]).run() == 0
+    assert (
+        ExportCopier(export, [DiskCopy("vda", target, [], selection)], [SIZE], Targets()).run() == 0
+    )
     assert _data_extents(target) == []
     assert not selection.exists()
 
@@ -100,7 +105,7 @@ def test_a_selection_that_misses_an_extent_is_refused(
     qemu_img.create(target, SIZE)
     copy = DiskCopy("vda", target, EXTENTS, tmp_path / "vda.selection.qcow2")
     with pytest.raises(QmpError, match="marks 4194304 bytes, not the 4259840"):
-        ExportCopier(export, [copy], [SIZE]).run()
+        ExportCopier(export, [copy], [SIZE], Targets()).run()
     assert _data_extents(target) == []
 
 
@@ -111,7 +116,11 @@ def test_a_full_copies_the_view_in_order_and_sparse(export: Path, tmp_path: Path
     qemu_img.create(target, SIZE)
     seen: list[tuple[int, int]] = []
     copier = ExportCopier(
-        export, [DiskCopy("vda", target)], [SIZE], lambda done, total: seen.append((done, total))
+        export,
+        [DiskCopy("vda", target)],
+        [SIZE],
+        Targets(),
+        lambda done, total: seen.append((done, total)),
     )
     assert copier.run() == SIZE
     assert seen[-1] == (SIZE, SIZE)
@@ -147,6 +156,6 @@ def test_a_full_that_stops_moving_is_stopped_and_fails(
     qemu_img.create(target, SIZE)
     started = time.monotonic()
     with pytest.raises(CommandFailed, match="no progress in 1 s"):
-        ExportCopier(export, [DiskCopy("vda", target)], [SIZE]).run()
+        ExportCopier(export, [DiskCopy("vda", target)], [SIZE], Targets()).run()
     assert time.monotonic() - started < 5
     assert processes_naming(str(target)) == []

@@ -1,0 +1,144 @@
+"""How a backup's files are written: the one seam every writer asks.
+
+Data reaches the NAS through three writers: QEMU's push job (libvirt's), a storage
+daemon's backup jobs (a stopped VM's disks, pull incrementals) and ``qemu-img convert``
+(pull fulls, ``rbd:`` sources, re-sparsified block copies). Each takes its options from
+one :class:`Targets`, made once per backup by :func:`targets_for`, so an option is one
+change here and the writers stay as they are:
+
+* **compression**: clusters are stored compressed in the qcow2 (zstd where this host's
+  QEMU was built with it, zlib otherwise); any ``qemu-img`` reads them, the Java restore's
+  ``qemu-img convert`` and ``-o restore`` included. QEMU's push job, which libvirt starts,
+  cannot compress (:attr:`Targets.pull_reason`).
+* **rate**: a cap on the bytes per second one backup sends to the NAS (the NAS is what it
+  protects, not one disk). A storage daemon's targets share one throttle group on their
+  files: what reaches the NAS is counted, compressed, and a hole costs nothing.
+  ``qemu-img convert -r`` counts the data it reads. QEMU's push job counts every byte of
+  the disk, holes too; it starts uncapped and is capped as soon as libvirt lets it
+  (:meth:`shim.virt.jobs.BackupJob.cap_rate`); and a capped push job keeps the guest's
+  writes waiting on the NAS for longer. So a capped backup of a running VM is taken in
+  pull mode (:attr:`Targets.pull_reason`).
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import tempfile
+from dataclasses import dataclass
+
+from shim import qemu_img, settings
+from shim.errors import CommandFailed, UsageError
+
+log = logging.getLogger(__name__)
+
+ZSTD = "zstd"
+ZLIB = "zlib"
+MiB = 1024 * 1024
+CAP_GROUP = "nasbackup-cap"
+"""The throttle group of a storage daemon's targets."""
+MAX_BANDWIDTH_MIB = 1024 * 1024
+"""A cap above 1 TiB/s is a typo, not a cap."""
+
+
+@dataclass(frozen=True)
+class Targets:
+    """How every file of one backup is written."""
+
+    compression: str | None = None
+    """The qcow2 ``compression_type`` of the files (their clusters written compressed);
+    None: stored as read."""
+    rate: int | None = None
+    """The backup's cap in bytes per second; None: as fast as the NAS takes it."""
+
+    @property
+    def create_options(self) -> tuple[str, ...]:
+        """``qemu-img create -o`` options of each file."""
+        return (f"compression_type={self.compression}",) if self.compression else ()
+
+    def share(self, copies: int) -> int | None:
+        """Each copy's cap when ``copies`` run at once (at least 1 byte/s)."""
+        return None if self.rate is None else max(1, self.rate // max(1, copies))
+
+    def convert_options(self) -> list[str]:
+        """``qemu-img convert`` options (one copy at a time: the whole cap)."""
+        argv = ["-c"] if self.compression else []
+        return argv + (["-r", str(self.rate)] if self.rate is not None else [])
+
+    @property
+    def daemon_objects(self) -> tuple[str, ...]:
+        """``qemu-storage-daemon --object`` options: the throttle group of a capped backup."""
+        if self.rate is None:
+            return ()
+        return (f"throttle-group,id={CAP_GROUP},x-bps-write={self.rate}",)
+
+    def file_node(self, filename: str) -> dict[str, object]:
+        """The protocol node of a target file in a storage daemon, in the cap's group."""
+        node: dict[str, object] = {"driver": "file", "filename": filename}
+        if self.rate is None:
+            return node
+        return {"driver": "throttle", "throttle-group": CAP_GROUP, "file": node}
+
+    @property
+    def job_options(self) -> dict[str, object]:
+        """``blockdev-backup`` arguments of a storage daemon's job."""
+        return {"compress": True} if self.compression else {}
+
+    @property
+    def pull_reason(self) -> str | None:
+        """Why a running VM's backup with these targets should be taken in pull mode (see
+        :func:`shim.backup.take_backup`); None when push mode serves as well."""
+        if self.compression:
+            return "a compressed backup needs pull mode (QEMU's push job cannot compress)"
+        if self.rate is not None:
+            return "a capped backup is taken in pull mode (the guest never waits on it)"
+        return None
+
+    def describe(self) -> str:
+        """For the log: what differs from a plain copy."""
+        parts = [f"{self.compression} compressed"] if self.compression else []
+        if self.rate is not None:
+            parts.append(f"capped at {self.rate / MiB:g} MiB/s")
+        return ", ".join(parts) or "uncompressed, no cap"
+
+
+def parse_bandwidth(value: str, source: str) -> int | None:
+    """A cap in MiB/s as ``-b`` and the host setting give it (0: none); UsageError if bad."""
+    if not (value.isascii() and value.isdigit()) or len(value) > 9:
+        raise UsageError(f"{source} takes a whole number of MiB/s (0 for no cap), not {value!r}")
+    mib = int(value)
+    if mib > MAX_BANDWIDTH_MIB:
+        raise UsageError(f"{source} is too large: {mib} MiB/s")
+    return mib or None
+
+
+def parse_compress(value: str, source: str) -> bool:
+    """``true`` or ``false``, as ``-c``'s optional value and the host setting give it."""
+    if value not in ("true", "false"):
+        raise UsageError(f"{source} takes true or false, not {value!r}")
+    return value == "true"
+
+
+def targets_for(compress: bool | None, bandwidth_mib: int | None) -> Targets:
+    """The targets of one backup: the request's options, else the host's settings."""
+    if compress is None:
+        compress = parse_compress(settings.value(settings.COMPRESS), settings.COMPRESS.name)
+    if bandwidth_mib is None:
+        bandwidth_mib = parse_bandwidth(settings.value(settings.BANDWIDTH), settings.BANDWIDTH.name)
+    return Targets(
+        compression=compression_type() if compress else None,
+        rate=bandwidth_mib * MiB if bandwidth_mib else None,
+    )
+
+
+@functools.lru_cache(maxsize=1)
+def compression_type() -> str:
+    """zstd when this host's QEMU can write it (Debian 11's QEMU 5.2 was built without
+    it), else zlib: found by creating a small image, once per process."""
+    with tempfile.TemporaryDirectory(prefix="nasbackup-probe.") as tmp:
+        try:
+            qemu_img.create(f"{tmp}/probe.qcow2", MiB, options=(f"compression_type={ZSTD}",))
+        except CommandFailed as exc:
+            log.info("this QEMU cannot write zstd (%s): compressed backups use zlib", exc)
+            return ZLIB
+    return ZSTD
