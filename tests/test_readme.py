@@ -10,18 +10,21 @@ ROOT = Path(__file__).resolve().parent.parent
 
 
 def _targets_in_code() -> dict[str, float]:
-    """Every ``Metric("P<n>", value, target, ...)`` of the benchmarks: line -> target."""
+    """Every ``Metric("P<n>", value, target, ...)`` and ``from_rounds("P<n>", target, ...)``
+    of the benchmarks: line -> target."""
+    where = {"Metric": 2, "from_rounds": 1}  # the target's position
     found: dict[str, float] = {}
     for source in sorted((ROOT / "tests/lab").glob("bench*.py")):
         for node in ast.walk(ast.parse(source.read_text())):
+            at = where.get(getattr(node, "func", None) and getattr(node.func, "id", ""), -1)
             if (
                 isinstance(node, ast.Call)
-                and getattr(node.func, "id", None) == "Metric"
-                and len(node.args) >= 3
+                and at > 0
+                and len(node.args) > at
                 and isinstance(node.args[0], ast.Constant)
-                and isinstance(node.args[2], ast.Constant)
+                and isinstance(node.args[at], ast.Constant)
             ):
-                found[node.args[0].value] = float(node.args[2].value)
+                found[node.args[0].value] = float(node.args[at].value)
     return found
 
 

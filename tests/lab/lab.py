@@ -562,12 +562,14 @@ class Lab:
             proc.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "labnas", str(export)])
         return Repository(type="none", address=str(export), options="bind")
 
-    def flaky_repository(self, *, counting: bool = False) -> FlakyNas:
+    def flaky_repository(self, *, counting: bool = False, big_writes: bool = False) -> FlakyNas:
         """A repository whose writes can be made to fail with EIO (a FUSE passthrough);
-        ``counting``, it counts its traffic (:meth:`FlakyNas.traffic`), uncached."""
+        ``counting``, it counts its traffic (:meth:`FlakyNas.traffic`), uncached;
+        ``big_writes``, it takes 128 KiB writes (the kernel's default is 4 KiB)."""
         backing = self.new_dir("flaky-backing")
         export = self.new_dir("nas")
         flags = ["--count"] if counting else []
+        flags += ["--big-writes"] if big_writes else []
         process = subprocess.Popen(
             [sys.executable, "-m", "tests.lab.flakyfs", str(backing), str(export), *flags],
             stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
