@@ -57,6 +57,9 @@ RELEASE_GRACE_SECONDS = 5.0
 _GUARD_POLL_SECONDS = 0.02
 """How often pull mode's pause guard looks whether the copy is over (the backup's end waits
 for it)."""
+_JOB_END_EVENT_SECONDS = 2.0
+"""How long a failed copy waits for libvirt to say the job ended (the VM died, say): the
+copy sees the export vanish first."""
 
 
 def named_disks(disks: list[DomainDisk], volume_ids: Sequence[str]) -> list[DomainDisk]:
@@ -457,7 +460,8 @@ class PullBackup(LiveBackup):
             if job.io_error_pause:
                 raise BackupFailed(paused) from exc
             raise BackupFailed(
-                job.ended_early() or f"copying from the export failed: {exc}"
+                job.ended_early(wait=_JOB_END_EVENT_SECONDS)
+                or f"copying from the export failed: {exc}"
             ) from exc
         finally:
             copied.set()

@@ -59,8 +59,9 @@ SCRATCH_DIR = Setting(
 METHOD = Setting(
     "NASBACKUP_SHIM_METHOD",
     "auto",
-    "how running VMs are backed up: auto (push, or pull when a scratch directory is set or "
-    "the backup is compressed or capped), push, or pull",
+    "how running VMs are backed up: auto (pull for fulls and for compressed or capped "
+    "backups, push for incrementals; pull for all when a scratch directory is set), push, "
+    "or pull",
 )
 COMPRESS = Setting(
     "NASBACKUP_SHIM_COMPRESS",

@@ -14,6 +14,11 @@ Handled without a version check, because the same code is right everywhere:
 * libvirt before 7.2 has the backup API but refuses it to domains that did not opt in:
   the domain capabilities are asked (:func:`shim.virt.host.live_backup_supported`).
 * Python 3.9 (EL9, Debian 11): :mod:`shim.compat`.
+* Debian 11's QEMU 5.2 was built without zstd: compressed backups there are zlib, found by
+  creating a small image (:func:`shim.targets.compression_type`), not by the version (a
+  build option, which any release can lack).
+* libvirt's backup API takes no speed; ``virDomainBlockJobSetSpeed`` reaches a push job's
+  per-disk jobs on every release that backs up running VMs (9.0 and 11.3 run the test).
 
 Known, not worked around (see README.md, "Supported hosts"):
 

@@ -13,6 +13,7 @@ from typing import Any
 import libvirt
 import pytest
 
+from shim import settings
 from shim.errors import VirtError
 from shim.virt import host
 from shim.virt.connection import open_connection
@@ -117,6 +118,13 @@ def lab(hypervisor: libvirt.virConnect) -> Iterator[Lab]:
             the_lab.reconnect()
     if died:
         pytest.fail("libvirtd died during this test (started again)", pytrace=False)
+
+
+@pytest.fixture
+def push_mode(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Push mode forced for the drop-ins and services the test runs (fulls of running VMs
+    default to pull mode): for what only push mode's job does."""
+    monkeypatch.setenv(settings.METHOD.name, "push")
 
 
 @pytest.fixture

@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shim import settings
 from shim.backupdir import directory_size
 from shim.nas import Repository
 from tests.envelopes import fill, mismatches, read
 from tests.lab import Lab, LabVM
 from tests.lab.harness import Call, EngineSpy, Running, running
+from tests.lab.system import environment
 from tests.support import disk_files
 
 __all__ = [
@@ -91,10 +93,15 @@ class FixtureRun:
         return values
 
     async def backup(self, service: Running, generation: str, case: str) -> dict[str, Any]:
-        """Post a running-VM backup fixture; check its answer; return the values used."""
+        """Post a running-VM backup fixture; check its answer; return the values used.
+
+        In push mode: the fixtures' ``${jobinfo}`` is what virsh prints for the same job,
+        and only push mode's job is the backup (libvirt reports a pull job it was told to
+        end as cancelled; the shim reports it completed, ``tests/test_pull.py``)."""
         command, expected = read(generation, case)
         values = self.values()
-        status, answers = await service.post(fill(command, values), generation=generation)
+        with environment(settings.METHOD.name, "push"):
+            status, answers = await service.post(fill(command, values), generation=generation)
         assert status == 200, answers
         path = values["backupPath"]
         values["jobinfo"] = jobinfo(self.vm)

@@ -103,7 +103,7 @@ def test_legacy_full_under_every_generation(chain: Chain, generation: str) -> No
 
 
 @pytest.mark.live_backup
-def test_stdout_is_markers_then_virsh_jobinfo_then_size(chain: Chain) -> None:
+def test_stdout_is_markers_then_virsh_jobinfo_then_size(chain: Chain, push_mode: None) -> None:
     run, path = chain.backup("full")
     lines = run.stdout.split("\n")
     assert lines[0] == f"BITMAP_CREATED={chain.bitmaps[-1]}"

@@ -136,7 +136,7 @@ def _failing_full(chain: Chain, nas: FlakyNas, guest: Guest, log: Path) -> tuple
 @pytest.mark.live_backup
 @pytest.mark.lab
 def test_a_full_nas_pauses_the_guest_and_the_failed_backup_resumes_it(
-    guest_lab: Lab, healthy: Guest, tmp_path: Path
+    guest_lab: Lab, healthy: Guest, tmp_path: Path, push_mode: None
 ) -> None:
     lab, guest = guest_lab, healthy
     nas = lab.flaky_repository()

@@ -5,6 +5,7 @@ stdout says, is what push mode gives; nothing is left in the scratch directory."
 from __future__ import annotations
 
 import asyncio
+import logging
 import shutil
 import signal
 import subprocess
@@ -16,9 +17,10 @@ from pathlib import Path
 
 import pytest
 
+from shim.backupdir import directory_size
 from shim.proc import processes_naming
-from shim.pull import SCRATCH_ENV, Scratch
-from tests.envelopes import fill, read
+from shim.pull import DEFAULT_SCRATCH, SCRATCH_ENV, Scratch
+from tests.envelopes import fill, mismatches, read
 from tests.lab import FlakyNas, Lab, LabVM, MiB
 from tests.lab.chains import InFlight
 from tests.lab.leaks import leaks
@@ -207,4 +209,47 @@ async def test_progress_and_abort_over_the_socket(lab: Lab, pull: Path, tmp_path
     nas.heal()
     assert vm.checkpoints() == [] and list(pull.iterdir()) == []
     assert not list(Path(nas.repository.address).glob("*/*.partial"))
+    assert leaks(lab) == []
+
+
+@pytest.mark.live_backup
+def test_by_default_fulls_go_pull_and_incrementals_push(chain: Chain) -> None:
+    """No scratch directory set: a full through the default one (the guest never waits on
+    the NAS), an incremental in push mode; both restore identical."""
+    for k, mode in enumerate(("full", "incremental", "full")):
+        _changes(chain.vm, k)
+        before = chain.log.read_text() if chain.log.exists() else ""
+        _run, path = chain.backup(mode)
+        verify_backup(chain.lab, chain.repo_dir, path, chain.vm, chain.vm.reference_backup())
+        logged = chain.log.read_text()[len(before) :]
+        method = f"pull through {DEFAULT_SCRATCH}/{chain.vm.name}" if mode == "full" else "push"
+        assert f", {method}, " in logged, logged
+    assert not (DEFAULT_SCRATCH / chain.vm.name).exists()
+    assert leaks(chain.lab) == []
+
+
+@pytest.mark.live_backup
+@pytest.mark.lab
+async def test_the_default_full_answers_as_its_fixture(
+    lab: Lab, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Through the service, in the default configuration (a full: pull mode), the answer is
+    the fixture's, its job report the shim's own, completed, in virsh's form."""
+    caplog.set_level(logging.INFO, logger="shim")
+    run = FixtureRun(lab, lab.create_vm(disks=(32 * MiB,)), lab.repository())
+    run.vm.write(0, 0, 4 * MiB, pattern=0x5A)
+    command, expected = read("merged", "full")
+    values = run.values()
+    async with running(tmp_path) as service:
+        status, answers = await service.post(fill(command, values))
+    assert status == 200, answers
+    ((_, answer),) = answers[0].items()
+    lines = answer["details"].split("\n")
+    values["jobinfo"] = "\n".join(lines[1:-1]) + "\n"
+    values["size"] = directory_size(run.repo_dir / values["backupPath"])
+    assert values["jobinfo"].startswith("Job type:         Completed   \n"), answer
+    assert "Operation:        Backup      \n" in values["jobinfo"]
+    assert mismatches(expected, answers, values) == []
+    assert f"pull through {DEFAULT_SCRATCH}/{run.vm.name}" in caplog.text
+    assert not (DEFAULT_SCRATCH / run.vm.name).exists()
     assert leaks(lab) == []

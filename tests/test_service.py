@@ -266,7 +266,9 @@ async def test_async_progress_limit_and_abort(lab: Lab, tmp_path: Path) -> None:
 
 @pytest.mark.live_backup
 @pytest.mark.lab
-async def test_async_job_answers_as_the_synchronous_call(lab: Lab, service: Running) -> None:
+async def test_async_job_answers_as_the_synchronous_call(
+    lab: Lab, service: Running, push_mode: None
+) -> None:
     run = FixtureRun(lab, lab.create_vm(disks=(16 * MiB,)), lab.repository())
     run.vm.write(0, 0, 1 * MiB)
     command, expected = read("seed", "full")

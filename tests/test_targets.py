@@ -247,3 +247,17 @@ def test_stopped_vm_is_capped(chain: Chain, capped: None) -> None:
     chain.vm.write(0, 0, DATA)
     chain.vm.stop()
     _at_most_the_cap(_capped_seconds(chain, "full", offline=True))
+
+
+@pytest.mark.lab
+def test_an_unknown_method_setting_is_refused_before_anything(
+    chain: Chain, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv(settings.METHOD.name, "fast")
+    argv, _path, _bitmap = chain.argv("full")
+    run = run_dropin(argv, log_file=chain.log)
+    assert (run.returncode, run.stdout) == (
+        1,
+        "NASBACKUP_SHIM_METHOD is auto, push or pull, not 'fast'\n",
+    )
+    assert not (chain.repo_dir / chain.vm.name).exists()

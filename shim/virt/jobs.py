@@ -244,14 +244,19 @@ class BackupJob:
         """Whether the guest has been paused by an I/O error, waiting up to ``timeout``."""
         return self._outcome.paused.wait(timeout)
 
-    def ended_early(self) -> str | None:
+    def ended_early(self, wait: float = 0.0) -> str | None:
         """Why the job ended under its client (a pull-mode job ends only when told to:
-        the VM stopped, someone aborted it, libvirt went away); None while it runs."""
-        if not self._outcome.finished.is_set():
+        the VM stopped, someone aborted it, libvirt went away); None while it runs, after
+        ``wait`` seconds for libvirt's event (a copy may fail first, when the VM dies)."""
+        if not self._outcome.finished.wait(wait):
             return None
         if self._outcome.params is not None:
             errmsg = self._outcome.params.get("errmsg")
-            return f"backup job failed: {errmsg}" if errmsg else "the backup job was aborted"
+            if errmsg:
+                return f"backup job failed: {errmsg}"
+            if not is_active(self.dom):
+                return _ended_reason("domain-stopped")
+            return "the backup job was aborted"
         return _ended_reason(self._outcome.ended_by)
 
     def end(self) -> JobStats:
