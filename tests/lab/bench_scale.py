@@ -31,7 +31,7 @@ from pathlib import Path
 from shim import qemu_img
 from shim.backupdir import fsync_tree
 from tests.lab.bench import Bench, Metric, evict, timed
-from tests.lab.bench_pull import pull_mode
+from tests.lab.bench_pull import in_mode
 from tests.lab.lab import Lab, LabVM, MiB
 
 GiB = 1024 * MiB
@@ -84,8 +84,7 @@ def sparse_disk() -> Metric:
             for mode in ("push", "pull"):
                 evict([bench.vm.disks[0].path])
                 with contextlib.ExitStack() as stack:
-                    if mode == "pull":
-                        stack.enter_context(pull_mode(scratch))
+                    stack.enter_context(in_mode(mode, scratch))
                     seconds = bench.backup("full")[0]
                 backup = bench.files(bench.backups[-1])[0]
                 stored = backup.stat().st_blocks * 512
@@ -150,8 +149,7 @@ def nas_traffic() -> Metric:
                     bench.dirty(0.10)
                 read_before, written_before = nas.traffic()
                 with contextlib.ExitStack() as stack:
-                    if mode == "pull":
-                        stack.enter_context(pull_mode(scratch))
+                    stack.enter_context(in_mode(mode, scratch))
                     bench.backup(kind)
                 read_after, written_after = nas.traffic()
                 read, written = read_after - read_before, written_after - written_before
@@ -188,8 +186,7 @@ def big_disk_metrics() -> list[Metric]:
             for mode in ("push", "pull"):
                 evict([source])
                 with contextlib.ExitStack() as stack:
-                    if mode == "pull":
-                        stack.enter_context(pull_mode(scratch))
+                    stack.enter_context(in_mode(mode, scratch))
                     fulls[mode].append(bench.backup("full")[0])
                 backup = bench.files(bench.backups[-1])[0]
                 if k == ROUNDS - 1:
