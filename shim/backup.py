@@ -15,8 +15,9 @@ import logging
 import libvirt
 
 from shim import settings
+from shim.backupdir import PARTIAL_SUFFIX
 from shim.contract import BackupOutcome
-from shim.errors import BackupFailed, UsageError
+from shim.errors import BackupFailed, InputError, UsageError
 from shim.live import LiveBackup, PullBackup, PushBackup
 from shim.lock import VmLock
 from shim.nas import MountSession
@@ -96,12 +97,14 @@ def _scratch_for(
     capped backup (:attr:`~shim.targets.Targets.pull_reason`); push mode for the rest, an
     incremental (its job holds only the guest writes that land on changed blocks). Pull
     mode without a scratch directory set goes through :data:`shim.pull.DEFAULT_SCRATCH`
-    when its filesystem has room for every block the disks hold (the most a guest can
-    overwrite during the backup); without that room, push mode: a backup rather than none.
+    when it can (:func:`_default_scratch`); else ``auto`` takes push mode, a backup rather
+    than none, and a forced ``pull`` fails, touching nothing.
     """
-    if method == PUSH:
-        return None
     root = request.scratch_dir or scratch_setting()
+    if method == PUSH:
+        if root:
+            log.info("%s=push: the scratch directory %s is not used", settings.METHOD.name, root)
+        return None
     if root:
         return Scratch(root, request.vm)
     why = "pull mode is set" if method == PULL else targets.pull_reason
@@ -109,10 +112,34 @@ def _scratch_for(
         why = "a full is taken in pull mode (the guest never waits on the NAS)"
     if why is None:
         return None
-    allocated = sum(dom.blockInfo(d.target)[1] for d in parse_disks(dom.XMLDesc()))
-    problem = scratch_room_problem(DEFAULT_SCRATCH, allocated)
-    if problem:
+    scratch, problem = _default_scratch(dom, request.vm)
+    if scratch is None:
+        if method == PULL:
+            raise BackupFailed(f"{settings.METHOD.name}=pull, and {problem}")
         log.warning("%s, and %s: push mode", why, problem)
         return None
     log.info("%s: its scratch in %s", why, DEFAULT_SCRATCH)
-    return Scratch(str(DEFAULT_SCRATCH), request.vm)
+    return scratch
+
+
+def _default_scratch(dom: libvirt.virDomain, vm: str) -> tuple[Scratch | None, str]:
+    """The VM's scratch in :data:`shim.pull.DEFAULT_SCRATCH`, or None and why not: no room
+    there for every block the disks hold as libvirt counts them (the top image of a qcow2
+    chain; the most a guest can overwrite during the backup, but for a template's blocks)
+    and a reserve, a path too long for the export's socket, or a QEMU that still holds an
+    earlier backup's target (asking it for block sizes could crash it: the method's own
+    checks refuse that backup, asking nothing)."""
+    if host.files_held_open(dom, PARTIAL_SUFFIX + "/"):
+        return None, "QEMU still holds an earlier backup's target"
+    problem = scratch_room_problem(DEFAULT_SCRATCH, 0)  # created and checked, first
+    if problem:
+        return None, problem
+    try:
+        scratch = Scratch(str(DEFAULT_SCRATCH), vm)
+        allocated = sum(dom.blockInfo(d.target)[1] for d in parse_disks(dom.XMLDesc()))
+    except InputError as exc:
+        return None, str(exc)
+    except libvirt.libvirtError as exc:
+        return None, f"the disks' sizes are unknown ({exc.get_error_message()})"
+    problem = scratch_room_problem(DEFAULT_SCRATCH, allocated)
+    return (None, problem) if problem else (scratch, "")

@@ -27,6 +27,7 @@ import logging
 import os
 import shutil
 import signal
+import stat
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -55,8 +56,12 @@ SCRATCH_ENV = settings.SCRATCH_DIR.name
 """The host setting: a local directory for scratch images; set, running VMs are backed up
 in pull mode (``-S DIR``/``--scratch-dir DIR`` sets it for one run)."""
 DEFAULT_SCRATCH = Path("/var/lib/cloudstack-nasbackup-shim/scratch")
-"""Pull mode's scratch directory when a backup needs pull mode (it is compressed) and
-none is set: created on first use, root's alone."""
+"""Pull mode's scratch directory when none is set (:func:`shim.backup.take_backup` takes
+fulls, compressed and capped backups in pull mode): created on first use, root's alone."""
+SCRATCH_RESERVE = 1024 * 1024 * 1024
+SCRATCH_RESERVE_FRACTION = 0.05
+"""What the default scratch directory's filesystem keeps free beyond the worst case: the
+larger of 1 GiB and 5 % of it (it is usually the host's own)."""
 SOCKET_NAME = "nbd.sock"
 SCRATCH_SUFFIX = ".scratch.qcow2"
 """libvirt's scratch image of a disk: ``<target>.scratch.qcow2``."""
@@ -80,23 +85,28 @@ _SOCKET_PATH_MAX = 107
 
 
 def scratch_setting() -> str | None:
-    """The host's scratch directory (:data:`SCRATCH_ENV`), None when push mode is set."""
+    """The host's scratch directory (:data:`SCRATCH_ENV`), None when none is set."""
     return settings.value(settings.SCRATCH_DIR) or None
 
 
 def scratch_room_problem(root: Path, needed: int) -> str | None:
     """Why ``root`` (created if missing) cannot be a scratch directory holding ``needed``
-    bytes; None when it can."""
+    bytes and still keep :data:`SCRATCH_RESERVE` free; None when it can. An existing
+    ``root`` must be a directory (not a link) of this user's alone."""
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
+        st = os.lstat(root)
         fs = os.statvfs(root)
     except OSError as exc:
         return f"the scratch directory {root} is unusable: {exc.strerror}"
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
+        return f"the scratch directory {root} is not a directory of this user's alone"
     free = fs.f_bavail * fs.f_frsize
-    if free < needed:
+    reserve = max(SCRATCH_RESERVE, int(SCRATCH_RESERVE_FRACTION * fs.f_blocks * fs.f_frsize))
+    if free < needed + reserve:
         return (
-            f"the scratch directory {root} has {free} bytes free, "
-            f"less than the {needed} the disks hold"
+            f"the scratch directory {root} has {free} bytes free, less than the {needed} "
+            f"the disks hold and {reserve} kept free"
         )
     return None
 

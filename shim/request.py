@@ -40,7 +40,7 @@ class BackupRequest:
     order, in place of the sources' basenames (empty: the basenames)."""
     scratch_dir: str | None = None
     """``-S``: a local directory for pull mode's scratch images (None: the host setting,
-    :data:`shim.pull.SCRATCH_ENV`; neither: push mode)."""
+    :data:`shim.pull.SCRATCH_ENV`; neither: the method's rule, :mod:`shim.backup`)."""
     compress: bool | None = None
     """``-c``: compressed qcow2 files (None: the host setting, :mod:`shim.targets`)."""
     bandwidth_mib: int | None = None

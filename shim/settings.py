@@ -54,7 +54,8 @@ CHECKSUM_AT = Setting(
 SCRATCH_DIR = Setting(
     "NASBACKUP_SHIM_SCRATCH_DIR",
     "",
-    "a local directory: running VMs are then backed up in pull mode, scratch images there",
+    "a local directory: running VMs are then backed up in pull mode, scratch images there "
+    "(unless the method is push)",
 )
 METHOD = Setting(
     "NASBACKUP_SHIM_METHOD",
@@ -66,8 +67,8 @@ METHOD = Setting(
 COMPRESS = Setting(
     "NASBACKUP_SHIM_COMPRESS",
     "false",
-    "true: backups are compressed qcow2 (zstd, else zlib), as with -c; running VMs then "
-    "in pull mode",
+    "true: backups are compressed qcow2, zstd where this host's QEMU writes it, else zlib, as "
+    "with -c (running VMs then in pull mode); zlib: zlib always (restores on Debian 11)",
 )
 BANDWIDTH = Setting(
     "NASBACKUP_SHIM_BANDWIDTH",

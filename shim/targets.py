@@ -8,8 +8,9 @@ change here and the writers stay as they are:
 
 * **compression**: clusters are stored compressed in the qcow2 (zstd where this host's
   QEMU was built with it, zlib otherwise); any ``qemu-img`` reads them, the Java restore's
-  ``qemu-img convert`` and ``-o restore`` included. QEMU's push job, which libvirt starts,
-  cannot compress (:attr:`Targets.pull_reason`).
+  ``qemu-img convert`` and ``-o restore`` included, on a host whose QEMU has that type
+  (``NASBACKUP_SHIM_COMPRESS=zlib`` where a restore may run on Debian 11's). QEMU's push
+  job, which libvirt starts, cannot compress (:attr:`Targets.pull_reason`).
 * **rate**: a cap on the bytes per second one backup sends to the NAS (the NAS is what it
   protects, not one disk). A storage daemon's targets share one throttle group on their
   files: what reaches the NAS is counted, compressed, and a hole costs nothing.
@@ -22,7 +23,6 @@ change here and the writers stay as they are:
 
 from __future__ import annotations
 
-import functools
 import logging
 import tempfile
 from dataclasses import dataclass
@@ -87,7 +87,7 @@ class Targets:
     @property
     def pull_reason(self) -> str | None:
         """Why a running VM's backup with these targets should be taken in pull mode (see
-        :func:`shim.backup.take_backup`); None when push mode serves as well."""
+        :func:`shim.backup._scratch_for`); None when push mode serves as well."""
         if self.compression:
             return "a compressed backup needs pull mode (QEMU's push job cannot compress)"
         if self.rate is not None:
@@ -112,33 +112,45 @@ def parse_bandwidth(value: str, source: str) -> int | None:
     return mib or None
 
 
-def parse_compress(value: str, source: str) -> bool:
-    """``true`` or ``false``, as ``-c``'s optional value and the host setting give it."""
-    if value not in ("true", "false"):
-        raise UsageError(f"{source} takes true or false, not {value!r}")
-    return value == "true"
+COMPRESS_VALUES = ("false", "true", ZLIB)
+"""The host setting's values: ``zlib`` where a restore may run on a host whose QEMU has no
+zstd (Debian 11's)."""
 
 
 def targets_for(compress: bool | None, bandwidth_mib: int | None) -> Targets:
-    """The targets of one backup: the request's options, else the host's settings."""
+    """The targets of one backup: the request's options, else the host's settings (whose
+    ``zlib`` also names the type ``-c`` writes)."""
+    setting = settings.value(settings.COMPRESS)
+    if setting not in COMPRESS_VALUES:
+        raise UsageError(
+            f"{settings.COMPRESS.name} is {', '.join(COMPRESS_VALUES)}, not {setting!r}"
+        )
     if compress is None:
-        compress = parse_compress(settings.value(settings.COMPRESS), settings.COMPRESS.name)
+        compress = setting != "false"
     if bandwidth_mib is None:
         bandwidth_mib = parse_bandwidth(settings.value(settings.BANDWIDTH), settings.BANDWIDTH.name)
-    return Targets(
-        compression=compression_type() if compress else None,
-        rate=bandwidth_mib * MiB if bandwidth_mib else None,
-    )
+    compression = (ZLIB if setting == ZLIB else compression_type()) if compress else None
+    return Targets(compression=compression, rate=bandwidth_mib * MiB if bandwidth_mib else None)
 
 
-@functools.lru_cache(maxsize=1)
+_probed: list[str] = []
+"""What :func:`compression_type` found, once it found it."""
+
+
 def compression_type() -> str:
     """zstd when this host's QEMU can write it (Debian 11's QEMU 5.2 was built without
-    it), else zlib: found by creating a small image, once per process."""
+    it), else zlib: found by creating a small image, once per process. A probe that fails
+    for another reason (no room in the temporary directory) is not remembered."""
+    if _probed:
+        return _probed[0]
     with tempfile.TemporaryDirectory(prefix="nasbackup-probe.") as tmp:
         try:
             qemu_img.create(f"{tmp}/probe.qcow2", MiB, options=(f"compression_type={ZSTD}",))
         except CommandFailed as exc:
+            if ZSTD not in exc.stderr:
+                raise
             log.info("this QEMU cannot write zstd (%s): compressed backups use zlib", exc)
+            _probed.append(ZLIB)
             return ZLIB
+    _probed.append(ZSTD)
     return ZSTD

@@ -52,6 +52,9 @@ def test_the_request_wins_over_the_host_settings(monkeypatch: pytest.MonkeyPatch
     monkeypatch.setenv(settings.BANDWIDTH.name, "20")
     assert targets_for(None, None) == Targets(compression_type(), 20 * MiB)
     assert targets_for(False, 0) == Targets()
+    monkeypatch.setenv(settings.COMPRESS.name, "zlib")  # where Debian 11 hosts restore
+    assert targets_for(None, None).compression == targets_for(True, 0).compression == "zlib"
+    assert targets_for(False, None).compression is None
     monkeypatch.setenv(settings.COMPRESS.name, "yes")
     with pytest.raises(UsageError, match=settings.COMPRESS.name):
         targets_for(None, None)
@@ -228,7 +231,8 @@ def test_push_is_capped_when_forced(lab: Lab, monkeypatch: pytest.MonkeyPatch) -
     data = 160 * MiB
     vm.write(0, 0, data)
     seconds = _capped_seconds(chain)
-    assert seconds >= 0.75 * (data - PUSH_IN_FLIGHT) / (8 * CAP_MIB * MiB), seconds
+    # Half the capped time at least: the cap may land a few tens of MiB after the job began.
+    assert seconds >= 0.5 * (data - PUSH_IN_FLIGHT) / (8 * CAP_MIB * MiB), seconds
     log = chain.log.read_text()
     assert f"capped at {8 * CAP_MIB} MiB/s" in log and "pull through" not in log
 

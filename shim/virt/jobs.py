@@ -249,12 +249,13 @@ class BackupJob:
         the VM stopped, someone aborted it, libvirt went away); None while it runs, after
         ``wait`` seconds for libvirt's event (a copy may fail first, when the VM dies)."""
         if not self._outcome.finished.wait(wait):
-            return None
+            # No event (yet): libvirt itself says whether the VM is gone.
+            return _ended_reason("domain-stopped") if _gone(self.dom) else None
         if self._outcome.params is not None:
             errmsg = self._outcome.params.get("errmsg")
             if errmsg:
                 return f"backup job failed: {errmsg}"
-            if not is_active(self.dom):
+            if _gone(self.dom):
                 return _ended_reason("domain-stopped")
             return "the backup job was aborted"
         return _ended_reason(self._outcome.ended_by)
@@ -381,6 +382,15 @@ def is_active(dom: libvirt.virDomain) -> bool:
         return bool(dom.isActive())
     except libvirt.libvirtError:
         return False
+
+
+def _gone(dom: libvirt.virDomain) -> bool:
+    """Whether libvirt answers that the domain no longer runs (an error other than "no
+    such domain", a lost connection say, says nothing)."""
+    try:
+        return not dom.isActive()
+    except libvirt.libvirtError as exc:
+        return bool(exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN)
 
 
 def _ended_reason(ended_by: str | None) -> str:
