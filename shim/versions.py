@@ -17,8 +17,6 @@ Handled without a version check, because the same code is right everywhere:
 * Debian 11's QEMU 5.2 was built without zstd: compressed backups there are zlib, found by
   creating a small image (:func:`shim.targets.compression_type`), not by the version (a
   build option, which any release can lack).
-* libvirt's backup API takes no speed; ``virDomainBlockJobSetSpeed`` reaches a push job's
-  per-disk jobs on every release that backs up running VMs (9.0 and 11.3 run the test).
 
 Known, not worked around (see README.md, "Supported hosts"):
 
@@ -34,5 +32,10 @@ MIN_QEMU = (4, 2, 0)
 MIN_LIBVIRT = (7, 2, 0)
 """Upstream's ``sanity_checks``: the libvirt a running VM's backup needs (the first that
 enables its backup API for every domain)."""
+PUSH_CAP_REFUSED_BY = (11, 3, 0)
+"""libvirt's backup API takes no speed. libvirt 9.0 lets ``virDomainBlockJobSetSpeed`` cap
+a push backup's per-disk jobs; 11.3 answers "disk vda does not have an active block job"
+(the releases between were not run). From here a capped push backup is logged as uncapped:
+the method rule takes capped backups in pull mode, which caps every copy itself."""
 X_PERF_SINCE = (6, 0)
 """The first QEMU whose blockdev-backup takes ``x-perf`` (the copy's parallelism)."""

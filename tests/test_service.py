@@ -20,14 +20,14 @@ import libvirt
 import pytest
 
 from commands.envelope import dump, load_commands
-from commands.model import GetBackupStorageStatsCommand
+from commands.model import BackupAnswer, GetBackupStorageStatsCommand
 from commands.wrappers import Generation
 from shim.backupdir import directory_size
 from shim.errors import CleanupFailed
 from shim.lock import LOCK_WAIT_ENV, VmLock
 from shim.service import Service, ServiceConfig, StartupRefused, TcpAddress
 from shim.service.config import parse_tcp_address, read_token
-from shim.service.jobs import ABORTED_MESSAGE, Scheduler
+from shim.service.jobs import ABORTED_MESSAGE, Job, JobState, Scheduler
 from shim.virt import host
 from tests.envelopes import GENERATIONS, SAMPLE_VALUES, all_cases, fill, mismatches, read
 from tests.lab import Lab, MiB
@@ -200,7 +200,9 @@ async def _until(predicate: Any, what: str, timeout: float = 120) -> Any:
 
 @pytest.mark.live_backup
 @pytest.mark.lab
-async def test_async_progress_limit_and_abort(lab: Lab, tmp_path: Path) -> None:
+async def test_async_progress_limit_and_abort(lab: Lab, tmp_path: Path, push_mode: None) -> None:
+    """In push mode, whose abort answers libvirt's "Operation canceled" (pull mode's full of
+    768 MiB may end before the abort on a fast host; ``tests/test_pull.py`` aborts one)."""
     big = FixtureRun(lab, lab.create_vm(disks=(1024 * MiB,)), lab.repository())
     big.vm.write(0, 0, 768 * MiB, pattern=0x5A)
     small = FixtureRun(lab, lab.create_vm(disks=(16 * MiB,)), lab.repository())
@@ -709,3 +711,16 @@ def test_scripts_serve_takes_a_generation() -> None:
 
     assert config_from(parse_args([])).generation is Generation.MERGED
     assert config_from(parse_args(["--generation", "seed"])).generation is Generation.SEED
+
+
+def test_an_abort_that_came_after_the_work_leaves_the_job_succeeded() -> None:
+    """Asked to abort as its backup was published: the state says what the answers say
+    (a later DELETE is then refused as for any finished job)."""
+    job = Job([])
+    job.abort_requested = True
+    job._finish([BackupAnswer(result=True, details="done")])
+    assert job.state is JobState.SUCCEEDED
+    failed = Job([])
+    failed.abort_requested = True
+    failed._finish([BackupAnswer(result=False, details="stopped")])
+    assert failed.state is JobState.ABORTED

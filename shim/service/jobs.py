@@ -161,10 +161,12 @@ class Job:
 
     def _finish(self, answers: list[Answer]) -> None:
         self.answers = answers
-        if self.abort_requested:
-            self.state = JobState.ABORTED
-        elif all(answer.result for answer in answers):
+        if all(answer.result for answer in answers):
+            # Even when an abort was asked: the commands finished first, and did their work
+            # (a backup published): the state says what the answers say.
             self.state = JobState.SUCCEEDED
+        elif self.abort_requested:
+            self.state = JobState.ABORTED
         else:
             self.state = JobState.FAILED
         self._done.set()

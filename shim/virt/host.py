@@ -39,6 +39,11 @@ def _version(number: int) -> tuple[int, int, int]:
     return number // 1_000_000, number // 1000 % 1000, number % 1000
 
 
+def libvirt_version(conn: libvirt.virConnect) -> tuple[int, int, int]:
+    """The libvirt version of the daemon behind ``conn``."""
+    return _version(conn.getLibVersion())
+
+
 def _dotted(version: tuple[int, ...]) -> str:
     return ".".join(map(str, version))
 

@@ -24,8 +24,9 @@ import libvirt
 
 from shim.errors import BackupFailed, VirtError
 from shim.runtime import JOB_MARKERS
+from shim.versions import PUSH_CAP_REFUSED_BY
 from shim.virt.connection import is_alive
-from shim.virt.host import qemu_monitor
+from shim.virt.host import libvirt_version, qemu_monitor
 
 log = logging.getLogger(__name__)
 
@@ -196,8 +197,16 @@ class BackupJob:
 
     def cap_rate(self, targets: Sequence[str], rate: int) -> None:
         """Cap each disk's copy at ``rate`` bytes per second, once the job runs (libvirt's
-        backup API takes no speed; its block job API reaches the backup's own jobs). What
-        was copied before it applies, a few milliseconds' worth, went at full speed."""
+        backup API takes no speed; before :data:`~shim.versions.PUSH_CAP_REFUSED_BY`, its
+        block job API reaches the backup's own jobs). What was in flight before it applies,
+        up to 64 MiB, went at full speed. A copy left uncapped is logged, never failed."""
+        version = libvirt_version(self.conn)
+        if version >= PUSH_CAP_REFUSED_BY:
+            log.warning(
+                "libvirt %d.%d refuses a speed for a push backup's jobs: this backup is not "
+                "capped (pull mode caps it)", *version[:2],
+            )  # fmt: skip
+            return
         flags = libvirt.VIR_DOMAIN_BLOCK_JOB_SPEED_BANDWIDTH_BYTES
         for target in targets:
             try:
