@@ -713,9 +713,10 @@ def test_scripts_serve_takes_a_generation() -> None:
     assert config_from(parse_args(["--generation", "seed"])).generation is Generation.SEED
 
 
-def test_an_abort_that_came_after_the_work_leaves_the_job_succeeded() -> None:
+async def test_an_abort_that_came_after_the_work_leaves_the_job_succeeded() -> None:
     """Asked to abort as its backup was published: the state says what the answers say
-    (a later DELETE is then refused as for any finished job)."""
+    (a later DELETE is then refused as for any finished job). On the event loop, where the
+    service makes its jobs (Python 3.9's asyncio.Event needs one)."""
     job = Job([])
     job.abort_requested = True
     job._finish([BackupAnswer(result=True, details="done")])

@@ -32,6 +32,7 @@ from shim import qemu_img, settings
 from shim.backupdir import fsync_tree
 from tests.lab.bench import Bench, Metric, evict, from_rounds, timed
 from tests.lab.lab import FlakyNas, Lab, LabVM, MiB
+from tests.lab.system import environment
 
 GiB = 1024 * MiB
 NAS_RATE = 110_000_000
@@ -46,16 +47,10 @@ _SAMPLE_SECONDS = 0.02
 @contextlib.contextmanager
 def host_settings(**values: str) -> Iterator[None]:
     """The drop-ins started meanwhile run with these host settings."""
-    saved = {name: os.environ.get(name) for name in values}
-    os.environ.update(values)
-    try:
+    with contextlib.ExitStack() as stack:
+        for name, value in values.items():
+            stack.enter_context(environment(name, value))
         yield
-    finally:
-        for name, value in saved.items():
-            if value is None:
-                os.environ.pop(name, None)
-            else:
-                os.environ[name] = value
 
 
 def _hex_text(lab: Lab, size: int) -> Path:
