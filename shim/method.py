@@ -56,7 +56,7 @@ class BackupMethod(ABC):
         target = self.directory.work / disk.backup_name
         size = self.sizes[disk.target]
         parent = plan.parents.get(disk.target)
-        options = self.targets.create_options
+        options = self.targets.create_options(full=parent is None)
         if parent is None:
             qemu_img.create(target, size, options=options)
         else:
@@ -65,13 +65,13 @@ class BackupMethod(ABC):
         return target
 
     def convert_into(self, source: str | Path, target: Path, *, source_fmt: str = "qcow2") -> None:
-        """``qemu-img convert`` ``source`` into a new file of this backup, written as
+        """``qemu-img convert`` ``source`` into a new full of this backup, written as
         :attr:`targets` say."""
         qemu_img.convert(
             source,
             target,
             source_fmt=source_fmt,
-            create_options=self.targets.create_options,
+            create_options=self.targets.create_options(full=True),
             write_options=self.targets.convert_options(),
         )
 

@@ -151,7 +151,7 @@ def create(
     options: Sequence[str] = (),
 ) -> None:
     """Create an image; qcow2 images are v3 (bitmaps need it), with ``options`` more
-    (``-o``: e.g. :attr:`shim.targets.Targets.create_options`).
+    (``-o``: e.g. :meth:`shim.targets.Targets.create_options`).
 
     ``backing`` is stored as given: pass a path relative to the new image's directory to
     get a relocatable chain. With ``size`` given it is not opened (``-u``): a parent on the
@@ -190,7 +190,8 @@ def convert(
 
     ``coroutines`` (``-m``, at most 16) reads that many pieces at once; the target is still
     written in order. ``create_options`` are the new target's ``-o`` options,
-    ``write_options`` how it is written (:class:`shim.targets.Targets`: ``-c``, ``-r``).
+    ``write_options`` how it is written (:meth:`shim.targets.Targets.convert_options`:
+    compressed, out of order, capped).
     """
     argv = [QEMU_IMG, "convert", "-O", target_fmt, *_format("-f", source, source_fmt)]
     argv += ["-m", str(coroutines)] if coroutines else []

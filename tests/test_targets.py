@@ -26,19 +26,23 @@ from tests.support import Chain, build_argv, disk_files, repo_values, run_dropin
 DATA = 16 * MiB
 """Written to the first disk before each full: one byte repeated, so it compresses to
 almost nothing (what a compressed file holds is then plain)."""
+COMPRESSED_AT_MOST = DATA // 2
+"""What a compressed file of :data:`DATA` holds at most: its data stores in a few KiB, a
+full's metadata in about 4 MiB (four clusters of 1 MiB); uncompressed, at least DATA."""
 
 
 def test_options_for_each_writer() -> None:
     targets = Targets(compression="zstd", rate=8 * MiB)
-    assert targets.create_options == ("compression_type=zstd",)
-    assert targets.convert_options() == ["-c", "-r", str(8 * MiB)]
+    assert targets.create_options(full=False) == ("compression_type=zstd",)
+    assert targets.create_options(full=True) == ("compression_type=zstd", f"cluster_size={MiB}")
+    assert targets.convert_options() == ["-c", "-W", "-m", "8", "-r", str(8 * MiB)]
     assert targets.daemon_objects == (f"throttle-group,id=nasbackup-cap,x-bps-write={8 * MiB}",)
     assert targets.file_node("f")["file"] == {"driver": "file", "filename": "f"}
     assert targets.job_options == {"compress": True}
     assert targets.share(2) == 4 * MiB
     assert Targets().convert_options() == [] and Targets().job_options == {}
     assert Targets().daemon_objects == ()
-    assert Targets().create_options == ()
+    assert Targets().create_options(full=True) == ()
 
 
 def test_bandwidth_values() -> None:
@@ -108,10 +112,11 @@ def _chain_checked(chain: Chain, *, offline: bool = False) -> None:
         refs = [d.path for d in vm.disks] if offline else vm.reference_backup()
         verify_backup(chain.lab, chain.repo_dir, path, vm, refs)
         for file in disk_files(chain.repo_dir, path, vm):
-            assert qemu_img.info(file).raw["format-specific"]["data"]["compression-type"] == (
-                compression_type()
-            )
-        assert max(_stored(chain, path, vm)) < DATA // 4, run.stdout
+            info = qemu_img.info(file).raw
+            assert info["format-specific"]["data"]["compression-type"] == compression_type()
+            # A full's clusters are large (few writes to the NAS); an incremental's are not.
+            assert info["cluster-size"] == (MiB if mode == "full" else 64 * 1024), mode
+        assert max(_stored(chain, path, vm)) < COMPRESSED_AT_MOST, run.stdout
         _write(vm, 4 * MiB, 4 * MiB, 0x6B, offline=offline)
     # The shim's own verify and restore read the incremental's chain through the gate.
     values = {"operation": "verify", **repo_values(chain.repo), "path": path}
@@ -178,7 +183,7 @@ def test_c_and_b_on_the_command_line(chain: Chain) -> None:
     run = run_dropin([*argv, "-c", "-b", "1000"], log_file=chain.log)
     assert run.returncode == 0, run.stdout + run.stderr
     chain.record("full", path, bitmap)
-    assert max(_stored(chain, path, chain.vm)) < DATA // 4
+    assert max(_stored(chain, path, chain.vm)) < COMPRESSED_AT_MOST
     assert "capped at 1000 MiB/s" in chain.log.read_text()
     argv, path, bitmap = chain.argv("full")
     run = run_dropin([*argv, "-c", "false"], log_file=chain.log)
