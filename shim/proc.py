@@ -13,6 +13,9 @@ the gate opened (:mod:`shim.gate`) reach a program as inherited descriptors
 holds can be run without a network (``network=False``: a network namespace of its own,
 where nothing is reachable): should a file change between the gate's look and the program's
 open, to name ``nbd:`` or ``http:`` somewhere, there is no network for it to reach.
+
+A server a call needs for a while (:func:`serving`) is this process's child for the block
+only, and dies with it: a run killed meanwhile leaves none holding the NAS's files.
 """
 
 from __future__ import annotations
@@ -21,11 +24,13 @@ import contextlib
 import logging
 import os
 import signal
+import socket
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import IO
 
 from shim import cancel
@@ -193,11 +198,56 @@ def run_many(
     return [r for r in results if r is not None]
 
 
+SERVER_START_SECONDS = 30.0
+"""How long a server (:func:`serving`) may take to accept connections."""
+
+
+@contextlib.contextmanager
+def serving(
+    argv: Sequence[str], socket_path: Path, *, pass_fds: Sequence[int] = (), network: bool = True
+) -> Iterator[None]:
+    """Run the server ``argv`` for the block, from when ``socket_path`` accepts a connection
+    (CommandFailed if it ends first or is not ready in :data:`SERVER_START_SECONDS`). It is
+    killed with its group when the block ends, and by the kernel should this process die
+    first (``setpriv --pdeathsig``)."""
+    child = _Child(argv, pass_fds, network, dies_with_parent=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_SECONDS
+        while not _accepts(socket_path):
+            if child.process.poll() is not None:
+                ended = child.result()
+                raise CommandFailed(list(argv), ended.returncode, ended.stderr)
+            if time.monotonic() > deadline:
+                raise CommandFailed(
+                    list(argv), None, f"not serving in {SERVER_START_SECONDS:g} s", timed_out=True
+                )
+            time.sleep(_MANY_POLL_SECONDS)
+        yield
+    finally:
+        if child.process.returncode is None:  # not reaped: its pid is still its own
+            child.kill()
+
+
+def _accepts(socket_path: Path) -> bool:
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        try:
+            probe.connect(os.fspath(socket_path))
+        except (FileNotFoundError, ConnectionRefusedError):
+            return False
+    return True
+
+
 class _Child:
-    """One program of :func:`run_many`, its output in temporary files (no pipe to drain)."""
+    """One program of :func:`run_many` (or a server's), its output in temporary files (no
+    pipe to drain)."""
 
     def __init__(
-        self, argv: Sequence[str], pass_fds: Sequence[int] = (), network: bool = True
+        self,
+        argv: Sequence[str],
+        pass_fds: Sequence[int] = (),
+        network: bool = True,
+        *,
+        dies_with_parent: bool = False,
     ) -> None:
         self.argv = list(argv)
         self.shown = mask(" ".join(argv), ())
@@ -207,7 +257,7 @@ class _Child:
         self._err: IO[bytes] = tempfile.TemporaryFile()  # noqa: SIM115
         try:
             self.process = subprocess.Popen(
-                _confined(self.argv, network),
+                _confined(self.argv, network, dies_with_parent=dies_with_parent),
                 stdin=subprocess.DEVNULL,
                 stdout=self._out,
                 stderr=self._err,
@@ -243,9 +293,14 @@ NO_NETWORK = ("unshare", "--net", "--")
 """The prefix that runs a program in a network namespace of its own (util-linux)."""
 
 
-def _confined(argv: Sequence[str], network: bool) -> list[str]:
+DIES_WITH_PARENT = ("setpriv", "--pdeathsig", "KILL", "--")
+"""The prefix that has the kernel kill a program when its parent dies (util-linux)."""
+
+
+def _confined(argv: Sequence[str], network: bool, *, dies_with_parent: bool = False) -> list[str]:
     # Logs and errors name the program itself (argv), never the prefix.
-    return list(argv) if network else [*NO_NETWORK, *argv]
+    prefix = (() if network else NO_NETWORK) + (DIES_WITH_PARENT if dies_with_parent else ())
+    return [*prefix, *argv]
 
 
 def _kill(child: subprocess.Popen[str]) -> tuple[str, str]:

@@ -17,8 +17,10 @@ import json
 import os
 import re
 import secrets
+import tempfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Union
 
 from shim import proc
@@ -239,6 +241,70 @@ def compare_argv(
     argv += _format("-f", first, first_fmt) + _format("-F", second, second_fmt)
     argv += ["-U"] if force_share else []
     return [*argv, _name(first), _name(second)]
+
+
+QEMU_NBD = "qemu-nbd"
+COMPARE_SLICES = 4
+"""``qemu-img compare`` reads one piece at a time: a compressed chain's clusters were
+decompressed one after another (768 MiB of compressed text: 1.7 s). Compared in 4 slices
+side by side, read from one ``qemu-nbd`` that decompresses for all of them: 1.1 s."""
+COMPARE_SLICE_MIN = 64 * 1024 * 1024
+"""An image smaller than two of these is compared whole, without a server."""
+_SLICE_ALIGN = 1024 * 1024
+
+
+@contextlib.contextmanager
+def compare_slices(
+    chain: Spec, copy: StrPath, *, size: int, copy_fmt: str | None
+) -> Iterator[list[list[str]]]:
+    """:func:`compare_argv` of the first ``size`` bytes of ``chain`` (every layer named)
+    and ``copy`` (one layer: a file of ``copy_fmt``, or a ``json:`` name with its drivers),
+    in up to :data:`COMPARE_SLICES` slices for the block to run side by side (without a
+    network); they hold the same data when every slice's :func:`compare_result` says so.
+
+    A slice is a raw window (``offset``, ``size``). Not over the chain's own nodes: a
+    window's allocation stops at it, so data a backing file holds under an unallocated top
+    reads as a hole. Over a ``qemu-nbd`` serving the chain instead, whose allocation is the
+    whole chain's (NBD's ``base:allocation``), on a socket in a private directory; the
+    server ends with the block.
+    """
+    slices = max(1, min(COMPARE_SLICES, size // COMPARE_SLICE_MIN))
+    if slices == 1:
+        yield [compare_argv(chain, copy, second_fmt=copy_fmt)]
+        return
+    RUN_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
+    with tempfile.TemporaryDirectory(prefix="compare.", dir=RUN_DIR) as private:
+        sock = os.path.join(private, "nbd.sock")
+        server = [QEMU_NBD, "--read-only", "--persistent", f"--shared={slices}",
+                  f"--socket={sock}", chain.text]  # fmt: skip
+        served = {"driver": "nbd", "server": {"type": "unix", "path": sock}}
+        step = -(-size // slices // _SLICE_ALIGN) * _SLICE_ALIGN
+        argvs = [
+            compare_argv(
+                _window(served, offset, min(step, size - offset)),
+                _window(_copy_node(copy, copy_fmt), offset, min(step, size - offset)),
+                first_fmt=None,
+                second_fmt=None,
+            )
+            for offset in range(0, size, step)
+        ]
+        with proc.serving(server, Path(sock), pass_fds=chain.fds, network=False):
+            yield argvs
+
+
+def _copy_node(copy: StrPath, fmt: str | None) -> dict[str, Any]:
+    name = os.fspath(copy)
+    if name.startswith("json:"):
+        node: dict[str, Any] = json.loads(name[len("json:") :])
+        return node
+    if fmt is None:
+        raise ValueError(f"the format of {name} is needed to compare it in slices")
+    node = {"driver": fmt, "file": {"driver": "file", "filename": name}}
+    return {**node, "backing": None} if fmt == "qcow2" else node
+
+
+def _window(node: dict[str, Any], offset: int, length: int) -> str:
+    return "json:" + json.dumps({"driver": "raw", "offset": offset, "size": length, "file": node})
 
 
 def fds_of(*images: Image) -> tuple[int, ...]:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,6 +21,8 @@ from shim.errors import (
     InputError,
     exit_code_for,
 )
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_output_is_captured_and_failures_raise() -> None:
@@ -147,3 +151,45 @@ def test_a_program_given_the_nas_files_reaches_no_network(tmp_path: Path) -> Non
             proc.run(["qemu-img", "info", "--output=json", nbd], timeout=10)
         assert len(connections) == 1
         listener.shutdown(socket.SHUT_RDWR)
+
+
+def test_a_server_that_ends_or_never_serves_fails(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    unopenable = ["qemu-nbd", "--socket", str(tmp_path / "s"), str(tmp_path / "missing")]
+    with pytest.raises(CommandFailed, match="qemu-nbd"), proc.serving(unopenable, tmp_path / "s"):
+        pass
+    monkeypatch.setattr(proc, "SERVER_START_SECONDS", 0.2)
+    silent = ["python3", "-c", "import time; time.sleep(30)", str(tmp_path)]
+    with (
+        pytest.raises(CommandFailed, match=r"not serving in 0\.2 s"),
+        proc.serving(silent, tmp_path / "never"),
+    ):
+        pass
+    assert not proc.processes_naming(str(tmp_path))
+
+
+def test_a_server_dies_with_the_process_that_started_it(tmp_path: Path) -> None:
+    """A run killed while a server serves (the agent's timeout) leaves no server holding
+    the NAS's files: the kernel kills it with its parent."""
+    image, sock = tmp_path / "disk.raw", tmp_path / "nbd.sock"
+    image.write_bytes(bytes(1024 * 1024))
+    server = ["qemu-nbd", "--persistent", "-f", "raw", f"--socket={sock}", str(image)]
+    script = (
+        "import sys, time\nfrom pathlib import Path\nfrom shim import proc\n"
+        f"with proc.serving({server!r}, Path({str(sock)!r})):\n"
+        "    print('serving', flush=True)\n    time.sleep(60)\n"
+    )
+    parent = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, cwd=ROOT, text=True
+    )
+    try:
+        assert parent.stdout is not None and parent.stdout.readline() == "serving\n"
+        assert proc.processes_naming(str(sock))
+    finally:
+        parent.kill()
+        parent.wait()
+    deadline = time.monotonic() + 5
+    while proc.processes_naming(str(sock)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert not proc.processes_naming(str(sock))

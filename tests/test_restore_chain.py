@@ -148,10 +148,8 @@ def _qemu_io(path: Path, fmt: str, command: str) -> None:
 
 
 def test_the_comparison_finds_a_difference_anywhere(tmp_path: Path) -> None:
-    """Where the chain's data is in the full (under an unallocated top), in the top, at
-    the very end. (A raw window over a chain, ``offset``/``size`` to compare it in slices
-    side by side, reads a backing file's data as a hole: qemu-img compare then calls such
-    a copy different, or skips both sides. Windows are not a way to compare faster.)"""
+    """In every slice: where the chain's data is in the full under an unallocated top, in
+    the top, at the very end (the last slice is shorter, and not a whole MiB)."""
     size = 256 * MiB + 3584
     full, top = tmp_path / "vm/b/root0.qcow2", tmp_path / "vm/b/root1.qcow2"
     full.parent.mkdir(parents=True)
@@ -168,12 +166,15 @@ def test_the_comparison_finds_a_difference_anywhere(tmp_path: Path) -> None:
         chain = vm_dir.chain("b/root1.qcow2")
         qemu_img.convert(chain.spec(), copy, target_fmt="raw")
         shutil.copyfile(copy, kept)
+        with qemu_img.compare_slices(chain.spec(), copy, size=size, copy_fmt="raw") as argvs:
+            assert len(argvs) == qemu_img.COMPARE_SLICES
+            assert proc.processes_naming(qemu_img.QEMU_NBD)
 
         def same() -> tuple[bool, bool]:
             spec = chain.spec()
             return (
-                restore._compare_flushing(spec, copy, "raw", copy),
-                restore._compare_flushing(spec, device, None, copy),
+                restore._compare_flushing(spec, copy, "raw", copy, size),
+                restore._compare_flushing(spec, device, None, copy, size),
             )
 
         assert same() == (True, True)
@@ -182,3 +183,5 @@ def test_the_comparison_finds_a_difference_anywhere(tmp_path: Path) -> None:
             assert same() == (False, False), offset
             shutil.copyfile(kept, copy)
         assert same() == (True, True)
+    # Each server ended with its comparison.
+    assert not proc.processes_naming(qemu_img.QEMU_NBD)
