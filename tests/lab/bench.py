@@ -4,11 +4,25 @@ Each line compares the shim with a baseline measured in the same run on the same
 the figures travel between machines: the copy floor (``qemu-img convert`` of the same disks
 from a stopped VM, flushed), the shim's own full against its incremental, a depth-1 chain
 against a depth-10 one, a full flatten against a rebase. Tests check behaviour; this checks
-speed. Output: one ``P<n> <value> target <target> ok|MISS (details)`` line per metric, a
-blank line, then ``benchmarks: N/M on target``. P9 and P10 measure a real guest's I/O during
-a backup (:mod:`tests.lab.bench_guest`), P11 to P13 pull mode against push mode
-(:mod:`tests.lab.bench_pull`), P14 and P15 a big disk in pull mode against the copy floor
-(:mod:`tests.lab.bench_scale`).
+speed.
+
+Each line is measured in interleaved rounds (:data:`ROUNDS` at least, ``--rounds N`` for
+more): a round measures the baseline, then the shim, and the round's value is made of that
+round's figures only (the shim's over its own round's baseline, :func:`ratios`; a line that
+is the worst of several shapes, modes or fractions takes it inside each round,
+:func:`worst`). The line prints the median of the rounds and their spread,
+``P<n> <median> [<min>-<max>] target <target> ok|MISS|NOISY (details)``, NOISY when the
+rounds fall on both sides of the target; its details give the medians of the raw figures.
+Not medians of rounds: P6 (the median of 21 cold starts), P7 (a p99), P8 and P13 (peaks
+over every round) and P10 (the worst round's seconds paused). Then a blank line and
+``benchmarks: N/M on target``.
+
+P1 to P8 are here; P9 and P10 measure a real guest's I/O during a backup
+(:mod:`tests.lab.bench_guest`), P11 to P13 pull mode against push mode
+(:mod:`tests.lab.bench_pull`), P14 to P18 a big disk, the NAS's traffic, a sparse disk and
+a long chain (:mod:`tests.lab.bench_scale`), P19 virtnbdbackup (:mod:`tests.lab.bench_peers`,
+with ``--peers``), P20 to P22 compression and the bandwidth cap
+(:mod:`tests.lab.bench_targets`).
 """
 
 from __future__ import annotations
@@ -16,12 +30,14 @@ from __future__ import annotations
 import argparse
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections import defaultdict
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +51,8 @@ ROUNDS = 3
 """Interleaved rounds per line, at least: one run of a line can differ 2x from the next."""
 LINES = 22
 """P1 to P22."""
+FRACTIONS = (0.01, 0.10, 0.50)
+"""P2's fractions of disk 0 rewritten, one incremental after each, in this order."""
 ROOT = Path(__file__).resolve().parents[2]
 DROPIN = ROOT / "scripts" / "nasbackup.sh"
 GiB = 1024 * MiB
@@ -81,6 +99,30 @@ def from_rounds(name: str, target: float, values: Sequence[float], details: str)
         name, statistics.median(values), target, f"median of {len(values)}: {details}",
         spread=(min(values), max(values)),
     )  # fmt: skip
+
+
+def ratios(figures: Sequence[float], baselines: Sequence[float]) -> list[float]:
+    """Each round's figure over the baseline measured in that same round.
+
+    Never a ratio of medians: that would set one round's figure against another round's
+    baseline, and hide how far the rounds spread.
+    """
+    if len(figures) != len(baselines):
+        raise ValueError(f"{len(figures)} rounds' figures against {len(baselines)} baselines")
+    return [figure / baseline for figure, baseline in zip(figures, baselines)]
+
+
+def worst(*series: Sequence[float]) -> list[float]:
+    """Each round's largest value of ``series`` (one list per shape, mode or fraction, a
+    value per round): a line that holds the worst case takes it inside each round."""
+    if len({len(values) for values in series}) != 1:
+        raise ValueError("series of different numbers of rounds")
+    return [max(values) for values in zip(*series)]
+
+
+def medians(runs: Mapping[str, Sequence[float]]) -> dict[str, float]:
+    """Each name's median over its rounds: the raw figures a line's details show."""
+    return {name: statistics.median(values) for name, values in runs.items()}
 
 
 def evict(paths: Sequence[Path]) -> None:
@@ -151,6 +193,25 @@ def timed(action: Callable[[], object]) -> float:
     return time.perf_counter() - start
 
 
+def copy_floor(lab: Lab, disks: Sequence[Path], *, force_share: bool = False) -> float:
+    """The copy floor: seconds ``qemu-img convert`` of ``disks`` into a local directory then
+    fsync take, their data cold, what any copy of them costs on this host (the copies are
+    removed after). ``force_share`` for a running VM's disks, which it must not write
+    meanwhile."""
+    target = lab.new_dir("floor")
+    evict(disks)
+
+    def copy() -> None:
+        for disk in disks:
+            qemu_img.convert(disk, target / disk.name, force_share=force_share)
+        fsync_tree(target)
+
+    try:
+        return timed(copy)
+    finally:
+        shutil.rmtree(target)
+
+
 class Bench:
     """One VM, one repository, every measurement."""
 
@@ -212,75 +273,92 @@ class Bench:
         return chunks * MiB
 
     # -- the metrics ------------------------------------------------------------------------
-    def full_against_floor(self, rounds: int = 5) -> tuple[Metric, Metric, float]:
-        """P1 and P8: the median of ``rounds`` fulls against the median of as many floors."""
+    def full_against_floor(self, rounds: int = ROUNDS) -> list[Metric]:
+        """P1, P2, P3 and P8 in ``rounds`` rounds, each: the copy floor of the stopped VM's
+        disks, then (the VM started again) a full with their data cold, then incrementals
+        after 1, 10 and 50 % of disk 0 rewritten. P8 is the peak over every round's full:
+        a bound, not a ratio, so no median."""
         self.vm.write(0, 0, 512 * MiB, pattern=0x5A)
         self.vm.write(1, 0, 128 * MiB, pattern=0xA5)
-        shim_runs, job_ms = [], []
-        with PeakRss("shim.cli") as rss:
-            for _ in range(rounds):
-                evict([d.path for d in self.vm.disks])
-                seconds, out = self.backup("full")
-                shim_runs.append(seconds)
-                job_ms += [
-                    int(line.split()[2]) for line in out.splitlines()
-                    if line.startswith("Time elapsed")
-                ]  # fmt: skip
-        self.vm.stop()
-        floor_runs = []
+        runs: defaultdict[str, list[float]] = defaultdict(list)
+        peak_kib = 0
         for _ in range(rounds):
-            floor_dir = self.lab.new_dir("floor")
-            evict([d.path for d in self.vm.disks])
+            runs["floor"].append(self.stopped_floor())
+            with PeakRss("shim.cli") as rss:
+                full, jobs = self.cold_full()
+            peak_kib = max(peak_kib, rss.peak_kib)
+            runs["full"].append(full)
+            runs["job"] += jobs
+            self.incremental_efficiency(runs)
+        m = medians(runs)
+        stored = [f"{f:.0%}: {m[f'{f:.0%}']:.3f}" for f in FRACTIONS]
+        return [
+            from_rounds(
+                "P1", 1.2, ratios(runs["full"], runs["floor"]),
+                f"shim {m['full']:.2f} s, copy floor {m['floor']:.2f} s, libvirt job "
+                f"{m['job']:.2f} s",
+            ),
+            from_rounds(
+                "P2", 1.10, worst(*(runs[f"{f:.0%}"] for f in FRACTIONS)),
+                "each round's worst of stored/dirtied " + ", ".join(stored),
+            ),
+            from_rounds(
+                "P3", 0.25, ratios(runs["1% seconds"], runs["full"]),
+                f"incremental at 1% {m['1% seconds']:.2f} s, full {m['full']:.2f} s",
+            ),
+            Metric("P8", peak_kib / 1024, 80,
+                   f"MB peak RSS of the drop-in's process tree over {rounds} fulls"),
+        ]  # fmt: skip
 
-            def floor(target: Path = floor_dir) -> None:
-                for disk in self.vm.disks:
-                    qemu_img.convert(disk.path, target / disk.path.name)
-                fsync_tree(target)
+    def stopped_floor(self) -> float:
+        """The copy floor of this VM's disks, the VM stopped meanwhile (started again after:
+        a backup needs it running)."""
+        self.vm.stop()
+        try:
+            return copy_floor(self.lab, [d.path for d in self.vm.disks])
+        finally:
+            self.vm.start()
 
-            floor_runs.append(timed(floor))
-        self.vm.start()
-        shim_seconds = statistics.median(shim_runs)
-        floor_seconds = statistics.median(floor_runs)
-        p1 = Metric(
-            "P1", shim_seconds / floor_seconds, 1.2,
-            f"median of {rounds}: shim {shim_seconds:.2f} s, copy floor {floor_seconds:.2f} s, "
-            f"libvirt job {statistics.median(job_ms) / 1000:.2f} s",
-        )  # fmt: skip
-        p8 = Metric("P8", rss.peak_kib / 1024, 80, "MB peak RSS of the drop-in's process tree")
-        return p1, p8, shim_seconds
+    def cold_full(self) -> tuple[float, list[float]]:
+        """A full with the disks' data cold: its seconds, and its libvirt jobs' seconds."""
+        evict([d.path for d in self.vm.disks])
+        seconds, out = self.backup("full")
+        jobs = [
+            int(line.split()[2]) / 1000 for line in out.splitlines()
+            if line.startswith("Time elapsed")
+        ]  # fmt: skip
+        return seconds, jobs
 
-    def incremental_efficiency(self, full_seconds: float) -> tuple[Metric, Metric]:
-        ratios = []
-        one_percent_seconds = 0.0
-        for fraction in (0.01, 0.10, 0.50):
+    def incremental_efficiency(self, runs: defaultdict[str, list[float]]) -> None:
+        """One round of P2 and P3 after a full: an incremental after each of
+        :data:`FRACTIONS` of disk 0 rewritten, its bytes stored ÷ dirtied added to ``runs``
+        under ``"1%"``, ``"10%"``, ``"50%"``, and the first one's seconds under
+        ``"1% seconds"``."""
+        for fraction in FRACTIONS:
             dirtied = self.dirty(fraction)
             seconds, _ = self.backup("incremental")
             stored = sum(f.stat().st_size for f in self.files(self.backups[-1]))
-            ratios.append((stored / dirtied, fraction, stored, dirtied))
-            if fraction == 0.01:
-                one_percent_seconds = seconds
-        worst = max(ratios)
-        p2 = Metric(
-            "P2", worst[0], 1.10,
-            "stored/dirtied " + ", ".join(f"{f:.0%}: {r:.3f}" for r, f, _, _ in ratios),
-        )  # fmt: skip
-        p3 = Metric(
-            "P3", one_percent_seconds / full_seconds, 0.25,
-            f"incremental at 1% {one_percent_seconds:.2f} s, full {full_seconds:.2f} s",
-        )  # fmt: skip
-        return p2, p3
+            runs[f"{fraction:.0%}"].append(stored / dirtied)
+            if fraction == FRACTIONS[0]:
+                runs[f"{fraction:.0%} seconds"].append(seconds)
 
-    def restore_depth(self) -> Metric:
+    def restore_depth(self, rounds: int = ROUNDS) -> Metric:
+        """P4: the top of a depth-10 chain and a full taken after it (depth 1, the same
+        data); each round restores the full, then the chain's top, each cold."""
         while len(self.backups) < 1 or self._depth() < 10:
             self.dirty(0.01)
             self.backup("incremental")
         deep = self.backups[-1]
-        _, _ = self.backup("full")
+        self.backup("full")
         shallow = self.backups[-1]
-        times = {"depth-10": self.restore_seconds(deep), "depth-1": self.restore_seconds(shallow)}
-        return Metric(
-            "P4", times["depth-10"] / times["depth-1"], 1.3,
-            f"depth-10 {times['depth-10']:.2f} s, depth-1 {times['depth-1']:.2f} s",
+        runs: defaultdict[str, list[float]] = defaultdict(list)
+        for _ in range(rounds):
+            runs["depth-1"].append(self.restore_seconds(shallow))
+            runs["depth-10"].append(self.restore_seconds(deep))
+        m = medians(runs)
+        return from_rounds(
+            "P4", 1.3, ratios(runs["depth-10"], runs["depth-1"]),
+            f"depth-10 {m['depth-10']:.2f} s, depth-1 {m['depth-1']:.2f} s",
         )  # fmt: skip
 
     def restore_seconds(self, backup: str, vm: LabVM | None = None) -> float:
@@ -310,9 +388,29 @@ class Bench:
     def _depth(self) -> int:
         return len(qemu_img.chain(self.files(self.backups[-1])[0]))
 
-    def rebase_against_flatten(self) -> Metric:
+    def rebase_against_flatten(self, rounds: int = ROUNDS) -> Metric:
+        """P5 on a 1 GiB disk full of data. A rebase changes its chain, so each round builds
+        one (a full, an incremental of 16 MiB, one of 1 MiB), flattens its top, then rebases
+        the top onto the full (merging the 16 MiB delta), each cold, and removes it."""
         vm = self.lab.create_vm(disks=(1 * GiB,))
         vm.write(0, 0, 1 * GiB, pattern=0x11)  # a full disk: what a flatten must copy
+        runs: defaultdict[str, list[float]] = defaultdict(list)
+        for _ in range(rounds):
+            grandparent, child = self._delta_chain(vm)
+            top = Path(self.repo.address) / child / f"root.{vm.disks[0].volume_id}.qcow2"
+            runs["flatten"].append(self._flatten_seconds(top))
+            runs["rebase"].append(self._rebase_seconds(child, grandparent))
+            for backup in self.backups[-3:]:  # 1 GiB a round: the disk need not hold them all
+                shutil.rmtree(Path(self.repo.address) / backup)
+        m = medians(runs)
+        return from_rounds(
+            "P5", 0.1, ratios(runs["rebase"], runs["flatten"]),
+            f"rebase of a 16 MiB delta {m['rebase']:.2f} s, flatten {m['flatten']:.2f} s",
+        )  # fmt: skip
+
+    def _delta_chain(self, vm: LabVM) -> tuple[str, str]:
+        """A full of ``vm``, an incremental after 16 MiB rewritten, one after 1 MiB: the
+        full's and the last one's backups."""
         self.backup("full", vm)
         grandparent = self.backups[-1]
         for offset in self.rng.sample(range(1024), 16):
@@ -320,19 +418,23 @@ class Bench:
         self.backup("incremental", vm)
         vm.write(0, 900 * MiB, MiB, pattern=0x33)
         self.backup("incremental", vm)
-        child = self.backups[-1]
-        top = Path(self.repo.address) / child / f"root.{vm.disks[0].volume_id}.qcow2"
-        flat = self.lab.new_dir("flat") / "flat.qcow2"
-        evict([Path(i.filename) for i in qemu_img.chain(top)])
-        flatten_seconds = timed(lambda: qemu_img.convert(top, flat))
-        evict([Path(i.filename) for i in qemu_img.chain(top)])
-        rebase_seconds = timed(lambda: self.nasbackup(
+        return grandparent, self.backups[-1]
+
+    def _rebase_seconds(self, child: str, grandparent: str) -> float:
+        """The drop-in's safe rebase of ``child`` onto ``grandparent``, data cold."""
+        evict(self.chain_files(child))
+        return timed(lambda: self.nasbackup(
             "-o", "rebase", "--rebase-target", child, "--rebase-new-backing", grandparent
         ))  # fmt: skip
-        return Metric(
-            "P5", rebase_seconds / flatten_seconds, 0.1,
-            f"rebase of a 16 MiB delta {rebase_seconds:.2f} s, flatten {flatten_seconds:.2f} s",
-        )  # fmt: skip
+
+    def _flatten_seconds(self, top: Path) -> float:
+        """``qemu-img convert`` of ``top``'s chain into one local file, data cold."""
+        flat = self.lab.new_dir("flat")
+        evict([Path(i.filename) for i in qemu_img.chain(top)])
+        try:
+            return timed(lambda: qemu_img.convert(top, flat / "flat.qcow2"))
+        finally:
+            shutil.rmtree(flat)
 
 
 def cold_start_ms(runs: int = 21) -> Metric:
@@ -388,17 +490,14 @@ def run(selected: Sequence[str], *, peers: bool = False, rounds: int = ROUNDS) -
         return sorted(metrics, key=lambda m: order[m.name])
     with Lab() as lab:
         bench = Bench(lab, lab.dir / "bench.log")
-        p1, p8, full_seconds = bench.full_against_floor()
-        p2, p3 = bench.incremental_efficiency(full_seconds)
-        metrics += [p1, p2, p3]
+        metrics += bench.full_against_floor(rounds)  # P1, P2, P3 and P8
         if "P4" in selected:
-            metrics.append(bench.restore_depth())
+            metrics.append(bench.restore_depth(rounds))
         if "P5" in selected:
-            metrics.append(bench.rebase_against_flatten())
+            metrics.append(bench.rebase_against_flatten(rounds))
         metrics.append(cold_start_ms())
         if "P7" in selected:
             metrics.append(service_latency())
-        metrics.append(p8)
     return sorted((m for m in metrics if m.name in selected), key=lambda m: order[m.name])
 
 
@@ -412,7 +511,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     parser.add_argument(
         "--rounds", type=int, default=ROUNDS,
-        help=f"interleaved rounds of each line that has them (default {ROUNDS}, at least 3)",
+        help=f"interleaved rounds of each line (default {ROUNDS}, at least {ROUNDS})",
     )  # fmt: skip
     args = parser.parse_args(argv)
     if args.rounds < ROUNDS:
