@@ -464,7 +464,7 @@ def run(selected: Sequence[str], *, peers: bool = False, rounds: int = ROUNDS) -
         # A real guest's I/O (tests/lab/bench_guest.py), on a lab of its own.
         from tests.lab.bench_guest import guest_metrics
 
-        metrics += guest_metrics(list(selected))
+        metrics += guest_metrics(list(selected), rounds)
     if {"P11", "P12", "P13"} & set(selected):
         # Pull mode against push mode (tests/lab/bench_pull.py), on a VM of its own.
         from tests.lab.bench_pull import pull_metrics

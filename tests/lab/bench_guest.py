@@ -2,9 +2,12 @@
 
 * ``P9``: p99 latency of the guest's 4 KiB synchronous writes (ioping, O_DIRECT and
   O_SYNC, at random offsets of the data disk's 192 MiB of data) during a full backup to a
-  NAS throttled to about 20 MB/s, divided by the same p99 while no backup runs. Target 2.
+  NAS throttled to about 20 MB/s, divided by the same p99 while no backup runs. Each round
+  probes the idle guest, then a full in push mode, then one in pull mode, each over that
+  round's idle p99: the median of the rounds and their spread. Target 2.
 * ``P10``: seconds the VM spends paused when the NAS fills up during a backup while the
-  guest writes. Target 0.
+  guest writes; each round push mode, then pull mode; the longest pause of any round (a
+  pause in one round is the fault itself, not noise). Target 0.
 
 Each is measured in pull mode (:mod:`shim.pull`, the line's value) and push mode (beside
 it), on the same guest in the same run. Push mode copies an area to the NAS before a guest
@@ -15,10 +18,11 @@ VM pauses); pull mode's guest writes only wait on the local scratch.
 from __future__ import annotations
 
 import time
+from collections import defaultdict
 from pathlib import Path
 
-from tests.lab.bench import Metric
-from tests.lab.bench_pull import in_mode, pull_mode
+from tests.lab.bench import ROUNDS, Metric, from_rounds, medians, ratios
+from tests.lab.bench_pull import in_mode
 from tests.lab.guest import Guest, boot_guest, median, percentile
 from tests.lab.guest_image import DD
 from tests.lab.lab import Lab, MiB
@@ -41,11 +45,11 @@ def _latencies(guest: Guest) -> list[float]:
     return guest.write_latencies(PROBES, INTERVAL_MS, device="/dev/vdb", span=DATA)
 
 
-def _p9_in(lab: Lab, guest: Guest, mode: str, idle: list[float]) -> tuple[float, str]:
-    """P9's ratio in one mode, and its figures."""
+def _p9_in(lab: Lab, guest: Guest, mode: str, log: Path) -> dict[str, float]:
+    """One full to a throttled NAS in one mode, the guest probing meanwhile: the probes' p99
+    and p50, the full's seconds, and the share of them the probes covered."""
     nas = lab.flaky_repository()
     nas.throttle(THROTTLE)
-    log = lab.dir / f"p9-{mode}.log"
     chain = Chain(lab=lab, vm=guest.vm, repo=nas.repository, log=log)
     started = time.monotonic()
     in_flight = chain.start("full", log)
@@ -56,33 +60,47 @@ def _p9_in(lab: Lab, guest: Guest, mode: str, idle: list[float]) -> tuple[float,
     backup_seconds = time.monotonic() - started
     if run.returncode != 0:
         raise RuntimeError(f"P9's {mode} backup failed: {run.stdout.strip()}")
-    covered = min(1.0, (probe_end - started) / backup_seconds)
-    p99_idle, p99_during = percentile(idle, 0.99), percentile(during, 0.99)
-    return p99_during / p99_idle, (
-        f"{mode}: p99 {p99_during * 1000:.1f} ms ({backup_seconds:.1f} s full, probes over the "
-        f"first {covered:.0%}), p50 {median(during) * 1000:.1f} ms"
-    )
+    return {
+        "p99": percentile(during, 0.99),
+        "p50": median(during),
+        "seconds": backup_seconds,
+        "covered": min(1.0, (probe_end - started) / backup_seconds),
+    }
 
 
-def latency_during_full(lab: Lab, guest: Guest, scratch: Path) -> Metric:
-    """P9 (see the module): pull mode's ratio, push mode's beside it."""
-    idle = _latencies(guest)
-    with in_mode("push", scratch):
-        push, push_details = _p9_in(lab, guest, "push", idle)
-    with pull_mode(scratch):
-        pull, pull_details = _p9_in(lab, guest, "pull", idle)
-    return Metric(
-        "P9", pull, 2,
+def latency_during_full(lab: Lab, guest: Guest, scratch: Path, rounds: int) -> Metric:
+    """P9 (see the module) in rounds, each: the idle probes, then a full in push mode, then
+    one in pull mode; the round's value is pull mode's p99 over that round's idle p99 (push
+    mode's beside it)."""
+    runs: defaultdict[str, list[float]] = defaultdict(list)
+    for k in range(rounds):
+        idle = _latencies(guest)
+        runs["idle p99"].append(percentile(idle, 0.99))
+        runs["idle p50"].append(median(idle))
+        for mode in ("push", "pull"):
+            with in_mode(mode, scratch):
+                figures = _p9_in(lab, guest, mode, lab.dir / f"p9-{mode}-{k}.log")
+            for name, value in figures.items():
+                runs[f"{mode} {name}"].append(value)
+    m = medians(runs)
+    shown = [
+        f"{mode}: p99 {m[f'{mode} p99'] * 1000:.1f} ms ({m[f'{mode} seconds']:.1f} s full, "
+        f"probes over the first {m[f'{mode} covered']:.0%}), p50 {m[f'{mode} p50'] * 1000:.1f} ms"
+        for mode in ("pull", "push")
+    ]
+    push = median(ratios(runs["push p99"], runs["idle p99"]))
+    return from_rounds(
+        "P9", 2, ratios(runs["pull p99"], runs["idle p99"]),
         f"4 KiB sync writes during a full to a {THROTTLE / 1e6:.0f} MB/s NAS / idle p99 "
-        f"{percentile(idle, 0.99) * 1000:.1f} ms (p50 {median(idle) * 1000:.1f}); "
-        f"{pull_details}; {push_details}: {push:.3g}",
+        f"{m['idle p99'] * 1000:.1f} ms (p50 {m['idle p50'] * 1000:.1f}); "
+        f"{shown[0]}; {shown[1]}: {push:.3g}",
     )  # fmt: skip
 
 
-def _p10_in(lab: Lab, guest: Guest, mode: str) -> tuple[float, str]:
+def _p10_in(lab: Lab, guest: Guest, mode: str, k: int) -> tuple[float, str]:
     """Seconds paused when the NAS fills during a full in one mode, and what happened."""
     nas = lab.flaky_repository()
-    chain = Chain(lab=lab, vm=guest.vm, repo=nas.repository, log=lab.dir / f"p10-{mode}.log")
+    chain = Chain(lab=lab, vm=guest.vm, repo=nas.repository, log=lab.dir / f"p10-{mode}-{k}.log")
     chain.backup("full")
     nas.throttle(THROTTLE // 4)
     guest.spawn(
@@ -91,7 +109,7 @@ def _p10_in(lab: Lab, guest: Guest, mode: str) -> tuple[float, str]:
     )
     try:
         with guest.watch_pauses() as pauses:
-            in_flight = chain.start("full", lab.dir / f"p10-{mode}-full.log")
+            in_flight = chain.start("full", lab.dir / f"p10-{mode}-full-{k}.log")
             in_flight.wait_for("backup job of")
             time.sleep(1)
             nas.fill()
@@ -116,17 +134,32 @@ def _p10_in(lab: Lab, guest: Guest, mode: str) -> tuple[float, str]:
     )
 
 
-def paused_when_the_nas_fills(lab: Lab, guest: Guest, scratch: Path) -> Metric:
-    """P10 (see the module): pull mode's seconds, push mode's beside them."""
-    with in_mode("push", scratch):
-        _, push_details = _p10_in(lab, guest, "push")
-    with pull_mode(scratch):
-        pull, pull_details = _p10_in(lab, guest, "pull")
-    return Metric("P10", pull, 0, f"{pull_details}; {push_details}")
+def paused_when_the_nas_fills(lab: Lab, guest: Guest, scratch: Path, rounds: int) -> Metric:
+    """P10 (see the module) in rounds, each: push mode, then pull mode. Its value is pull
+    mode's longest pause over the rounds, not a median, and it has no spread: seconds paused
+    are not a ratio that the machine's speed moves, and a VM paused in any round is the
+    fault the line is about (a MISS, never NOISY). Each mode's worst round is described."""
+    paused: dict[str, list[float]] = {"push": [], "pull": []}
+    worst_round: dict[str, str] = {}
+    for k in range(rounds):
+        for mode, found in paused.items():
+            with in_mode(mode, scratch):
+                seconds, details = _p10_in(lab, guest, mode, k)
+            if not found or seconds > max(found):
+                worst_round[mode] = details
+            found.append(seconds)
+    shown = "; ".join(f"{m} " + ", ".join(f"{s:.2f}" for s in found) for m, found in paused.items())
+    return Metric(
+        "P10", max(paused["pull"]), 0,
+        f"the longest of {rounds} rounds (seconds paused: {shown}); "
+        f"{worst_round['pull']}; {worst_round['push']}",
+    )  # fmt: skip
 
 
-def guest_metrics(selected: list[str], log_dir: Path | None = None) -> list[Metric]:
-    """The selected ones of P9 and P10, on one freshly booted guest."""
+def guest_metrics(
+    selected: list[str], rounds: int = ROUNDS, log_dir: Path | None = None
+) -> list[Metric]:
+    """The selected ones of P9 and P10 in ``rounds`` rounds, on one freshly booted guest."""
     metrics = []
     with Lab() as lab:
         guest = boot_guest(lab, data_disks=(256 * MiB,))
@@ -135,9 +168,9 @@ def guest_metrics(selected: list[str], log_dir: Path | None = None) -> list[Metr
         guest.run("sync")
         scratch = lab.new_dir("scratch")
         if "P9" in selected:
-            metrics.append(latency_during_full(lab, guest, scratch))
+            metrics.append(latency_during_full(lab, guest, scratch, rounds))
         if "P10" in selected:
-            metrics.append(paused_when_the_nas_fills(lab, guest, scratch))
+            metrics.append(paused_when_the_nas_fills(lab, guest, scratch, rounds))
         if log_dir is not None:
             for log in lab.dir.glob("p*.log"):
                 log.replace(log_dir / log.name)
