@@ -474,7 +474,7 @@ def run(selected: Sequence[str], *, peers: bool = False, rounds: int = ROUNDS) -
         # At scale: a big disk against the copy floor, the NAS's traffic (bench_scale.py).
         from tests.lab.bench_scale import scale_metrics
 
-        metrics += scale_metrics(list(selected))
+        metrics += scale_metrics(list(selected), rounds)
     if {"P20", "P21", "P22"} & set(selected):
         # Compression and the bandwidth cap (tests/lab/bench_targets.py).
         from tests.lab.bench_targets import target_metrics
