@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.lab.bench import Metric, from_rounds, medians, ratios, worst
+from tests.lab.bench import Metric, from_rounds, median_ratio, medians, ratios, worst
 
 
 def test_a_line_without_rounds_is_ok_or_miss() -> None:
@@ -25,6 +25,7 @@ def test_a_ratio_is_taken_within_each_round() -> None:
     shim, floor = [1.0, 10.0, 2.0], [1.0, 10.0, 4.0]
     assert ratios(shim, floor) == [1.0, 1.0, 0.5]
     assert from_rounds("P1", 1.2, ratios(shim, floor), "").value == 1.0  # medians' ratio: 0.5
+    assert median_ratio(shim, floor) == 1.0
 
 
 def test_rounds_pair_up_or_fail() -> None:

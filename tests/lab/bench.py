@@ -112,6 +112,11 @@ def ratios(figures: Sequence[float], baselines: Sequence[float]) -> list[float]:
     return [figure / baseline for figure, baseline in zip(figures, baselines)]
 
 
+def median_ratio(figures: Sequence[float], baselines: Sequence[float]) -> float:
+    """The median of :func:`ratios`: a ratio printed beside a line (push mode's, say)."""
+    return statistics.median(ratios(figures, baselines))
+
+
 def worst(*series: Sequence[float]) -> list[float]:
     """Each round's largest value of ``series`` (one list per shape, mode or fraction, a
     value per round): a line that holds the worst case takes it inside each round."""
@@ -484,7 +489,7 @@ def run(selected: Sequence[str], *, peers: bool = False, rounds: int = ROUNDS) -
         # Against virtnbdbackup, same shapes, same run (tests/lab/bench_peers.py).
         from tests.lab.bench_peers import peer_metric
 
-        metrics.append(peer_metric())
+        metrics.append(peer_metric(rounds))
     order = {f"P{i}": i for i in range(1, LINES + 1)}
     if not {f"P{i}" for i in range(1, 9)} & set(selected):
         return sorted(metrics, key=lambda m: order[m.name])

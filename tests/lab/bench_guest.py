@@ -21,7 +21,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from tests.lab.bench import ROUNDS, Metric, from_rounds, medians, ratios
+from tests.lab.bench import ROUNDS, Metric, from_rounds, median_ratio, medians, ratios
 from tests.lab.bench_pull import in_mode
 from tests.lab.guest import Guest, boot_guest, median, percentile
 from tests.lab.guest_image import DD
@@ -88,7 +88,7 @@ def latency_during_full(lab: Lab, guest: Guest, scratch: Path, rounds: int) -> M
         f"probes over the first {m[f'{mode} covered']:.0%}), p50 {m[f'{mode} p50'] * 1000:.1f} ms"
         for mode in ("pull", "push")
     ]
-    push = median(ratios(runs["push p99"], runs["idle p99"]))
+    push = median_ratio(runs["push p99"], runs["idle p99"])
     return from_rounds(
         "P9", 2, ratios(runs["pull p99"], runs["idle p99"]),
         f"4 KiB sync writes during a full to a {THROTTLE / 1e6:.0f} MB/s NAS / idle p99 "

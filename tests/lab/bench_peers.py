@@ -2,16 +2,18 @@
 
 virtnbdbackup comes from the distribution (installed with apt when missing). Each shape is
 built twice, one VM for each tool (each keeps its own checkpoints), with the same data
-written through QEMU's block layer; both take a full, then the same random 1 MiB writes over
-10 % of the first disk, then an incremental; page cache evicted before each; three rounds,
-medians. The peer's times include a ``sync`` after it (the shim's own include its fsync).
+written through QEMU's block layer. A round: the copy floor, the shim's full, then
+virtnbdbackup's, the same random 1 MiB writes over 10 % of the first disk on both VMs, the
+shim's incremental, then virtnbdbackup's; page cache evicted before each. The peer's times
+include a ``sync`` after it (the shim's own include its fsync).
 
 A full cannot beat the copy floor without compression (``qemu-img convert`` of its disks,
 then fsync: no uncompressed full takes less on this host), so P19 holds the shim's fulls
 to 1.1 times each shape's floor and its incrementals to 0.5 times virtnbdbackup's, in the
-default configuration; virtnbdbackup's fulls are printed beside. P19 is the worst of those
-two ratios, each over its own target, over the shapes: target 1. Without ``--peers`` the
-line is not printed: nothing is faked.
+default configuration; virtnbdbackup's fulls are printed beside. A round's value is the
+worst of those two ratios (each over its own target, each from that round's runs) over the
+shapes, round k of each shape taken together; P19 is the median of the rounds and their
+spread: target 1. Without ``--peers`` the line is not printed: nothing is faked.
 """
 
 from __future__ import annotations
@@ -19,14 +21,23 @@ from __future__ import annotations
 import os
 import random
 import shutil
-import statistics
 import subprocess
 from collections.abc import Sequence
 from pathlib import Path
 
-from shim import qemu_img
-from shim.backupdir import fsync_tree
-from tests.lab.bench import Bench, Metric, evict, timed
+from tests.lab.bench import (
+    ROUNDS,
+    Bench,
+    Metric,
+    copy_floor,
+    evict,
+    from_rounds,
+    median_ratio,
+    medians,
+    ratios,
+    timed,
+    worst,
+)
 from tests.lab.lab import Lab, LabVM, MiB
 
 GiB = 1024 * MiB
@@ -38,9 +49,6 @@ SHAPES: dict[str, list[tuple[int, int]]] = {
 }
 """Virtual size and data of each disk, by shape (the issue's table)."""
 PEER = "virtnbdbackup"
-ROUNDS = 3
-"""Rounds per shape: this host's disk makes single runs noisy (the same convert takes 3 to
-10 s)."""
 
 
 def install_peer() -> str:
@@ -82,73 +90,63 @@ FULL_OVER_FLOOR = 1.1
 INCREMENTAL_OVER_PEER = 0.5
 
 
-def peer_metric() -> Metric:
-    """P19 over every shape: medians of :data:`ROUNDS` rounds, the tools alternating."""
+def peer_metric(rounds: int = ROUNDS) -> Metric:
+    """P19 over every shape: each round's worst of the shapes' ratios over their targets,
+    round k of each shape set against round k of the others (the median of those, and
+    their spread)."""
     version = install_peer()
-    worst: list[list[float]] = []
+    per_shape: list[list[float]] = []
     shown = []
     for shape, disks in SHAPES.items():
-        with Lab() as lab:
-            bench = Bench(lab, lab.dir / "peers.log", disks=[s for s, _ in disks], start=False)
-            peer_vm = lab.create_vm(disks=[s for s, _ in disks], start=False, persistent=True)
-            for vm in (bench.vm, peer_vm):
-                _fill(vm, disks)
-                vm.start()
-            rng = random.Random(19)  # noqa: S311 - reproducible offsets, not secrets
-            first = disks[0][0]
-            offsets = [o * MiB for o in rng.sample(range(first // MiB), first // MiB // 10)]
-            times: dict[str, list[float]] = {
-                k: [] for k in ("floor", "full", "pfull", "inc", "pinc")
-            }
-            for k in range(ROUNDS):
-                times["floor"].append(_copy_floor(lab, bench.vm))
-                evict([d.path for d in bench.vm.disks])
-                times["full"].append(bench.backup("full")[0])
-                out = Path(bench.repo.address) / f"peer-{k}"
-                evict([d.path for d in peer_vm.disks])
-                times["pfull"].append(_peer(peer_vm, "full", out))
-                _dirty(bench.vm, offsets)
-                _dirty(peer_vm, offsets)
-                evict([d.path for d in bench.vm.disks])
-                times["inc"].append(bench.backup("incremental")[0])
-                evict([d.path for d in peer_vm.disks])
-                times["pinc"].append(_peer(peer_vm, "inc", out))
-                # Each round's backups go: an 8 GiB shape stores 4 GiB per tool and round.
-                for backup in bench.backups[-2:]:
-                    shutil.rmtree(Path(bench.repo.address) / backup)
-                shutil.rmtree(out)
-        t = {name: statistics.median(runs) for name, runs in times.items()}
-        worst.append([
-            max(full / floor / FULL_OVER_FLOOR, inc / pinc / INCREMENTAL_OVER_PEER)
-            for full, floor, inc, pinc in zip(
-                times["full"], times["floor"], times["inc"], times["pinc"]
-            )
-        ])  # fmt: skip
+        times = _shape_rounds(disks, rounds)
+        per_shape.append(worst(
+            [r / FULL_OVER_FLOOR for r in ratios(times["full"], times["floor"])],
+            [r / INCREMENTAL_OVER_PEER for r in ratios(times["inc"], times["pinc"])],
+        ))  # fmt: skip
+        t = medians(times)
         shown.append(
             f"{shape}: full {t['full']:.2f} s vs {t['pfull']:.2f} s "
-            f"({t['full'] / t['pfull']:.2f}; copy floor {t['floor']:.2f} s), incremental "
-            f"{t['inc']:.2f} s vs {t['pinc']:.2f} s ({t['inc'] / t['pinc']:.2f})"
+            f"({median_ratio(times['full'], times['pfull']):.2f}; copy floor "
+            f"{t['floor']:.2f} s), incremental {t['inc']:.2f} s vs {t['pinc']:.2f} s "
+            f"({median_ratio(times['inc'], times['pinc']):.2f})"
         )
-    return Metric(
-        "P19", max(statistics.median(w) for w in worst), 1,
+    return from_rounds(
+        "P19", 1, worst(*per_shape),
         f"fulls / ({FULL_OVER_FLOOR} x floor), incrementals / ({INCREMENTAL_OVER_PEER} x "
-        f"{version}), the worst; medians of {ROUNDS}: " + "; ".join(shown),
-        spread=(max(min(w) for w in worst), max(max(w) for w in worst)),
+        f"{version}), each round's worst of the shapes; medians: " + "; ".join(shown),
     )  # fmt: skip
 
 
-def _copy_floor(lab: Lab, vm: LabVM) -> float:
-    """``qemu-img convert`` of each of ``vm``'s disks into a local directory, then fsync, data
-    cold: what any copy of them costs on this host (the VM writes nothing meanwhile)."""
-    target = lab.new_dir("floor")
-    evict([d.path for d in vm.disks])
-
-    def copy() -> None:
-        for disk in vm.disks:
-            qemu_img.convert(disk.path, target / disk.path.name, force_share=True)
-        fsync_tree(target)
-
-    try:
-        return timed(copy)
-    finally:
-        shutil.rmtree(target)
+def _shape_rounds(disks: Sequence[tuple[int, int]], rounds: int) -> dict[str, list[float]]:
+    """One shape's rounds on two VMs of it, one for each tool, each round: the copy floor,
+    the shim's full, the peer's, the same writes on both, the shim's incremental, the
+    peer's; every run's data cold. Seconds by run: floor, full, pfull, inc, pinc."""
+    times: dict[str, list[float]] = {k: [] for k in ("floor", "full", "pfull", "inc", "pinc")}
+    with Lab() as lab:
+        bench = Bench(lab, lab.dir / "peers.log", disks=[s for s, _ in disks], start=False)
+        peer_vm = lab.create_vm(disks=[s for s, _ in disks], start=False, persistent=True)
+        for vm in (bench.vm, peer_vm):
+            _fill(vm, disks)
+            vm.start()
+        rng = random.Random(19)  # noqa: S311 - reproducible offsets, not secrets
+        first = disks[0][0]
+        offsets = [o * MiB for o in rng.sample(range(first // MiB), first // MiB // 10)]
+        for k in range(rounds):
+            times["floor"].append(copy_floor(lab, [d.path for d in bench.vm.disks],
+                                             force_share=True))  # fmt: skip
+            evict([d.path for d in bench.vm.disks])
+            times["full"].append(bench.backup("full")[0])
+            out = Path(bench.repo.address) / f"peer-{k}"
+            evict([d.path for d in peer_vm.disks])
+            times["pfull"].append(_peer(peer_vm, "full", out))
+            _dirty(bench.vm, offsets)
+            _dirty(peer_vm, offsets)
+            evict([d.path for d in bench.vm.disks])
+            times["inc"].append(bench.backup("incremental")[0])
+            evict([d.path for d in peer_vm.disks])
+            times["pinc"].append(_peer(peer_vm, "inc", out))
+            # Each round's backups go: an 8 GiB shape stores 4 GiB per tool and round.
+            for backup in bench.backups[-2:]:
+                shutil.rmtree(Path(bench.repo.address) / backup)
+            shutil.rmtree(out)
+    return times

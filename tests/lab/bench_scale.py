@@ -31,13 +31,23 @@ layer):
 from __future__ import annotations
 
 import shutil
-import statistics
 import subprocess
 from collections import defaultdict
 from pathlib import Path
 
 from shim import qemu_img
-from tests.lab.bench import ROUNDS, Bench, Metric, evict, from_rounds, medians, ratios, timed, worst
+from tests.lab.bench import (
+    ROUNDS,
+    Bench,
+    Metric,
+    evict,
+    from_rounds,
+    median_ratio,
+    medians,
+    ratios,
+    timed,
+    worst,
+)
 from tests.lab.bench_pull import in_mode
 from tests.lab.lab import FlakyNas, Lab, LabVM, MiB
 
@@ -228,7 +238,7 @@ def _full_against_floor(lab: Lab, bench: Bench, rounds: int) -> tuple[Metric, di
             else:
                 backup.unlink()
     m = medians(runs)
-    push = statistics.median(ratios(runs["push"], runs["floor"]))
+    push = median_ratio(runs["push"], runs["floor"])
     p14 = from_rounds(
         "P14", 1.3, ratios(runs["pull"], runs["floor"]),
         f"8 GiB disk holding 4 GiB: pull {m['pull']:.2f} s, copy floor {m['floor']:.2f} s; "
@@ -245,7 +255,7 @@ def _flatten_against_source(lab: Lab, source: Path, fulls: dict[str, Path], roun
         for name, image in (("source", source), *fulls.items()):
             runs[name].append(_flatten_seconds(lab, image))
     m = medians(runs)
-    push = statistics.median(ratios(runs["push"], runs["source"]))
+    push = median_ratio(runs["push"], runs["source"])
     return from_rounds(
         "P15", 1.3, ratios(runs["pull"], runs["source"]),
         f"flattening the full: pull's {m['pull']:.2f} s, the source's {m['source']:.2f} s; "
