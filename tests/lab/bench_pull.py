@@ -12,13 +12,12 @@
 from __future__ import annotations
 
 import contextlib
-import statistics
 from collections.abc import Iterator
 from pathlib import Path
 
 from shim import settings
 from shim.pull import SCRATCH_ENV
-from tests.lab.bench import Bench, Metric, PeakRss, evict, from_rounds
+from tests.lab.bench import Bench, Metric, PeakRss, evict, from_rounds, medians
 from tests.lab.lab import Lab, MiB
 from tests.lab.system import environment
 
@@ -65,8 +64,7 @@ def pull_metrics(selected: list[str], rounds: int) -> list[Metric]:
                     incrementals[mode].append(bench.backup("incremental")[0])
                 if mode == "pull":
                     peak_kib = max(peak_kib, rss.peak_kib)
-    full = {mode: statistics.median(runs) for mode, runs in fulls.items()}
-    incremental = {mode: statistics.median(runs) for mode, runs in incrementals.items()}
+    full, incremental = medians(fulls), medians(incrementals)
     metrics = [
         from_rounds(
             "P11", 0.3, [pull - push for push, pull in zip(fulls["push"], fulls["pull"])],

@@ -30,7 +30,7 @@ from pathlib import Path
 
 from shim import qemu_img, settings
 from shim.backupdir import fsync_tree
-from tests.lab.bench import Bench, Metric, evict, from_rounds, timed
+from tests.lab.bench import Bench, Metric, evict, from_rounds, medians, timed, worst
 from tests.lab.lab import FlakyNas, Lab, LabVM, MiB
 from tests.lab.system import environment
 
@@ -206,13 +206,10 @@ def cap_metric(rounds: int) -> Metric:
                     else:
                         bench.backup("full")
                 found.append(abs(growth.rate() / cap - 1))
-        medians = {m: statistics.median(d) for m, d in deviations.items()}
-        worst = [max(found[k] for found in deviations.values()) for k in range(rounds)]
-        return Metric(
-            "P22", statistics.median(worst), 0.1,
-            f"median of {rounds} rounds' worst method: distance from {CAP_MIB} MiB/s, "
-            + ", ".join(f"{m} {v:.3f}" for m, v in medians.items()),
-            spread=(min(worst), max(worst)),
+        shown = ", ".join(f"{m} {v:.3f}" for m, v in medians(deviations).items())
+        return from_rounds(
+            "P22", 0.1, worst(*deviations.values()),
+            f"each round's worst method: distance from {CAP_MIB} MiB/s, {shown}",
         )  # fmt: skip
 
 
