@@ -22,7 +22,13 @@ from shim.live import LiveBackup, PullBackup, PushBackup
 from shim.lock import VmLock
 from shim.nas import MountSession
 from shim.offline import OfflineBackup
-from shim.pull import DEFAULT_SCRATCH, Scratch, scratch_room_problem, scratch_setting
+from shim.pull import (
+    DEFAULT_SCRATCH,
+    Scratch,
+    scratch_dir_problem,
+    scratch_room_problem,
+    scratch_setting,
+)
 from shim.request import INCREMENTAL, BackupRequest
 from shim.targets import Targets, targets_for
 from shim.virt import host
@@ -131,7 +137,7 @@ def _default_scratch(dom: libvirt.virDomain, vm: str) -> tuple[Scratch | None, s
     checks refuse that backup, asking nothing)."""
     if host.files_held_open(dom, PARTIAL_SUFFIX + "/"):
         return None, "QEMU still holds an earlier backup's target"
-    problem = scratch_room_problem(DEFAULT_SCRATCH, 0)  # created and checked, first
+    problem = scratch_dir_problem(DEFAULT_SCRATCH)  # before QEMU is asked anything
     if problem:
         return None, problem
     try:

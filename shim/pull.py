@@ -89,18 +89,26 @@ def scratch_setting() -> str | None:
     return settings.value(settings.SCRATCH_DIR) or None
 
 
-def scratch_room_problem(root: Path, needed: int) -> str | None:
-    """Why ``root`` (created if missing) cannot be a scratch directory holding ``needed``
-    bytes and still keep :data:`SCRATCH_RESERVE` free; None when it can. An existing
-    ``root`` must be a directory (not a link) of this user's alone."""
+def scratch_dir_problem(root: Path) -> str | None:
+    """Why ``root`` (created if missing) cannot be a scratch directory; None when it can:
+    an existing one must be a directory (not a link) of this user's alone."""
     try:
         root.mkdir(mode=0o700, parents=True, exist_ok=True)
         st = os.lstat(root)
-        fs = os.statvfs(root)
     except OSError as exc:
         return f"the scratch directory {root} is unusable: {exc.strerror}"
     if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_mode & 0o077:
         return f"the scratch directory {root} is not a directory of this user's alone"
+    return None
+
+
+def scratch_room_problem(root: Path, needed: int) -> str | None:
+    """Why the scratch directory ``root`` (:func:`scratch_dir_problem` passed) cannot hold
+    ``needed`` bytes and still keep :data:`SCRATCH_RESERVE` free; None when it can."""
+    try:
+        fs = os.statvfs(root)
+    except OSError as exc:
+        return f"the scratch directory {root} is unusable: {exc.strerror}"
     free = fs.f_bavail * fs.f_frsize
     reserve = max(SCRATCH_RESERVE, int(SCRATCH_RESERVE_FRACTION * fs.f_blocks * fs.f_frsize))
     if free < needed + reserve:
@@ -226,8 +234,9 @@ class DiskCopy:
     extents: Sequence[Extent] | None = None
     selection: Path | None = None
     node: dict[str, object] | None = None
-    """How the storage daemon opens the target (:meth:`shim.method.BackupMethod.target_node`:
-    the parent's chain named layer by layer); None: as its header says."""
+    """How the storage daemon opens an incremental's target
+    (:meth:`shim.method.BackupMethod.target_node`: the parent's chain named layer by layer,
+    the file written as the targets say); None for a full."""
 
 
 class ExportCopier:
@@ -313,8 +322,8 @@ class ExportCopier:
     def _copy_incrementals(self, incrementals: list[tuple[int, DiskCopy]]) -> None:
         blockdevs = []
         for i, copy in incrementals:
-            if copy.extents is None or copy.selection is None:
-                raise ValueError("an incremental copy needs its extents and a selection image")
+            if copy.extents is None or copy.selection is None or copy.node is None:
+                raise ValueError("an incremental copy needs its extents, selection and node")
             write_selection(copy.selection, self.sizes[i], copy.extents)
             blockdevs += [
                 blockdev_nbd(self.socket, copy.export, node=f"src{i}"),
@@ -341,17 +350,7 @@ class ExportCopier:
 
     def _prepare(self, daemon: StorageDaemon, i: int, copy: DiskCopy) -> dict[str, object]:
         """Attach disk ``i``'s target and select its extents; return its job's arguments."""
-        # Backed by its parent (an incremental's unwritten clusters read through); zeroes
-        # written become zero clusters, never parent data.
-        node = {
-            "driver": "qcow2",
-            "discard": "unmap",
-            "detect-zeroes": "unmap",
-            "file": {"driver": "file", "filename": str(copy.target)},
-            **(copy.node or {}),
-            "node-name": f"tgt{i}",
-        }
-        daemon.command("blockdev-add", **node)
+        daemon.command("blockdev-add", **{**(copy.node or {}), "node-name": f"tgt{i}"})
         bitmap = {"node": f"src{i}", "name": SELECTION_BITMAP}
         daemon.command("block-dirty-bitmap-add", **bitmap, granularity=SELECTION_GRANULARITY)
         daemon.command(

@@ -110,13 +110,13 @@ def test_the_default_scratch_must_be_a_private_directory(tmp_path: Path) -> None
     loose = tmp_path / "loose"
     loose.mkdir(mode=0o755)
     os.chmod(loose, 0o755)  # noqa: S103 - the permissive directory is the case
-    assert "alone" in (pull.scratch_room_problem(loose, 0) or "")
+    assert "alone" in (pull.scratch_dir_problem(loose) or "")
     link = tmp_path / "link"
     link.symlink_to(tmp_path / "elsewhere")
     (tmp_path / "elsewhere").mkdir(mode=0o700)
-    assert "alone" in (pull.scratch_room_problem(link, 0) or "")
+    assert "alone" in (pull.scratch_dir_problem(link) or "")
     fresh = tmp_path / "a" / "fresh"
-    assert pull.scratch_room_problem(fresh, 0) is None
+    assert pull.scratch_dir_problem(fresh) is None
     assert os.stat(fresh).st_mode & 0o777 == 0o700
 
 

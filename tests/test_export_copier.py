@@ -68,10 +68,16 @@ def _data_extents(image: Path) -> list[Extent]:
     return found
 
 
+def _node(target: Path) -> dict[str, object]:
+    """The target as the storage daemon opens it (a method's ``target_node``, no parent)."""
+    file = {"driver": "file", "filename": str(target)}
+    return {"driver": "qcow2", "detect-zeroes": "unmap", "discard": "unmap", "file": file}
+
+
 def test_an_incremental_copies_exactly_its_selected_extents(export: Path, tmp_path: Path) -> None:
     target = tmp_path / "target.qcow2"
     qemu_img.create(target, SIZE)
-    copy = DiskCopy("vda", target, EXTENTS, tmp_path / "vda.selection.qcow2")
+    copy = DiskCopy("vda", target, EXTENTS, tmp_path / "vda.selection.qcow2", _node(target))
     seen: list[tuple[int, int]] = []
     copier = ExportCopier(
         export, [copy], [SIZE], Targets(), lambda done, total: seen.append((done, total))
@@ -103,7 +109,7 @@ def test_a_selection_that_misses_an_extent_is_refused(
     monkeypatch.setattr(pull, "write_selection", loses_one)
     target = tmp_path / "target.qcow2"
     qemu_img.create(target, SIZE)
-    copy = DiskCopy("vda", target, EXTENTS, tmp_path / "vda.selection.qcow2")
+    copy = DiskCopy("vda", target, EXTENTS, tmp_path / "vda.selection.qcow2", _node(target))
     with pytest.raises(QmpError, match="marks 4194304 bytes, not the 4259840"):
         ExportCopier(export, [copy], [SIZE], Targets()).run()
     assert _data_extents(target) == []

@@ -40,6 +40,7 @@ from collections import defaultdict
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TypeVar
 
 from shim import qemu_img
 from shim.backupdir import fsync_tree
@@ -145,16 +146,19 @@ def evict(paths: Sequence[Path]) -> None:
             os.close(fd)
 
 
-class PeakRss:
-    """Samples the resident memory of a process tree (QEMU is not in it) while it runs."""
+_S = TypeVar("_S", bound="Sampler")
 
-    def __init__(self, needle: str) -> None:
-        self.needle = needle
-        self.peak_kib = 0
+
+class Sampler:
+    """Calls :meth:`sample` every ``interval`` seconds in a thread of its own while the
+    ``with`` block runs (a measurement, not the product: polling is fine here)."""
+
+    def __init__(self, interval: float) -> None:
+        self._interval = interval
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
+        self._thread = threading.Thread(target=self._run, daemon=True)
 
-    def __enter__(self) -> PeakRss:
+    def __enter__(self: _S) -> _S:
         self._thread.start()
         return self
 
@@ -162,14 +166,30 @@ class PeakRss:
         self._stop.set()
         self._thread.join()
 
-    def _sample(self) -> None:
-        while not self._stop.wait(0.005):  # a measurement, not the product: sampling is fine
-            pids = descendants_running(self.needle)
-            tree = set(pids)
-            for pid in pids:
-                tree.update(_children(pid))
-            total = sum(_rss_kib(pid) for pid in tree)
-            self.peak_kib = max(self.peak_kib, total)
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self.sample()
+
+    def sample(self) -> None:
+        """One look at what is measured."""
+        raise NotImplementedError
+
+
+class PeakRss(Sampler):
+    """Samples the resident memory of a process tree (QEMU is not in it) while it runs."""
+
+    def __init__(self, needle: str) -> None:
+        super().__init__(0.005)
+        self.needle = needle
+        self.peak_kib = 0
+
+    def sample(self) -> None:
+        pids = descendants_running(self.needle)
+        tree = set(pids)
+        for pid in pids:
+            tree.update(_children(pid))
+        total = sum(_rss_kib(pid) for pid in tree)
+        self.peak_kib = max(self.peak_kib, total)
 
 
 def _children(pid: int) -> list[int]:

@@ -23,14 +23,22 @@ import os
 import shutil
 import statistics
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from shim import qemu_img, settings
 from shim.backupdir import fsync_tree
-from tests.lab.bench import Bench, Metric, evict, from_rounds, medians, timed, worst
+from tests.lab.bench import (
+    Bench,
+    Metric,
+    Sampler,
+    evict,
+    from_rounds,
+    medians,
+    timed,
+    worst,
+)
 from tests.lab.lab import FlakyNas, Lab, LabVM, MiB
 from tests.lab.system import environment
 
@@ -143,23 +151,14 @@ def _restore_ratio(bench: Bench, rounds: int) -> Metric:
     )  # fmt: skip
 
 
-class _Growth:
+class _Growth(Sampler):
     """Samples the bytes a backup's files hold on the NAS while it runs."""
 
     def __init__(self, vm_dir: Path, backup: str) -> None:
+        super().__init__(_SAMPLE_SECONDS)
         self.vm_dir = vm_dir
         self.name = backup
         self.samples: list[tuple[float, int]] = []
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._sample, daemon=True)
-
-    def __enter__(self) -> _Growth:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *_exc: object) -> None:
-        self._stop.set()
-        self._thread.join()
 
     def _held(self) -> int:
         total = 0
@@ -171,9 +170,8 @@ class _Growth:
                     total += (Path(top) / name).stat().st_size
         return total
 
-    def _sample(self) -> None:
-        while not self._stop.wait(_SAMPLE_SECONDS):
-            self.samples.append((time.monotonic(), self._held()))
+    def sample(self) -> None:
+        self.samples.append((time.monotonic(), self._held()))
 
     def rate(self) -> float:
         """Bytes per second between 20 % and 80 % of the final size."""
