@@ -71,6 +71,9 @@ _V2_HEADER = struct.Struct(">4sIQIIQIIQQIIQ")  # up to snapshots_offset: 72 byte
 _V3_FIELDS = struct.Struct(">QQQII")  # incompatible, compatible, autoclear, order, length
 _EXT_END, _EXT_BACKING_FORMAT, _EXT_DATA_FILE, _EXT_CRYPTO = 0, 0xE2792ACA, 0x44415441, 0x0537BE77
 _INCOMPAT_DATA_FILE = 1 << 2
+_INCOMPAT_COMPRESSION_TYPE = 1 << 3
+_COMPRESSION_TYPE_AT = 104  # one byte, in a v3 header of at least 105 bytes
+ZLIB, ZSTD = 0, 1
 _INCOMPAT_KNOWN = 0b11111  # dirty, corrupt, external data file, compression type, extended L2
 _MAX_CLUSTER_BITS = 21
 
@@ -166,6 +169,9 @@ class Qcow2Header:
     virtual_size: int
     backing_name: str | None
     backing_format: str | None
+    compression_type: int = ZLIB
+    """How compressed clusters are stored (:data:`ZLIB` or :data:`ZSTD`); a header names
+    zstd whether or not a cluster was written compressed."""
 
 
 def parse_qcow2_header(data: bytes, shown: str) -> Qcow2Header:
@@ -185,8 +191,10 @@ def parse_qcow2_header(data: bytes, shown: str) -> Qcow2Header:
     if size > 1 << 62:
         raise Refused(shown, f"a virtual size of {size} bytes")
     extensions_at = _V2_HEADER.size
+    compression_type = ZLIB
     if version == 3:
         extensions_at = _v3_header_length(data, shown, cluster_size)
+        compression_type = _compression_type(data, extensions_at)
     backing_name = None
     if backing_offset:
         end = backing_offset + backing_size
@@ -198,7 +206,16 @@ def parse_qcow2_header(data: bytes, shown: str) -> Qcow2Header:
             raise Damaged(shown, "a backing file name that is not UTF-8") from None
     extensions_end = backing_offset if backing_offset else min(cluster_size, len(data))
     backing_format = _read_extensions(data, extensions_at, extensions_end, shown)
-    return Qcow2Header(version, cluster_size, size, backing_name, backing_format)
+    return Qcow2Header(version, cluster_size, size, backing_name, backing_format, compression_type)
+
+
+def _compression_type(data: bytes, header_length: int) -> int:
+    """A v3 header's compression type: :data:`ZSTD` when its incompatible bit is set and its
+    field says so, else :data:`ZLIB` (anything else is QEMU's to refuse when it opens it)."""
+    (incompatible,) = struct.unpack_from(">Q", data, _V2_HEADER.size)
+    if incompatible & _INCOMPAT_COMPRESSION_TYPE and header_length > _COMPRESSION_TYPE_AT:
+        return ZSTD if data[_COMPRESSION_TYPE_AT] == ZSTD else ZLIB
+    return ZLIB
 
 
 def _v3_header_length(data: bytes, shown: str, cluster_size: int) -> int:
@@ -329,6 +346,12 @@ class Chain:
     def virtual_size(self) -> int:
         """The disk size the chain restores to."""
         return self.top.header.virtual_size
+
+    @property
+    def zstd(self) -> bool:
+        """Whether a layer's header names zstd: the shim's compressed backups do where
+        QEMU writes zstd (a zlib one cannot be told from a plain one by its header)."""
+        return any(layer.header.compression_type == ZSTD for layer in self.layers)
 
     def node_graph(self, vm_path: Path) -> dict[str, object]:
         """The chain as a QEMU node graph naming each layer by its path under ``vm_path``

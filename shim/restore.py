@@ -308,7 +308,7 @@ def _restore_one(
         )
     if mode is not None and not stat.S_ISREG(mode):
         raise BackupFailed(f"volume {target} is neither a file nor a block device")
-    _replace_file(source, path, virtual_size, exists=mode is not None, require_clean=require_clean)
+    _replace_file(chain, source, path, exists=mode is not None, require_clean=require_clean)
     return virtual_size
 
 
@@ -316,7 +316,7 @@ def _write_in_place(chain: Chain, source: Spec, target: str, fmt: str, readable:
     log.info("restoring %s into %s in place", chain.top.shown, target)
     qemu_img.convert(source, target, target_fmt=fmt, existing=True, coroutines=COPY_COROUTINES)
     device = None if target.startswith("rbd:") else Path(target)
-    if not _compare_flushing(source, readable, None, device, chain.virtual_size):
+    if not _compare_flushing(chain, source, readable, None, device):
         raise BackupFailed(f"restored {target} differs from the backup")
     log.info("restored %s (%d bytes), verified identical", target, chain.virtual_size)
 
@@ -339,7 +339,12 @@ def _volume_format(target: Path) -> str:
 
 
 def _replace_file(
-    source: Spec, target: Path, size: int, *, exists: bool, require_clean: Callable[[], None]
+    chain: Chain,
+    source: Spec,
+    target: Path,
+    *,
+    exists: bool,
+    require_clean: Callable[[], None],
 ) -> None:
     fmt = _volume_format(target) if exists else "qcow2"
     staged = target.with_name(f".{target.name}.restore-{os.getpid()}")
@@ -347,7 +352,7 @@ def _replace_file(
     os.close(os.open(staged, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
     try:
         qemu_img.convert(source, staged, target_fmt=fmt, coroutines=COPY_COROUTINES)
-        if not _compare_flushing(source, staged, fmt, staged, size):
+        if not _compare_flushing(chain, source, staged, fmt, staged):
             raise BackupFailed(f"restored copy of {target} differs from the backup")
         require_clean()
         if exists:
@@ -363,17 +368,21 @@ def _replace_file(
 
 
 def _compare_flushing(
-    source: Spec, written: str | Path, written_fmt: str | None, flush: Path | None, size: int
+    chain: Chain, source: Spec, written: str | Path, written_fmt: str | None, flush: Path | None
 ) -> bool:
-    """Whether what was ``written`` holds the chain's ``size`` bytes (``qemu-img compare``,
-    in slices side by side), while ``flush`` (the file or device written, a device often by
-    a symlink; None for rbd, which librbd flushes as qemu-img closes it) goes to stable
-    storage with ``sync --data``: ``qemu-img convert`` leaves its target's data in the page
-    cache, and a restore that says it is done must survive the host's crash. All run as
-    programs, side by side: a cancellation or signal stops them like any other."""
+    """Whether what was ``written`` holds the data of ``chain`` (``source``: ``qemu-img
+    compare``; a compressed chain in slices side by side), while ``flush`` (the file or
+    device written, a device often by a symlink; None for rbd, which librbd flushes as
+    qemu-img closes it) goes to stable storage with ``sync --data``: ``qemu-img convert``
+    leaves its target's data in the page cache, and a restore that says it is done must
+    survive the host's crash. All run as programs, side by side: a cancellation or signal
+    stops them like any other."""
     if flush is None:
         return qemu_img.compare(source, written, second_fmt=written_fmt)
-    with qemu_img.compare_slices(source, written, size=size, copy_fmt=written_fmt) as compares:
+    slices = qemu_img.COMPARE_SLICES if chain.zstd else 1
+    with qemu_img.compare_slices(
+        source, written, size=chain.virtual_size, copy_fmt=written_fmt, slices=slices
+    ) as compares:
         *compared, flushed = proc.run_many(
             [*compares, ["sync", "--data", os.fspath(flush)]],
             at_once=len(compares) + 1,
@@ -384,5 +393,5 @@ def _compare_flushing(
     if flushed.returncode != 0:
         raise BackupFailed(f"flushing {flush} failed: {flushed.stderr.strip()}")
     # Every slice's verdict is read: a failure anywhere raises, whatever another says.
-    slices = strict_zip(compares, compared)
-    return all([qemu_img.compare_result(argv, done) for argv, done in slices])
+    verdicts = strict_zip(compares, compared)
+    return all([qemu_img.compare_result(argv, done) for argv, done in verdicts])

@@ -15,6 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -22,6 +23,7 @@ from shim import cancel, gate, proc, qemu_img, restore
 from shim.errors import BackupFailed, CommandFailed
 from shim.gate import Chain, Damaged, VmDirectory
 from shim.log import _LogIdFilter, log_id
+from shim.targets import compression_type
 from tests.support import break_refcount, vm_directory
 
 MiB = 1024 * 1024
@@ -147,41 +149,58 @@ def _qemu_io(path: Path, fmt: str, command: str) -> None:
                    capture_output=True)  # fmt: skip
 
 
-def test_the_comparison_finds_a_difference_anywhere(tmp_path: Path) -> None:
-    """In every slice: where the chain's data is in the full under an unallocated top, in
-    the top, at the very end (the last slice is shorter, and not a whole MiB)."""
+@pytest.mark.parametrize("compressed", [False, True], ids=["plain", "compressed"])
+def test_the_comparison_finds_a_difference_anywhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, compressed: bool
+) -> None:
+    """Where the chain's data is in the full under an unallocated top, in the top, at the
+    very end; a compressed chain (zstd, where this QEMU writes it) in slices side by side
+    (the last one shorter, and not a whole MiB), a plain one whole."""
     size = 256 * MiB + 3584
+    kind = compression_type() if compressed else "zlib"
+    options = (f"compression_type={kind}",)
     full, top = tmp_path / "vm/b/root0.qcow2", tmp_path / "vm/b/root1.qcow2"
     full.parent.mkdir(parents=True)
-    qemu_img.create(full, size)
+    qemu_img.create(full, size, options=options)
+    _qemu_io(full, "qcow2", f"write -c -P 0x44 {200 * MiB} 1M")  # a compressed cluster
     _qemu_io(full, "qcow2", f"write -P 0x11 {size - 1536} 1536")
-    qemu_img.create(top, backing=full.name, backing_fmt="qcow2")
+    qemu_img.create(top, backing=full.name, backing_fmt="qcow2", options=options)
     _qemu_io(top, "qcow2", f"write -P 0x22 {70 * MiB} 64k")
     copy, kept = tmp_path / "restored.raw", tmp_path / "kept.raw"
     # The device restore's readable form: a raw window of the virtual size, as json.
     device = "json:" + json.dumps(
         {"driver": "raw", "size": size, "file": {"driver": "file", "filename": str(copy)}}
     )
+    slices: list[int] = []
+    sliced = qemu_img.compare_slices
+
+    def counting(*args: Any, **kwargs: Any) -> Any:
+        slices.append(kwargs["slices"])
+        return sliced(*args, **kwargs)
+
+    monkeypatch.setattr(qemu_img, "compare_slices", counting)
     with vm_directory(tmp_path, "vm") as vm_dir:
         chain = vm_dir.chain("b/root1.qcow2")
+        assert chain.zstd == (kind == "zstd")
         qemu_img.convert(chain.spec(), copy, target_fmt="raw")
         shutil.copyfile(copy, kept)
-        with qemu_img.compare_slices(chain.spec(), copy, size=size, copy_fmt="raw") as argvs:
-            assert len(argvs) == qemu_img.COMPARE_SLICES
+        with sliced(chain.spec(), copy, size=size, copy_fmt="raw", slices=4) as argvs:
+            assert len(argvs) == 4
             assert proc.processes_naming(qemu_img.QEMU_NBD)
 
         def same() -> tuple[bool, bool]:
             spec = chain.spec()
             return (
-                restore._compare_flushing(spec, copy, "raw", copy, size),
-                restore._compare_flushing(spec, device, None, copy, size),
+                restore._compare_flushing(chain, spec, copy, "raw", copy),
+                restore._compare_flushing(chain, spec, device, None, copy),
             )
 
         assert same() == (True, True)
-        for offset in (0, 70 * MiB + 4096, 130 * MiB, size - 1024, size - 512):
+        for offset in (0, 70 * MiB + 4096, 130 * MiB, 200 * MiB + 4096, size - 1024, size - 512):
             _qemu_io(copy, "raw", f"write -P 0x33 {offset} 512")
             assert same() == (False, False), offset
             shutil.copyfile(kept, copy)
         assert same() == (True, True)
+    assert set(slices) == {qemu_img.COMPARE_SLICES if chain.zstd else 1}
     # Each server ended with its comparison.
     assert not proc.processes_naming(qemu_img.QEMU_NBD)
