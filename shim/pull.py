@@ -385,7 +385,12 @@ class _Watch:
     hold (the progress), and whether their processes have done nothing (no CPU time, no
     byte written) for :data:`COPY_STALL_SECONDS`. Not the bytes stored alone: a disk of
     zeroes is read for minutes without its target growing (and a socket's reads are not in
-    ``/proc/<pid>/io``); a copy stuck on a dead NAS or a wedged export burns no CPU."""
+    ``/proc/<pid>/io``); a copy stuck on a dead NAS or a wedged export burns no CPU.
+
+    Each look also starts writing back what the targets hold (:func:`_write_back`):
+    ``qemu-img convert`` leaves its writes in the page cache, and the flush before the
+    backup is published then waited for the whole copy (on P1's VM, 0.5 s after a 1.5 s
+    copy); started as the copy goes, it overlaps it (0.03 s left)."""
 
     def __init__(self, targets: list[tuple[Path, int]], base: int) -> None:
         self.base = base
@@ -407,12 +412,24 @@ class _Watch:
         held = 0
         for path, size in self._targets:
             with contextlib.suppress(OSError):
-                held += min(os.stat(path).st_blocks * 512, size)
+                held += min(_write_back(path), size)
         return self.base + held
 
     def stalled(self) -> bool:
         """Whether the copying processes have done nothing for the stall time."""
         return time.monotonic() - self._moved_at >= COPY_STALL_SECONDS
+
+
+def _write_back(path: Path) -> int:
+    """Start writing back the file's dirty pages, without waiting (Linux starts it for
+    ``POSIX_FADV_DONTNEED``, which also drops its clean pages: a target is not read
+    again); return the bytes it holds."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        return os.fstat(fd).st_blocks * 512
+    finally:
+        os.close(fd)
 
 
 def _activity(pid: int) -> int:
