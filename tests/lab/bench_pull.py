@@ -31,14 +31,17 @@ def pull_mode(scratch: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def in_mode(mode: str, scratch: Path) -> Iterator[None]:
-    """``push`` or ``pull`` mode forced for the drop-ins run meanwhile (fulls are taken in
-    pull mode by default, incrementals in push mode)."""
+    """``push`` or ``pull`` mode forced for the drop-ins run meanwhile, or ``default``: no
+    setting (fulls are then taken in pull mode through the default scratch directory,
+    incrementals in push mode)."""
     if mode == "pull":
         with pull_mode(scratch):
             yield
-    else:
+    elif mode == "push":
         with environment(settings.METHOD.name, "push"):
             yield
+    else:
+        yield
 
 
 def pull_metrics(selected: list[str], rounds: int) -> list[Metric]:

@@ -9,9 +9,10 @@ run.
   10 % rewritten), then pull mode's; its value the larger full's ratio (the incrementals'
   figures printed too). Target 0.02.
 * ``P17``: a disk of 1 TiB holding 256 MiB against the same 256 MiB on a 1 GiB disk, the
-  full's and the restore's wall times. A round: in push mode, then pull mode, the 1 GiB
-  disk's full and restore, then the 1 TiB disk's; its value the largest of the four ratios
-  (the stored sizes printed). Target 1.5.
+  full's and the restore's wall times. A round: in the default configuration (no setting:
+  a full in pull mode, through the default scratch directory), then push mode forced, the
+  1 GiB disk's full and restore, then the 1 TiB disk's; its value the larger of the
+  default's two ratios (push mode's and the stored sizes printed). Target 1.5.
 * ``P18``: restoring the 30th incremental of a chain ÷ restoring its full. A round: the
   full's restore, then the 30th's. Target 1.5.
 
@@ -61,6 +62,8 @@ WRITTEN = 64 * MiB
 FLATTEN_ROUNDS = 5
 """P15's rounds at least: the same convert takes 3 to 10 s on this host's disk."""
 MODES = ("push", "pull")
+SPARSE_MODES = ("default", "push")
+"""P17's: what an operator gets with no setting, and push mode forced."""
 SPARSE_SIZES = {"1GiB": GiB, "1TiB": TiB}
 """P17's disks, the baseline first: it is measured first in each round."""
 
@@ -113,14 +116,14 @@ def _full_and_restore(bench: Bench, mode: str, scratch: Path) -> tuple[float, fl
 
 def sparse_disk(rounds: int) -> Metric:
     """P17 (see the module): a disk of 1 TiB holding 256 MiB against the same data on a
-    1 GiB disk, each round's largest ratio of the full's and the restore's, push and pull
-    mode."""
+    1 GiB disk, each round's larger ratio of the full's and the restore's in the default
+    configuration (push mode forced beside it)."""
     runs: defaultdict[str, list[float]] = defaultdict(list)
     with Lab() as lab:
         scratch = lab.new_dir("scratch")
         benches = {name: _sparse_bench(lab, name, size) for name, size in SPARSE_SIZES.items()}
         for _ in range(rounds):
-            for mode in MODES:
+            for mode in SPARSE_MODES:
                 for name, bench in benches.items():
                     full, stored, restore = _full_and_restore(bench, mode, scratch)
                     runs[f"{mode} {name} full"].append(full)
@@ -131,15 +134,16 @@ def sparse_disk(rounds: int) -> Metric:
         f"{mode}: full {m[f'{mode} 1TiB full']:.2f} s vs {m[f'{mode} 1GiB full']:.2f} s, "
         f"stored {m[f'{mode} 1TiB stored']:.0f} vs {m[f'{mode} 1GiB stored']:.0f} MiB, restore "
         f"{m[f'{mode} 1TiB restore']:.2f} s vs {m[f'{mode} 1GiB restore']:.2f} s"
-        for mode in MODES
+        for mode in SPARSE_MODES
     ]
     largest = worst(*(
-        ratios(runs[f"{mode} 1TiB {what}"], runs[f"{mode} 1GiB {what}"])
-        for mode in MODES for what in ("full", "restore")
+        ratios(runs[f"default 1TiB {what}"], runs[f"default 1GiB {what}"])
+        for what in ("full", "restore")
     ))  # fmt: skip
     return from_rounds(
         "P17", 1.5, largest,
-        "each round's largest ratio; 1 TiB holding 256 MiB vs 1 GiB: " + "; ".join(shown),
+        "each round's larger ratio of the default's; 1 TiB holding 256 MiB vs 1 GiB: "
+        + "; ".join(shown),
     )  # fmt: skip
 
 
