@@ -199,9 +199,11 @@ def test_a_stop_is_not_taken_for_a_bad_file(
         with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
             chain._usable(vm_dir, "b1/root.x.qcow2")
         (tmp_path / "volume").write_bytes(b"\0" * 512)
+        chain_b1 = vm_dir.chain("b1/root.x.qcow2")
         with pytest.raises(Cancelled, match="qemu-img stopped: aborted"):
             restore._replace_file(
-                vm_dir.chain("b1/root.x.qcow2").spec(),
+                chain_b1,
+                chain_b1.spec(),
                 tmp_path / "volume",
                 exists=True,
                 require_clean=lambda: None,
