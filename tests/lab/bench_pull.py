@@ -40,8 +40,10 @@ def in_mode(mode: str, scratch: Path) -> Iterator[None]:
     elif mode == "push":
         with environment(settings.METHOD.name, "push"):
             yield
-    else:
+    elif mode == "default":
         yield
+    else:
+        raise ValueError(f"no mode {mode!r}: push, pull or default")
 
 
 def pull_metrics(selected: list[str], rounds: int) -> list[Metric]:
