@@ -207,13 +207,17 @@ def serving(
     argv: Sequence[str], socket_path: Path, *, pass_fds: Sequence[int] = (), network: bool = True
 ) -> Iterator[None]:
     """Run the server ``argv`` for the block, from when ``socket_path`` accepts a connection
-    (CommandFailed if it ends first or is not ready in :data:`SERVER_START_SECONDS`). It is
-    killed with its group when the block ends, and by the kernel should this process die
-    first (``setpriv --pdeathsig``)."""
+    (CommandFailed if it ends first or is not ready in :data:`SERVER_START_SECONDS`;
+    Cancelled if the thread's token is cancelled meanwhile). It is killed with its group
+    when the block ends, and by the kernel should this process die first (``setpriv
+    --pdeathsig``, util-linux 2.33 and later: every supported host)."""
+    token = cancel.current()
     child = _Child(argv, pass_fds, network, dies_with_parent=True)
     try:
         deadline = time.monotonic() + SERVER_START_SECONDS
         while not _accepts(socket_path):
+            if token is not None and token.take():
+                raise cancel.Cancelled(list(argv), token.reason)
             if child.process.poll() is not None:
                 ended = child.result()
                 raise CommandFailed(list(argv), ended.returncode, ended.stderr)

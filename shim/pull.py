@@ -36,6 +36,7 @@ from pathlib import Path
 from shim import proc, qemu_img, settings
 from shim.compat import strict_zip
 from shim.errors import CommandFailed, InputError
+from shim.manifest import checksums_at_backup
 from shim.qemu_img import QEMU_IMG
 from shim.request import validate_scratch_dir
 from shim.storage_daemon import (
@@ -390,11 +391,14 @@ class _Watch:
     Each look also starts writing back what the targets hold (:func:`_write_back`):
     ``qemu-img convert`` leaves its writes in the page cache, and the flush before the
     backup is published then waited for the whole copy (on P1's VM, 0.5 s after a 1.5 s
-    copy); started as the copy goes, it overlaps it (0.03 s left)."""
+    copy); started as the copy goes, it overlaps it (0.03 s left). Not when the backup
+    takes its checksums as it ends: they read the targets, from the page cache."""
 
     def __init__(self, targets: list[tuple[Path, int]], base: int) -> None:
         self.base = base
         self._targets = targets
+        # The checksums taken as the backup ends read the targets: their pages stay.
+        self._writes_back = not checksums_at_backup()
         self._read_at = time.monotonic()
         self._moved = -1
         self._moved_at = self._read_at
@@ -412,7 +416,7 @@ class _Watch:
         held = 0
         for path, size in self._targets:
             with contextlib.suppress(OSError):
-                held += min(_write_back(path), size)
+                held += min(_write_back(path) if self._writes_back else _held(path), size)
         return self.base + held
 
     def stalled(self) -> bool:
@@ -420,10 +424,15 @@ class _Watch:
         return time.monotonic() - self._moved_at >= COPY_STALL_SECONDS
 
 
+def _held(path: Path) -> int:
+    """The bytes the file holds."""
+    return os.stat(path, follow_symlinks=False).st_blocks * 512
+
+
 def _write_back(path: Path) -> int:
     """Start writing back the file's dirty pages, without waiting (Linux starts it for
-    ``POSIX_FADV_DONTNEED``, which also drops its clean pages: a target is not read
-    again); return the bytes it holds."""
+    ``POSIX_FADV_DONTNEED``, which also drops its clean pages: the backup does not read
+    them again, see :class:`_Watch`); return the bytes it holds."""
     fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
     try:
         os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)

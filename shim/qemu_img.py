@@ -191,7 +191,8 @@ def convert(
     or with ``existing`` into a target that exists (a device, an ``rbd:`` image).
 
     ``coroutines`` (``-m``, at most 16) reads that many pieces at once; the target is still
-    written in order. ``create_options`` are the new target's ``-o`` options,
+    written in order (unless ``write_options`` have ``-W``). ``create_options`` are the new
+    target's ``-o`` options,
     ``write_options`` how it is written (:meth:`shim.targets.Targets.convert_options`:
     compressed, out of order, capped).
     """
@@ -253,6 +254,9 @@ worth it for a chain stored plain (1.0 s either way), and a hole costs more thro
 COMPARE_SLICE_MIN = 64 * 1024 * 1024
 """An image smaller than two of these is compared whole, without a server."""
 _SLICE_ALIGN = 1024 * 1024
+COMPARE_DIR_PREFIX = "compare."
+"""The private directories of the servers' sockets, in the runtime directory."""
+_RUN_DIR_MAX = 107 - len("/compare.XXXXXXXX/nbd.sock")
 
 
 @contextlib.contextmanager
@@ -271,11 +275,12 @@ def compare_slices(
     server ends with the block.
     """
     slices = max(1, min(slices, size // COMPARE_SLICE_MIN))
-    if slices == 1:
+    # A window's size must be whole sectors, a socket's path at most 107 bytes.
+    if slices == 1 or size % 512 or len(os.fsencode(RUN_DIR)) > _RUN_DIR_MAX:
         yield [compare_argv(chain, copy, second_fmt=copy_fmt)]
         return
     RUN_DIR.mkdir(parents=True, exist_ok=True, mode=0o700)
-    with tempfile.TemporaryDirectory(prefix="compare.", dir=RUN_DIR) as private:
+    with tempfile.TemporaryDirectory(prefix=COMPARE_DIR_PREFIX, dir=RUN_DIR) as private:
         sock = os.path.join(private, "nbd.sock")
         server = [QEMU_NBD, "--read-only", "--persistent", f"--shared={slices}",
                   f"--socket={sock}", chain.text]  # fmt: skip

@@ -5,6 +5,7 @@ job per disk, and a selection that does not mark them is refused before any byte
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import time
 from collections.abc import Iterator
@@ -12,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from shim import pull, qemu_img
+from shim import pull, qemu_img, settings
 from shim.errors import CommandFailed
 from shim.proc import processes_naming
 from shim.pull import DiskCopy, ExportCopier, Extent, selected_bytes
@@ -165,3 +166,24 @@ def test_a_full_that_stops_moving_is_stopped_and_fails(
         ExportCopier(export, [DiskCopy("vda", target)], [SIZE], Targets()).run()
     assert time.monotonic() - started < 5
     assert processes_naming(str(target)) == []
+
+
+def test_a_full_s_targets_are_written_back_as_it_goes_unless_checksums_read_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    target = tmp_path / "target.qcow2"
+    target.write_bytes(b"x" * 8192)
+    written_back: list[Path] = []
+
+    def write_back(path: Path) -> int:
+        written_back.append(path)
+        return 8192
+
+    monkeypatch.setattr(pull, "_write_back", write_back)
+    monkeypatch.setattr(pull, "_WATCH_SECONDS", 0.0)
+    assert pull._Watch([(target, SIZE)], 0).poll([]) == 8192
+    assert written_back == [target]
+    # The checksums taken as the backup ends read the targets from the page cache.
+    monkeypatch.setenv(settings.CHECKSUM_AT.name, "backup")
+    assert pull._Watch([(target, SIZE)], 0).poll([]) == os.stat(target).st_blocks * 512
+    assert written_back == [target]

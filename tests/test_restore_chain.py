@@ -23,6 +23,7 @@ from shim import cancel, gate, proc, qemu_img, restore
 from shim.errors import BackupFailed, CommandFailed
 from shim.gate import Chain, Damaged, VmDirectory
 from shim.log import _LogIdFilter, log_id
+from shim.runtime import RUN_DIR
 from shim.targets import compression_type
 from tests.support import break_refcount, vm_directory
 
@@ -186,7 +187,7 @@ def test_the_comparison_finds_a_difference_anywhere(
         shutil.copyfile(copy, kept)
         with sliced(chain.spec(), copy, size=size, copy_fmt="raw", slices=4) as argvs:
             assert len(argvs) == 4
-            assert proc.processes_naming(qemu_img.QEMU_NBD)
+            assert proc.processes_naming(str(RUN_DIR / qemu_img.COMPARE_DIR_PREFIX))
 
         def same() -> tuple[bool, bool]:
             spec = chain.spec()
@@ -200,7 +201,13 @@ def test_the_comparison_finds_a_difference_anywhere(
             _qemu_io(copy, "raw", f"write -P 0x33 {offset} 512")
             assert same() == (False, False), offset
             shutil.copyfile(kept, copy)
+        # And a copy missing data (a hole where the chain holds data, in the top, in the
+        # full under the unallocated top, in a compressed cluster): never "same".
+        for offset in (70 * MiB, 200 * MiB, size - 1536):
+            _qemu_io(copy, "raw", f"write -z -u {offset} 512")
+            assert same() == (False, False), offset
+            shutil.copyfile(kept, copy)
         assert same() == (True, True)
     assert set(slices) == {qemu_img.COMPARE_SLICES if chain.zstd else 1}
     # Each server ended with its comparison.
-    assert not proc.processes_naming(qemu_img.QEMU_NBD)
+    assert not proc.processes_naming(str(RUN_DIR / qemu_img.COMPARE_DIR_PREFIX))
