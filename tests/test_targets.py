@@ -26,15 +26,15 @@ from tests.support import Chain, build_argv, disk_files, repo_values, run_dropin
 DATA = 16 * MiB
 """Written to the first disk before each full: one byte repeated, so it compresses to
 almost nothing (what a compressed file holds is then plain)."""
-COMPRESSED_AT_MOST = DATA // 2
+COMPRESSED_AT_MOST = DATA // 4
 """What a compressed file of :data:`DATA` holds at most: its data stores in a few KiB, a
-full's metadata in about 4 MiB (four clusters of 1 MiB); uncompressed, at least DATA."""
+full's metadata in about 2 MiB (four clusters of 512 KiB); uncompressed, at least DATA."""
 
 
 def test_options_for_each_writer() -> None:
     targets = Targets(compression="zstd", rate=8 * MiB)
     assert targets.create_options(full=False) == ("compression_type=zstd",)
-    assert targets.create_options(full=True) == ("compression_type=zstd", f"cluster_size={MiB}")
+    assert targets.create_options(full=True) == ("compression_type=zstd", "cluster_size=524288")
     assert targets.convert_options() == ["-c", "-W", "-m", "8", "-r", str(8 * MiB)]
     assert targets.daemon_objects == (f"throttle-group,id=nasbackup-cap,x-bps-write={8 * MiB}",)
     assert targets.file_node("f")["file"] == {"driver": "file", "filename": "f"}
@@ -115,7 +115,7 @@ def _chain_checked(chain: Chain, *, offline: bool = False) -> None:
             info = qemu_img.info(file).raw
             assert info["format-specific"]["data"]["compression-type"] == compression_type()
             # A full's clusters are large (few writes to the NAS); an incremental's are not.
-            assert info["cluster-size"] == (MiB if mode == "full" else 64 * 1024), mode
+            assert info["cluster-size"] == (512 * 1024 if mode == "full" else 64 * 1024), mode
         assert max(_stored(chain, path, vm)) < COMPRESSED_AT_MOST, run.stdout
         _write(vm, 4 * MiB, 4 * MiB, 0x6B, offline=offline)
     # The shim's own verify and restore read the incremental's chain through the gate.
