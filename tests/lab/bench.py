@@ -376,15 +376,21 @@ class Bench:
         deep = self.backups[-1]
         self.backup("full")
         shallow = self.backups[-1]
-        runs: defaultdict[str, list[float]] = defaultdict(list)
-        for _ in range(rounds):
-            runs["depth-1"].append(self.restore_seconds(shallow))
-            runs["depth-10"].append(self.restore_seconds(deep))
+        runs = dict(zip(("depth-1", "depth-10"), self.restore_rounds(shallow, deep, rounds)))
         m = medians(runs)
         return from_rounds(
             "P4", 1.3, ratios(runs["depth-10"], runs["depth-1"]),
             f"depth-10 {m['depth-10']:.2f} s, depth-1 {m['depth-1']:.2f} s",
         )  # fmt: skip
+
+    def restore_rounds(self, base: str, top: str, rounds: int) -> tuple[list[float], list[float]]:
+        """Each round restores ``base``, then ``top`` (:meth:`restore_seconds`): their
+        seconds, round by round."""
+        seconds: tuple[list[float], list[float]] = ([], [])
+        for _ in range(rounds):
+            for backup, found in zip((base, top), seconds):
+                found.append(self.restore_seconds(backup))
+        return seconds
 
     def restore_seconds(self, backup: str, vm: LabVM | None = None) -> float:
         """Seconds the drop-in's restore of ``backup`` into fresh volumes takes, its chain's

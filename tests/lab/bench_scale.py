@@ -161,10 +161,7 @@ def long_chain_restore(rounds: int) -> Metric:
             bench.dirty(0.01)
             bench.backup("incremental")
         last = bench.backups[-1]
-        runs: defaultdict[str, list[float]] = defaultdict(list)
-        for _ in range(rounds):
-            runs["full"].append(bench.restore_seconds(full))
-            runs["last"].append(bench.restore_seconds(last))
+        runs = dict(zip(("full", "last"), bench.restore_rounds(full, last, rounds)))
     m = medians(runs)
     return from_rounds(
         "P18", 1.5, ratios(runs["last"], runs["full"]),
